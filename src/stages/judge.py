@@ -1,0 +1,123 @@
+"""Stage 3, judge: sample N judgments per pair and order from the current judge. Reads the `judging` group.
+
+Also home of the judging primitives the evaluate stage reuses: rendering a pair as a judge prompt in a
+given order, and reading a verdict from a generated chain (`judge_prompts`).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from ..cache import Partial
+from ..config import ConfigError
+from ..models.base import Generator, SamplingConfig
+from ..prompts import Template, load_template
+from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
+from ..verdicts import parse_verdict
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+@dataclass
+class JudgingConfig:
+    n: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    both_orders: bool = True
+    verdict: str = "constrained"
+    verdict_prefix: str = "\n\nFinal verdict: [["
+    prompt: str | None = None
+    max_response_chars: int = 1200
+
+    def validate(self, where: str) -> None:
+        if self.verdict not in ("parse", "constrained"):
+            raise ConfigError(f"{where}.verdict={self.verdict!r}: use parse or constrained")
+        if self.n < 1:
+            raise ConfigError(f"{where}.n must be >= 1")
+
+
+def judge_template(path: str | None, key: str) -> Template:
+    return load_template(path, "judge.txt", ("input", "generation", "generation2"), key)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def render(template: Template, instruction: str, a: str, b: str, max_chars: int) -> str:
+    return template.render(input=instruction, generation=_clip(a, max_chars), generation2=_clip(b, max_chars))
+
+
+def pair_prompt(template: Template, pair: Pair, order: str, max_chars: int) -> str:
+    a, b = (pair.chosen, pair.rejected) if order == "chosen_first" else (pair.rejected, pair.chosen)
+    return render(template, pair.instruction, a, b, max_chars)
+
+
+def orders_for(pair_id: str, both: bool, seed: int) -> tuple[str, ...]:
+    """Both orders, or one seeded-random order per item (RewardBench's runner shows one order)."""
+    if both:
+        return ORDERS
+    return (random.Random(f"{seed}:{pair_id}").choice(ORDERS),)
+
+
+def judge_prompts(
+    model: Generator, prompts: list[str], sampling: SamplingConfig, verdict_mode: str, verdict_prefix: str
+) -> list[list[tuple[str, str | None, str | None, int]]]:
+    """For each prompt, n (text, verdict, verdict_source, tokens). In `constrained` mode a chain that states
+    no verdict gets one read by next-token choice between A and B after `verdict_prefix`."""
+    outs = model.generate(prompts, sampling)
+    result = [[(c.text, parse_verdict(c.text), "parsed", c.num_tokens) for c in cs] for cs in outs]
+    if verdict_mode == "constrained":
+        missing = [(i, j) for i, cs in enumerate(result) for j, c in enumerate(cs) if c[1] is None]
+        if missing:
+            picks = model.choose(
+                [prompts[i] for i, _ in missing], [result[i][j][0].rstrip() + verdict_prefix for i, j in missing], ["A", "B"]
+            )
+            for (i, j), v in zip(missing, picks):
+                result[i][j] = (result[i][j][0], v, "constrained", result[i][j][3])
+    return [[(t, v, s if v else None, n) for t, v, s, n in cs] for cs in result]
+
+
+def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, partial: Partial, chunk_size: int) -> tuple[list[Judgment], dict]:
+    """Judgments for the train split only: held-out pairs are for evaluation and never reach training."""
+    template = judge_template(cfg.prompt, "judging.prompt")
+    work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
+    saved = partial.done()  # judgments of chunks finished by a killed attempt
+    done = {(r["pair_id"], r["order"]) for r in saved}
+    todo = [(p, o) for p, o in work if (p.id, o) not in done]
+    sampling = lambda s: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, s)  # noqa: E731
+    bar = tqdm(total=len(work), initial=len(work) - len(todo), desc=f"judge: {cfg.n} samples x {len(work)} prompts", unit="prompt")
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        prompts = [pair_prompt(template, p, o, cfg.max_response_chars) for p, o in chunk]
+        chunk_seed = seed + int(chunk[0][0].id.encode().hex()[:6], 16) + (chunk[0][1] == "chosen_second")
+        outs = judge_prompts(model, prompts, sampling(chunk_seed), cfg.verdict, cfg.verdict_prefix)
+        rows = [
+            to_dict(Judgment(pair_id=p.id, order=o, sample=j, text=t, verdict=v, verdict_source=s, tokens=n))
+            for (p, o), samples in zip(chunk, outs)
+            for j, (t, v, s, n) in enumerate(samples)
+        ]
+        partial.append(rows)
+        saved.extend(rows)
+        bar.update(len(chunk))
+    bar.close()
+    judgments = [from_dict(Judgment, r) for r in saved]
+    index = {(p.id, o): k for k, (p, o) in enumerate(work)}
+    judgments.sort(key=lambda j: (index.get((j.pair_id, j.order), 1 << 30), j.sample))
+    return judgments, judgment_stats(judgments)
+
+
+def judgment_stats(judgments: list[Judgment]) -> dict:
+    n = max(len(judgments), 1)
+    return {
+        "judgments": len(judgments),
+        "text_parse_fail": sum(j.verdict_source != "parsed" for j in judgments) / n,
+        "no_verdict": sum(j.verdict is None for j in judgments) / n,
+        "correct_rate": sum(j.correct for j in judgments) / n,
+        "tokens": sum(j.tokens for j in judgments),
+    }
