@@ -34,12 +34,15 @@ class Template:
 def load_template(path: str | None, default: str, required: tuple[str, ...], key: str) -> Template:
     """Load the packaged template `default` or the file at `path` (config key `key`).
 
-    `path` may be `file.json#name` to take one entry of a JSON file (the paper's prompt_templates.json).
+    `path` may be `file.json:name` to take one entry of a JSON file (the paper's prompt_templates.json);
+    ':' rather than '#', which Hydra's override grammar does not accept unquoted.
     """
     if path is None:
         file = PROMPT_DIR / default
         return Template(file.read_text(), str(file), required)
-    file_part, _, entry = str(path).partition("#")
+    file_part, entry = str(path), ""
+    if ".json:" in file_part:
+        file_part, _, entry = file_part.rpartition(":")
     file = Path(file_part).expanduser()
     if not file.is_file():
         raise ConfigError(f"{key}: prompt file {file} does not exist")

@@ -1,0 +1,49 @@
+"""Entry point:  python -m src.main [overrides]   /   python -m src.main -m seed=mixtral,llama
+
+Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see src/pipeline.py).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("src.main")
+
+
+def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
+    """(group choices, (sweep id, sweep name) when in a multirun, run name) from Hydra's runtime config."""
+    hc = HydraConfig.get()
+    choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep_dir = str(Path(hc.sweep.dir).resolve())
+        sweep = (sweep_dir, f"sweep {Path(hc.sweep.dir).parent.name}/{Path(hc.sweep.dir).name}")
+    overrides = [o for o in hc.overrides.task if not o.startswith(("pipeline.dry_run", "tracking."))]
+    return choices, sweep, ",".join(overrides) or "default"
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
+
+    choices, sweep, run_name = job_context()
+    try:
+        result = run_job(cfg, choices, sweep, run_name)
+    except Exception:
+        # Log with the job's context, then re-raise so the exit status says it failed.
+        log.exception("job failed: %s", run_name)
+        raise
+    for k, v in sorted(result.items()):
+        if k.startswith("synthetic/accuracy"):
+            log.info("%s = %.3f", k, v)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""The self-taught loop: plan every stage's cache key from the config, then run what is not cached.
+
+    select -> generate -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
+
+Reads the `pipeline` group and hands every other group, typed, to the one module that reads it. Keys are a
+function of the config alone, so `pipeline.dry_run=true` shows what a run would reuse before loading anything.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import filters
+from .cache import Partial, StageCache, make_key
+from .config import ConfigError, as_dict, typed
+from .filters import FilterConfig
+from .models.base import Generator, ModelSpec
+from .prompts import text_fingerprint
+from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
+from .stages import evaluate, generate, judge, select, train
+from .stages.evaluate import EvalConfig
+from .stages.generate import NegativesConfig
+from .stages.judge import JudgingConfig, pair_prompt
+from .stages.select import DatasetConfig
+from .stages.train import TrainConfig
+from .tracking import Tracker, TrackingConfig
+from .verdicts import parse_verdict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    cache_dir: str | None = None
+    dry_run: bool = False
+    first_judge: str = "seed"
+    model_cache_dir: str | None = None
+    chunk_size: int = 16
+
+    def validate(self, where: str) -> None:
+        if self.first_judge not in ("seed", "judge"):
+            raise ConfigError(f"{where}.first_judge={self.first_judge!r}: use seed or judge")
+
+
+@dataclass
+class Job:
+    """A whole job's config, each group typed by the module that reads it."""
+
+    seed: ModelSpec
+    judge: ModelSpec
+    dataset: DatasetConfig
+    negatives: NegativesConfig
+    judging: JudgingConfig
+    filter: FilterConfig
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+    pipeline: PipelineConfig
+    iterations: int
+    random_seed: int
+    data_root: str
+    results_dir: Path
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Job":
+        groups = {
+            "seed": ModelSpec, "judge": ModelSpec, "dataset": DatasetConfig, "negatives": NegativesConfig,
+            "judging": JudgingConfig, "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig,
+            "tracking": TrackingConfig, "pipeline": PipelineConfig,
+        }
+        missing = [g for g in groups if g not in cfg]
+        if missing:
+            raise ConfigError(f"config has no `{missing[0]}` group")
+        if int(cfg.iterations) < 0:
+            raise ConfigError("iterations must be >= 0")
+        return cls(
+            **{g: typed(t, cfg[g], g) for g, t in groups.items()},
+            iterations=int(cfg.iterations),
+            random_seed=int(cfg.random_seed),
+            data_root=str(cfg.data_root),
+            results_dir=Path(str(cfg.results_dir)).expanduser().resolve(),
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.pipeline.cache_dir).expanduser().resolve() if self.pipeline.cache_dir else self.results_dir / "cache"
+
+
+@dataclass
+class Step:
+    stage: str
+    iteration: int
+    key: str
+    model: str
+    status: str = "todo"  # cached | partial | todo
+    role: str = "judge"  # which model spec runs it: "seed" or "judge"
+    adapter_of: str | None = None  # the train key whose adapter the model wears
+
+
+def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
+    return {"spec": as_dict(spec), "adapter": adapter_key}
+
+
+def plan(job: Job) -> list[Step]:
+    """Every stage of the job with its cache key. Pure in the config (plus data-file hashes)."""
+    cache = StageCache(job.cache_dir)
+    seed_id = model_id(job.seed, None)
+    judge_tpl = text_fingerprint(judge.judge_template(job.judging.prompt, "judging.prompt"))
+    eval_tpl = text_fingerprint(judge.judge_template(job.eval.prompt, "eval.prompt"))
+    steps: list[Step] = []
+    sel = make_key(
+        "select", select.VERSION, as_dict(job.dataset), {"pool": select.source_fingerprints(job.dataset, job.data_root)},
+        model=seed_id, random_seed=job.random_seed, prompt=text_fingerprint(select.classify_template(job.dataset)),
+    )
+    steps.append(Step("select", 0, sel, job.seed.name, role="seed"))
+    gen = make_key(
+        "generate", generate.VERSION, as_dict(job.negatives), {"select": sel}, model=seed_id, random_seed=job.random_seed,
+        prompts={k: text_fingerprint(t) for k, t in generate.templates(job.negatives).items()},
+    )
+    steps.append(Step("generate", 0, gen, job.seed.name, role="seed"))
+
+    def eval_step(iteration: int, adapter_key: str | None) -> Step:
+        key = make_key("evaluate", evaluate.VERSION, as_dict(job.eval), {"pairs": gen}, model=model_id(job.judge, adapter_key), prompt=eval_tpl)
+        name = job.judge.name + (f"+iter{iteration}" if adapter_key else "")
+        return Step("evaluate", iteration, key, name, adapter_of=adapter_key)
+
+    steps.append(eval_step(0, None))
+    prev_train: str | None = None
+    for k in range(1, job.iterations + 1):
+        if k == 1 and job.pipeline.first_judge == "seed":
+            role, jspec, jadapter, jname = "seed", job.seed, None, job.seed.name
+        else:
+            role, jspec, jadapter = "judge", job.judge, prev_train
+            jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
+        jud = make_key(
+            "judge", judge.VERSION, as_dict(job.judging), {"pairs": gen}, model=model_id(jspec, jadapter),
+            iteration=k, random_seed=job.random_seed, prompt=judge_tpl,
+        )
+        steps.append(Step("judge", k, jud, jname, adapter_of=jadapter, role=role))
+        fil = make_key(
+            "filter", filters.VERSION, as_dict(job.filter), {"judgments": jud, "pairs": gen},
+            judging=as_dict(job.judging), prompt=judge_tpl, random_seed=job.random_seed, iteration=k,
+        )
+        steps.append(Step("filter", k, fil, "-", role="-"))
+        init = prev_train if job.train.init_from == "previous" else None
+        trn = make_key(
+            "train", train.VERSION, as_dict(job.train), {"examples": fil, "init": init},
+            model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k,
+        )
+        steps.append(Step("train", k, trn, job.judge.name))
+        steps.append(eval_step(k, trn))
+        prev_train = trn
+    for s in steps:
+        s.status = "cached" if cache.is_done(s.stage, s.key) else ("partial" if cache.has_partial(s.stage, s.key) else "todo")
+    return steps
+
+
+def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: list[str]) -> str:
+    d = job.dataset
+    lines = [
+        "plan: " + " ".join(f"{k}={v}" for k, v in choices.items()),
+        f"  models: seed={job.seed.name} ({job.seed.source}, backend {job.seed.backend}), judge={job.judge.name} "
+        f"({job.judge.source}, backend {job.judge.backend}); first judgments by {job.pipeline.first_judge}",
+        f"  counts: <= {d.limit} {d.category!r} instructions (classify <= {d.max_scan} of the pool), "
+        f"{int(d.heldout_fraction * 100)}% held out; judgments N={job.judging.n} x "
+        f"{2 if job.judging.both_orders else 1} order(s) per pair; iterations={job.iterations}; filter={job.filter.name}",
+        f"  cache: {job.cache_dir}",
+        f"  {'iter':>4}  {'stage':<9} {'model':<28} {'key':<20}  status",
+    ]
+    lines += [f"  {s.iteration:>4}  {s.stage:<9} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
+    lines += [f"  NOT RUNNABLE HERE: {p}" for p in problems]
+    return "\n".join(lines)
+
+
+class ModelPool:
+    """Keeps generators loaded across the stages of an iteration (evaluate(k) and judge(k+1) share a model).
+
+    Capacity 2 on CPU (seed + judge fit in memory); 1 when a vLLM model is involved, since GPU memory is not
+    shared between two engines."""
+
+    def __init__(self, cache_dir: Path | None, capacity: int):
+        self.cache_dir, self.capacity = cache_dir, capacity
+        self.loaded: dict[tuple, Generator] = {}
+
+    def get(self, spec: ModelSpec, adapter: Path | None) -> Generator:
+        from .models.loading import load_generator
+
+        key = (repr(as_dict(spec)), str(adapter))
+        if key in self.loaded:
+            self.loaded[key] = self.loaded.pop(key)  # most recently used last
+            return self.loaded[key]
+        while len(self.loaded) >= self.capacity:
+            self.loaded.pop(next(iter(self.loaded))).close()
+            gc.collect()
+        t0 = time.time()
+        gen = load_generator(spec, adapter=str(adapter) if adapter else None, cache_dir=self.cache_dir)
+        log.info("model: loaded %s%s in %.1fs", spec.name, f" + adapter {adapter.parent.name}" if adapter else "", time.time() - t0)
+        self.loaded[key] = gen
+        return gen
+
+    def close(self) -> None:
+        for g in self.loaded.values():
+            g.close()
+        self.loaded.clear()
+        gc.collect()
+
+
+def preflight(job: Job) -> list[str]:
+    """Problems that would make the job fail after expensive work, found before any weights load."""
+    from .models.loading import preflight as model_preflight
+
+    problems = []
+    # Read the whole pool now: a malformed line or missing field fails here, not after a model has loaded.
+    pool = select.load_pool(job.dataset, job.data_root)
+    if not pool:
+        raise ConfigError(f"dataset={job.dataset.name}: the pool has no instruction of {job.dataset.min_chars}-{job.dataset.max_chars} characters")
+    for role, spec in (("seed", job.seed), ("judge", job.judge)):
+        try:
+            model_preflight(spec)
+        except RuntimeError as e:
+            problems.append(f"{role}={spec.name}: {e}")
+    return problems
+
+
+def training_examples(kept: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig) -> list[TrainExample]:
+    """Judge prompt + judgment text. A verdict read by constrained choice is written out explicitly, so the
+    trained judge learns to state [[A]]/[[B]] itself."""
+    template = judge.judge_template(judging.prompt, "judging.prompt")
+    out = []
+    for j in kept:
+        text = j.text.rstrip()
+        if parse_verdict(text) != j.verdict:
+            text = f"{text}{judging.verdict_prefix}{j.verdict}]]"
+        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, judging.max_response_chars), text, j.verdict))
+    return out
+
+
+class Runner:
+    """Executes a plan: each stage is loaded from the cache or computed under a lock and committed."""
+
+    def __init__(self, job: Job, tracker: Tracker):
+        self.job, self.tracker = job, tracker
+        self.cache = StageCache(job.cache_dir)
+        model_cache = Path(job.pipeline.model_cache_dir).expanduser() if job.pipeline.model_cache_dir else None
+        gpu = "vllm" in (job.seed.backend, job.judge.backend)
+        self.pool = ModelPool(model_cache, capacity=1 if gpu else 2)
+        self.hits: dict[str, int] = {}
+
+    def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]], config: Any) -> tuple[list[dict] | None, dict, bool]:
+        """(rows, meta, cached). `compute` gets the partial directory and returns (rows, stats)."""
+        name = f"{step.stage}[iter {step.iteration}]"
+        if not self.cache.is_done(step.stage, step.key):
+            with self.cache.lock(step.stage, step.key):
+                if not self.cache.is_done(step.stage, step.key):  # a parallel job may have finished it meanwhile
+                    partial = self.cache.partial(step.stage, step.key)
+                    log.info("%s: computing (key %s, model %s)%s", name, step.key, step.model,
+                             ", resuming saved chunks" if partial.chunks.exists() else "")
+                    t0 = time.time()
+                    rows, stats = compute(partial)
+                    meta = {"stage": step.stage, "key": step.key, "iteration": step.iteration, "model": step.model,
+                            "config": config, "stats": stats, "seconds": time.time() - t0, "created": time.time()}
+                    partial.commit(rows, meta)
+                    self.hits[f"{step.stage}_{step.iteration}"] = 0
+                    return rows, meta, False
+        log.info("%s: cached (key %s), reused", name, step.key)
+        self.hits[f"{step.stage}_{step.iteration}"] = 1
+        meta = self.cache.meta(step.stage, step.key)
+        path = self.cache.path(step.stage, step.key) / "data.jsonl"
+        return (self.cache.rows(step.stage, step.key) if path.exists() else None), meta, True
+
+    def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None) -> None:
+        prefix = f"{step.stage}_iter{step.iteration}"
+        data = self.cache.path(step.stage, step.key) / "data.jsonl"
+        self.tracker.artifact(data, f"data/{prefix}") if rows is not None else None
+        self.tracker.table(rows or [], f"tables/{prefix}.json")
+        self.tracker.metrics({f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}, step.iteration)
+
+    def run(self, steps: list[Step]) -> dict[str, float]:
+        job = self.job
+        by = {(s.stage, s.iteration): s for s in steps}
+        seed = job.random_seed
+        chunk = job.pipeline.chunk_size
+
+        # select
+        st = by[("select", 0)]
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(select.run(job.dataset, job.data_root, seed, self.pool.get(job.seed, None), p)), as_dict(job.dataset)
+        )
+        instructions = [from_dict(Instruction, r) for r in rows]
+        self._log_stage(st, meta, cached, rows)
+        self.tracker.metrics({f"select/{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))}, 0)
+
+        # generate
+        st = by[("generate", 0)]
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(generate.run(job.negatives, instructions, self.pool.get(job.seed, None), seed, p, chunk)), as_dict(job.negatives)
+        )
+        pairs = [from_dict(Pair, r) for r in rows]
+        pair_index = {p.id: p for p in pairs}
+        self._log_stage(st, meta, cached, rows)
+        self.tracker.metrics({f"generate/{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))}, 0)
+        if not any(p.split == "train" for p in pairs):
+            raise RuntimeError(f"generate: no training pairs out of {len(instructions)} instructions (dropped: {meta['stats'].get('dropped')})")
+
+        final: dict[str, float] = {}
+        final.update(self._evaluate(by[("evaluate", 0)], pairs))
+        for k in range(1, job.iterations + 1):
+            st = by[("judge", k)]
+            jspec = job.seed if st.role == "seed" else job.judge
+            rows, meta, cached = self.stage(
+                st, lambda p: _records(judge.run(job.judging, pairs, self.pool.get(jspec, self._adapter(st.adapter_of)), seed + k, p, chunk)),
+                as_dict(job.judging),
+            )
+            judgments = [from_dict(Judgment, r) for r in rows]
+            self._log_stage(st, meta, cached, rows)
+            self.tracker.metrics({f"judge/{k2}": v for k2, v in meta["stats"].items()}, k)
+
+            st = by[("filter", k)]
+
+            def do_filter(p: Partial):
+                kept = filters.apply(job.filter, judgments, pair_index, seed + k)
+                examples = training_examples(kept, pair_index, job.judging)
+                n_ok = sum(j.verdict is not None for j in judgments)
+                stats = {"kept": len(examples), "judgments": len(judgments), "keep_rate": len(examples) / max(len(judgments), 1),
+                         "kept_A": sum(e.verdict == "A" for e in examples), "kept_B": sum(e.verdict == "B" for e in examples),
+                         "with_verdict": n_ok}
+                log.info("filter[iter %d]: filter=%s kept %d/%d judgments (A %d / B %d)", k, job.filter.name, len(examples),
+                         len(judgments), stats["kept_A"], stats["kept_B"])
+                return [to_dict(e) for e in examples], stats
+
+            rows, meta, cached = self.stage(st, do_filter, as_dict(job.filter))
+            examples = [from_dict(TrainExample, r) for r in rows]
+            self._log_stage(st, meta, cached, rows)
+            self.tracker.metrics({f"filter/{k2}": v for k2, v in meta["stats"].items()}, k)
+
+            st = by[("train", k)]
+            init = by[("train", k - 1)].key if (k > 1 and job.train.init_from == "previous") else None
+
+            def do_train(p: Partial):
+                from .models.loading import load_for_training
+
+                with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
+                    stats = train.run(job.train, examples, load_for_training(job.judge, self.pool.cache_dir), self._adapter(init),
+                                      p.dir, seed + k, report_to_mlflow=active)
+                return None, stats
+
+            _, meta, cached = self.stage(st, do_train, as_dict(job.train))
+            tstats = meta["stats"]
+            self.tracker.metrics(
+                {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
+                 "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
+                 "time/train": 0.0 if cached else meta["seconds"], "cache_hit/train": float(cached)}, k)
+            final.update(self._evaluate(by[("evaluate", k)], pairs))
+        self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
+        self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, job.iterations)
+        return final
+
+    def _adapter(self, train_key: str | None) -> Path | None:
+        """The adapter a train stage produced; None for the untrained model or when training had no data."""
+        if train_key is None:
+            return None
+        path = self.cache.path("train", train_key) / "adapter"
+        return path if path.exists() else None
+
+    def _evaluate(self, st: Step, pairs: list[Pair]) -> dict[str, float]:
+        job = self.job
+        if not job.eval.synthetic:
+            return {}
+        rows, meta, cached = self.stage(
+            st,
+            lambda p: _records(evaluate.run_synthetic(job.eval, pairs, self.pool.get(job.judge, self._adapter(st.adapter_of)), p, job.pipeline.chunk_size)),
+            as_dict(job.eval),
+        )
+        self._log_stage(st, meta, cached, rows)
+        self.tracker.metrics(meta["stats"], st.iteration)
+        acc = meta["stats"].get("synthetic/accuracy")
+        log.info("evaluate[iter %d]: %s synthetic accuracy %s", st.iteration, st.model, f"{acc:.3f}" if acc is not None else "n/a")
+        return {f"{k}@iter{st.iteration}": v for k, v in meta["stats"].items()}
+
+
+def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:
+    records, stats = result
+    return [to_dict(r) for r in records], stats
+
+
+def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """MLflow params: the group choices (what the UI compares) plus the flattened resolved config."""
+    from .tracking import flatten
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    return {**{f"choice.{k}": v for k, v in choices.items()}, **flatten(resolved)}
+
+
+def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | None = None, run_name: str | None = None) -> dict[str, float]:
+    """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
+    job = Job.from_config(cfg)
+    steps = plan(job)
+    problems = preflight(job)
+    if job.pipeline.dry_run:
+        print(describe(job, steps, choices, problems), flush=True)
+        return {}
+    if problems:
+        raise RuntimeError("cannot run this job here:\n  " + "\n  ".join(problems))
+    job.results_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(job.tracking, job.results_dir)
+    name = run_name or "-".join(f"{v}" for k, v in choices.items() if k in ("seed", "judge", "dataset", "filter"))
+    tags = {f"choice.{k}": v for k, v in choices.items()}
+    tracker.start(name, job_params(cfg, choices), tags, sweep)
+    status = "FAILED"
+    runner = Runner(job, tracker)
+    try:
+        cfg_text = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg, resolve=True)
+        tracker.text(cfg_text, "config.yaml")
+        tracker.text(describe(job, steps, choices, []), "plan.txt")
+        result = runner.run(steps)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        runner.pool.close()
+        tracker.end(status)

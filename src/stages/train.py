@@ -1,0 +1,125 @@
+"""Stage 5, train: SFT of the judge on the kept judgments with TRL + PEFT LoRA. Reads the `train` group.
+
+Loss is on the judgment tokens only (prompt-completion data; TRL masks the prompt). The adapter is the
+stage's output; `init_from` chooses whether iteration k+1 starts from the untrained judge (the paper) or
+continues from iteration k's adapter. Checkpoints go into the stage's partial directory, so a killed run
+resumes training from the last checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError
+from ..records import TrainExample
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sft"
+    init_from: str = "seed"
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    max_length: int = 768
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    save_steps: int = 20
+
+    def validate(self, where: str) -> None:
+        if self.method != "sft":
+            raise ConfigError(f"{where}.method={self.method!r}: known methods: sft")
+        if self.init_from not in ("seed", "previous"):
+            raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
+
+
+def _dataset(examples: list[TrainExample]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": e.prompt}], "completion": [{"role": "assistant", "content": e.completion}]}
+            for e in examples
+        ]
+    )
+
+
+def run(
+    cfg: TrainConfig,
+    examples: list[TrainExample],
+    model_and_tokenizer,
+    previous_adapter: Path | None,
+    out_dir: Path,
+    seed: int,
+    report_to_mlflow: bool,
+) -> dict:
+    """Train and save the adapter to out_dir/adapter. Returns stats (losses, steps, seconds)."""
+    if not examples:
+        log.warning("train: no examples (the filter kept nothing): iteration's judge stays the initial model")
+        return {"trained": False, "examples": 0}
+    import torch
+    from peft import LoraConfig, PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = model_and_tokenizer
+    peft_config = None
+    if previous_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(previous_adapter), is_trainable=True)
+    else:
+        peft_config = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
+        )
+    ckpt_dir = out_dir / "checkpoints"
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        report_to=["mlflow"] if report_to_mlflow else "none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(examples), processing_class=tokenizer, peft_config=peft_config)
+    resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.model.save_pretrained(str(out_dir / "adapter"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    import shutil
+
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the adapter is the output; checkpoints were only for resume
+    return {
+        "trained": True,
+        "examples": len(examples),
+        "steps": trainer.state.global_step,
+        "train_loss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "seconds": time.time() - t0,
+        "resumed": resume,
+    }

@@ -1,0 +1,170 @@
+"""MLflow (and optionally wandb) tracking: the only module that talks to them. Reads the `tracking` group.
+
+One MLflow run per Hydra job; jobs of one multirun are children of a sweep parent run (tag ste.sweep_id);
+training gets its own nested child run so TRL's MLflowCallback logs there and not into the job run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None
+    artifact_root: str | None = None
+    experiment: str = "ste"
+    sample_rows: int = 20
+    wandb: bool = False
+    wandb_project: str = "ste"
+    wandb_mode: str = "offline"
+
+
+def store_uri(cfg: TrackingConfig, results_dir: Path) -> str:
+    # Absolute: a relative sqlite:/// path would split the store per working directory.
+    return cfg.tracking_uri or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def artifact_location(cfg: TrackingConfig, results_dir: Path) -> str:
+    return cfg.artifact_root or (results_dir / "mlartifacts").resolve().as_uri()
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(x, (dict, list)) for x in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def ensure_experiment(cfg: TrackingConfig, results_dir: Path) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(store_uri(cfg, results_dir))
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, results_dir))
+    except Exception:  # a parallel sweep job created it first
+        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+
+
+def sweep_parent(experiment_id: str, sweep_id: str, name: str) -> str:
+    """The run that groups one multirun's jobs, created by the first job that needs it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], f"tags.`ste.sweep_id` = '{sweep_id}' and tags.`ste.kind` = 'sweep'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name, tags={"ste.sweep_id": sweep_id, "ste.kind": "sweep"})
+    return run.info.run_id
+
+
+class Tracker:
+    """Everything a job logs. With tracking disabled every method is a no-op, so stages never branch on it."""
+
+    def __init__(self, cfg: TrackingConfig, results_dir: Path):
+        self.cfg, self.results_dir = cfg, Path(results_dir)
+        self.run_id: str | None = None
+        self._wandb = None
+
+    @property
+    def active(self) -> bool:
+        return self.cfg.enabled and self.run_id is not None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], sweep: tuple[str, str] | None) -> None:
+        if not self.cfg.enabled:
+            return
+        import mlflow
+
+        exp = ensure_experiment(self.cfg, self.results_dir)
+        parent = sweep_parent(exp, *sweep) if sweep else None
+        run = mlflow.start_run(experiment_id=exp, run_name=run_name, parent_run_id=parent, tags={"ste.kind": "job", **tags})
+        self.run_id = run.info.run_id
+        # Params are immutable and capped at 500 characters; anything longer is in config.yaml (artifact).
+        items = [(k, str(v)[:500]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        if self.cfg.wandb:
+            import wandb
+
+            self._wandb = wandb.init(
+                project=self.cfg.wandb_project, name=run_name, mode=self.cfg.wandb_mode,
+                dir=str(self.results_dir), config=params, tags=[f"{k}={v}" for k, v in tags.items()][:20],
+            )
+        log.info("tracking: MLflow run %s in %s", self.run_id, store_uri(self.cfg, self.results_dir))
+
+    def metrics(self, values: dict[str, float | int | None], step: int) -> None:
+        clean = {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and v != v)}
+        if not clean:
+            return
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics(clean, step=step)
+        if self._wandb is not None:
+            self._wandb.log({**clean, "iteration": step})
+
+    def tags(self, values: dict[str, str]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.set_tags(values)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_text(text, artifact_file)
+
+    def table(self, rows: list[dict], artifact_file: str) -> None:
+        """A sample of a stage's rows as an MLflow table (the full data is the jsonl artifact)."""
+        if not self.active or not rows or self.cfg.sample_rows <= 0:
+            return
+        import mlflow
+        import pandas as pd
+
+        sample = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows[: self.cfg.sample_rows]]
+        mlflow.log_table(pd.DataFrame(sample), artifact_file=artifact_file)
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[bool]:
+        """A nested run (training): yields whether one is active."""
+        if not self.active:
+            yield False
+            return
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", **(tags or {})}):
+            yield True
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.end_run(status=status)
+        if self._wandb is not None:
+            self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+            self._wandb = None
+        self.run_id = None

@@ -1,0 +1,50 @@
+"""Shared fixtures: Hydra compose with tiny CPU settings, the shared data root, a tiny random model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+DATA_ROOT = Path(os.environ.get("STE_DATA_ROOT", REPO.parent / "shared" / "data")).resolve()
+
+# The settings every mechanics test uses: the random tiny model in both roles, a handful of instructions.
+TINY = [
+    "seed=tiny_random",
+    "judge=tiny_random",
+    "dataset.limit=6",
+    "dataset.max_scan=12",
+    "dataset.heldout_fraction=0.34",
+    "negatives.answer_max_new_tokens=8",
+    "negatives.modify_max_new_tokens=8",
+    "judging.n=2",
+    "judging.max_new_tokens=8",
+    "eval.max_new_tokens=8",
+    "train.max_length=256",
+    "train.per_device_batch_size=4",
+    "iterations=1",
+    "tracking=none",
+]
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """compose(overrides) -> DictConfig with results under tmp_path and the shared data root."""
+
+    def _make(*overrides: str, results: Path | None = None):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[f"data_root={DATA_ROOT}", f"results_dir={results or tmp_path / 'results'}",
+                           f"pipeline.model_cache_dir={model_cache()}", *overrides],
+            )
+
+    return _make
+
+
+def model_cache() -> Path:
+    """Converted/built models are cached across tests and runs (building them is the slow part)."""
+    return Path(os.environ.get("STE_MODEL_CACHE", Path.home() / ".cache" / "ste" / "models"))
