@@ -123,8 +123,8 @@ def agg_rewardbench_overall(records: list[dict]) -> float:
 def mtbench_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     rows = [dict(r) for r in dataset]
     docs = []
-    # keys with at least one human vote of any kind (experts and authors); scoring picks the judges
-    for row in _mt.stratified_slice(rows, max_keys=None, seed=SLICE_SEED, human_prefixes=None):
+    # keys with at least one expert vote (FastChat's "human"); their author votes ride along in human_votes
+    for row in _mt.stratified_slice(rows, max_keys=None, seed=SLICE_SEED, human_prefixes=("expert",)):
         for order in _mt.MT_ORDERS:
             question, answer_a, answer_b = _mt.build_judge_inputs(row, swap=(order == "ba"))
             docs.append({

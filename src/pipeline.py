@@ -126,12 +126,23 @@ def plan(job: Job) -> list[Step]:
     )
     steps.append(Step("generate", 0, gen, job.seed.name, role="seed"))
 
-    def eval_step(iteration: int, adapter_key: str | None) -> Step:
-        key = make_key("evaluate", evaluate.VERSION, as_dict(job.eval), {"pairs": gen}, model=model_id(job.judge, adapter_key), prompt=eval_tpl)
-        name = job.judge.name + (f"+iter{iteration}" if adapter_key else "")
-        return Step("evaluate", iteration, key, name, adapter_of=adapter_key)
+    benches = [b for b, spec in evaluate.BENCHMARKS.items() if spec.enabled(job.eval)]
 
-    steps.append(eval_step(0, None))
+    def eval_steps(iteration: int, adapter_key: str | None) -> list[Step]:
+        """One step per enabled benchmark; its key holds the model, the judging part of `eval`, the
+        benchmark's own config and data (the synthetic one: the pairs)."""
+        out = []
+        for b in benches:
+            spec = evaluate.BENCHMARKS[b]
+            key = make_key(
+                b, evaluate.VERSION, {"judging": evaluate.judging_part(job.eval), "bench": spec.config(job.eval)},
+                {"pairs": gen} if b == "synthetic" else {"data": spec.data(job.eval, job.data_root)},
+                model=model_id(job.judge, adapter_key), prompt=eval_tpl,
+            )
+            out.append(Step(b, iteration, key, job.judge.name + (f"+iter{iteration}" if adapter_key else ""), adapter_of=adapter_key))
+        return out
+
+    steps.extend(eval_steps(0, None))
     prev_train: str | None = None
     for k in range(1, job.iterations + 1):
         if k == 1 and job.pipeline.first_judge == "seed":
@@ -155,7 +166,7 @@ def plan(job: Job) -> list[Step]:
             model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k,
         )
         steps.append(Step("train", k, trn, job.judge.name))
-        steps.append(eval_step(k, trn))
+        steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
         s.status = "cached" if cache.is_done(s.stage, s.key) else ("partial" if cache.has_partial(s.stage, s.key) else "todo")
@@ -310,7 +321,7 @@ class Runner:
             raise RuntimeError(f"generate: no training pairs out of {len(instructions)} instructions (dropped: {meta['stats'].get('dropped')})")
 
         final: dict[str, float] = {}
-        final.update(self._evaluate(by[("evaluate", 0)], pairs))
+        final.update(self._evaluate(steps, 0, pairs))
         for k in range(1, job.iterations + 1):
             st = by[("judge", k)]
             jspec = job.seed if st.role == "seed" else job.judge
@@ -357,7 +368,7 @@ class Runner:
                 {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
                  "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
                  "time/train": 0.0 if cached else meta["seconds"], "cache_hit/train": float(cached)}, k)
-            final.update(self._evaluate(by[("evaluate", k)], pairs))
+            final.update(self._evaluate(steps, k, pairs))
         self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
         self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, job.iterations)
         return final
@@ -369,20 +380,23 @@ class Runner:
         path = self.cache.path("train", train_key) / "adapter"
         return path if path.exists() else None
 
-    def _evaluate(self, st: Step, pairs: list[Pair]) -> dict[str, float]:
+    def _evaluate(self, steps: list[Step], iteration: int, pairs: list[Pair]) -> dict[str, float]:
         job = self.job
-        if not job.eval.synthetic:
-            return {}
-        rows, meta, cached = self.stage(
-            st,
-            lambda p: _records(evaluate.run_synthetic(job.eval, pairs, self.pool.get(job.judge, self._adapter(st.adapter_of)), p, job.pipeline.chunk_size)),
-            as_dict(job.eval),
-        )
-        self._log_stage(st, meta, cached, rows)
-        self.tracker.metrics(meta["stats"], st.iteration)
-        acc = meta["stats"].get("synthetic/accuracy")
-        log.info("evaluate[iter %d]: %s synthetic accuracy %s", st.iteration, st.model, f"{acc:.3f}" if acc is not None else "n/a")
-        return {f"{k}@iter{st.iteration}": v for k, v in meta["stats"].items()}
+        out: dict[str, float] = {}
+        for st in [s for s in steps if s.iteration == iteration and s.stage in evaluate.BENCHMARKS]:
+            rows, meta, cached = self.stage(
+                st,
+                lambda p: _records(evaluate.run(st.stage, job.eval, pairs, job.data_root,
+                                                self.pool.get(job.judge, self._adapter(st.adapter_of)), p, job.pipeline.chunk_size)),
+                {"judging": evaluate.judging_part(job.eval), "bench": evaluate.BENCHMARKS[st.stage].config(job.eval)},
+            )
+            self._log_stage(st, meta, cached, rows)
+            self.tracker.metrics(meta["stats"], st.iteration)
+            headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
+            value = meta["stats"].get(headline)
+            log.info("%s[iter %d]: %s %s = %s", st.stage, iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
+            out.update({f"{k}@iter{iteration}": v for k, v in meta["stats"].items()})
+        return out
 
 
 def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:

@@ -19,7 +19,8 @@ from src.benchmarks import mtbench, rewardbench
 
 REWARDBENCH_TASK = "rewardbench_judge"
 MTBENCH_TASK = "mtbench_human_judge"
-RECORD_FIELD = {REWARDBENCH_TASK: "rewardbench_overall", MTBENCH_TASK: "agreement_s1"}
+REWARDBENCH_FIELD = "rewardbench_overall"  # the metric whose per-sample value is the record
+MTBENCH_FIELD = "agreement_s1"
 
 _SAMPLES_RE = re.compile(r"^samples_(?P<task>.+)_(?P<date>[^_]+)\.jsonl$")
 
@@ -65,9 +66,9 @@ def _load(source: SamplesSource, task: str) -> list[Mapping]:
     return list(source)
 
 
-def records_from_samples(samples: Iterable[Mapping], task: str, filter_name: str | None = None) -> list[dict]:
-    """The per-doc records a task logged (one filter only: `filter_name`, or the first one seen)."""
-    field = RECORD_FIELD[task]
+def records_from_samples(samples: Iterable[Mapping], field: str, filter_name: str | None = None) -> list[dict]:
+    """The per-doc records logged under metric `field` (REWARDBENCH_FIELD or MTBENCH_FIELD), for one filter
+    only: `filter_name`, or the first one seen."""
     out = []
     for s in samples:
         if filter_name is None:
@@ -75,22 +76,29 @@ def records_from_samples(samples: Iterable[Mapping], task: str, filter_name: str
         if s.get("filter") != filter_name:
             continue
         if field not in s:
-            raise ValueError(f"{task} sample doc_id={s.get('doc_id')} has no {field!r} record (keys: {sorted(s)})")
+            raise ValueError(f"sample doc_id={s.get('doc_id')} has no {field!r} record (keys: {sorted(s)})")
         out.append(dict(s[field]))
     if not out:
-        raise ValueError(f"no {task} samples")
+        raise ValueError(f"no samples with {field!r} records")
     return out
 
 
-def rewardbench_metrics_from_samples(source: SamplesSource, filter_name: str | None = None) -> dict[str, float]:
-    records = records_from_samples(_load(source, REWARDBENCH_TASK), REWARDBENCH_TASK, filter_name)
+def rewardbench_metrics_from_samples(
+    source: SamplesSource, filter_name: str | None = None, task: str = REWARDBENCH_TASK
+) -> dict[str, float]:
+    """`task` only names the samples file to pick when `source` is a directory (tasks derived from the YAML
+    via `include:` keep the record field)."""
+    records = records_from_samples(_load(source, task), REWARDBENCH_FIELD, filter_name)
     return rewardbench.rewardbench_metrics(records)
 
 
 def mtbench_metrics_from_samples(
-    source: SamplesSource, filter_name: str | None = None, human_prefixes: Sequence[str] = ("expert",)
+    source: SamplesSource,
+    filter_name: str | None = None,
+    human_prefixes: Sequence[str] = ("expert",),
+    task: str = MTBENCH_TASK,
 ) -> dict[str, float]:
-    records = records_from_samples(_load(source, MTBENCH_TASK), MTBENCH_TASK, filter_name)
+    records = records_from_samples(_load(source, task), MTBENCH_FIELD, filter_name)
     keyed: dict[tuple, dict] = {}
     for r in records:
         keyed.setdefault((r["question_id"], r["model_a"], r["model_b"], r["turn"]), r)
@@ -98,14 +106,36 @@ def mtbench_metrics_from_samples(
     return mtbench.mtbench_metrics(records, human_rows, human_prefixes)
 
 
+def _record_field_of(path: Path) -> str | None:
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if not first.strip():
+        return None
+    metrics = json.loads(first).get("metrics", [])
+    for field in (REWARDBENCH_FIELD, MTBENCH_FIELD):
+        if field in metrics:
+            return field
+    return None
+
+
 def metrics_from_lmeval_output(output_path: str | Path) -> dict[str, float]:
-    """Both benchmarks' metric dicts (whichever tasks have samples under `output_path`), merged."""
-    files = find_samples_files(output_path)
+    """Both benchmarks' metric dicts from an lm-eval --output_path (whichever of the two kinds of task have
+    samples there, recognised by their record field, so renamed variants work too), merged. Two tasks of the
+    same kind in one output are ambiguous: pass their samples files to the *_from_samples functions instead."""
+    by_field: dict[str, list[Path]] = {REWARDBENCH_FIELD: [], MTBENCH_FIELD: []}
+    for f in find_samples_files(output_path).values():
+        field = _record_field_of(f)
+        if field is not None:
+            by_field[field].append(f)
     out: dict[str, float] = {}
-    if REWARDBENCH_TASK in files:
-        out.update(rewardbench_metrics_from_samples(files[REWARDBENCH_TASK]))
-    if MTBENCH_TASK in files:
-        out.update(mtbench_metrics_from_samples(files[MTBENCH_TASK]))
+    for field, files in by_field.items():
+        if len(files) > 1:
+            raise ValueError(f"several {field!r} tasks under {output_path}: {[str(f) for f in files]}")
+        if files:
+            if field == REWARDBENCH_FIELD:
+                out.update(rewardbench_metrics_from_samples(files[0]))
+            else:
+                out.update(mtbench_metrics_from_samples(files[0]))
     if not out:
-        raise FileNotFoundError(f"no {REWARDBENCH_TASK} / {MTBENCH_TASK} samples under {output_path}")
+        raise FileNotFoundError(f"no RewardBench / MT-Bench judge samples under {output_path}")
     return out

@@ -1,25 +1,53 @@
 """Stage 6, evaluate: measure a judge. Reads the `eval` group.
 
 Iteration 0 is the untrained judge; iteration k the judge trained in iteration k. Each benchmark is its own
-cached unit (`run_benchmark`), so adding one means adding an entry to BENCHMARKS: a function that turns its
-config and data into judge prompts, and one that turns the judged items into metrics.
+cached unit with its own key (a RewardBench score is shared by every run that evaluates the same model):
+`synthetic` (held-out synthetic pairs), `rewardbench` and `mtbench`. Adding a benchmark means adding an
+entry to BENCHMARKS: a function from config and data to judge prompts, and one from judged items to metrics.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
-from ..cache import Partial
-from ..config import ConfigError
+from ..benchmarks import mtbench, rewardbench
+from ..cache import Partial, file_fingerprint
+from ..config import ConfigError, as_dict
+from ..data import resolve
 from ..metrics import synthetic_metrics
 from ..models.base import Generator, SamplingConfig
 from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
-from .judge import judge_prompts, judge_template, pair_prompt
+from .judge import judge_prompts, judge_template, orders_for, pair_prompt, render
 
 log = logging.getLogger(__name__)
 VERSION = 1
+
+
+@dataclass
+class RewardBenchConfig:
+    enabled: bool = True
+    source: str = "rewardbench/filtered.jsonl.gz"  # relative to data_root, absolute, or allenai/reward-bench
+    revision: str | None = None
+    per_subset: int | None = 2  # stratified slice: items per subset (23 subsets); null = all 2,985
+    orders: str = "both"  # both, or one seeded-random order per item as the official runner does
+    maj_k: int = 1  # >1: also sample k judgments per item and order and report majority-vote accuracy
+    maj_temperature: float = 0.7
+    maj_top_p: float = 0.9
+    slice_seed: int = 0  # fixed apart from random_seed, so runs with different seeds score the same items
+
+
+@dataclass
+class MTBenchConfig:
+    enabled: bool = True
+    source: str = "mtbench/human_judgments.jsonl.gz"  # relative to data_root, absolute, or lmsys/mt_bench_human_judgments
+    revision: str | None = None
+    max_keys: int | None = 16  # distinct (question, model pair, turn) keys, half per turn; null = all
+    human_prefixes: list[str] = field(default_factory=lambda: ["expert"])  # whose votes count as "human"
+    slice_seed: int = 0
 
 
 @dataclass
@@ -30,10 +58,14 @@ class EvalConfig:
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None
     max_response_chars: int = 1200
+    rewardbench: RewardBenchConfig = field(default_factory=RewardBenchConfig)
+    mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
 
     def validate(self, where: str) -> None:
         if self.verdict not in ("parse", "constrained"):
             raise ConfigError(f"{where}.verdict={self.verdict!r}: use parse or constrained")
+        if self.rewardbench.orders not in ("both", "one"):
+            raise ConfigError(f"{where}.rewardbench.orders={self.rewardbench.orders!r}: use both or one")
 
 
 @dataclass
@@ -45,6 +77,22 @@ class Prompted:
     extra: dict
 
 
+def judging_part(cfg: EvalConfig) -> dict:
+    """The fields of `eval` every benchmark's result depends on."""
+    return {k: v for k, v in as_dict(cfg).items() if k not in ("synthetic", "rewardbench", "mtbench")}
+
+
+def _source(source: str, data_root: str) -> str:
+    local = resolve(source, data_root)
+    return str(local) if local.exists() else source  # otherwise a hub id
+
+
+def source_fingerprint(source: str, revision: str | None, data_root: str) -> str:
+    local = resolve(source, data_root)
+    return file_fingerprint(local) if local.exists() else f"{source}@{revision or 'main'}"
+
+
+# ------------------------------------------------------------------------------------------ benchmarks
 def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
     template = judge_template(cfg.prompt, "eval.prompt")
     return [
@@ -55,8 +103,81 @@ def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
     ]
 
 
-def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Generator, partial: Partial, chunk_size: int) -> list[EvalItem]:
-    """Greedy judgments of every item, saved chunk by chunk (a killed evaluation resumes)."""
+def rewardbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
+    rb = cfg.rewardbench
+    seed = rb.slice_seed
+    template = judge_template(cfg.prompt, "eval.prompt")
+    items = rewardbench.stratified_slice(rewardbench.load_rewardbench(_source(rb.source, data_root), rb.revision), rb.per_subset, seed)
+    out = []
+    for it in items:
+        for order in orders_for(f"{it.subset}/{it.id}", rb.orders == "both", seed):
+            x, a, b, label = rewardbench.judge_inputs(it, order)
+            out.append(Prompted(f"{it.subset}/{it.id}", order, render(template, x, a, b, cfg.max_response_chars), label,
+                                {"subset": it.subset, "section": it.section, "id": it.id}))
+    return out
+
+
+def rewardbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
+    records = [
+        {"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
+         "chosen_label": i.chosen_label, "verdict": i.verdict, **({"verdicts_k": i.extra["verdicts_k"]} if "verdicts_k" in i.extra else {})}
+        for i in items
+    ]
+    out = rewardbench.rewardbench_metrics(records)
+    out["rewardbench/text_parse_fail"] = sum(i.verdict_source != "parsed" for i in items) / len(items)
+    return out
+
+
+def mtbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
+    mt = cfg.mtbench
+    seed = mt.slice_seed
+    template = judge_template(cfg.prompt, "eval.prompt")
+    rows = mtbench.load_mtbench_human(_source(mt.source, data_root), mt.revision)
+    keyed = mtbench.stratified_slice(rows, mt.max_keys, seed, tuple(mt.human_prefixes))
+    out = []
+    for r in keyed:
+        key = f"{r['question_id']}/{r['model_a']}/{r['model_b']}/t{r['turn']}"
+        for order, swap in (("ab", False), ("ba", True)):
+            x, a, b = mtbench.build_judge_inputs(r, swap=swap)
+            meta = {k: r[k] for k in ("question_id", "model_a", "model_b", "turn")}
+            out.append(Prompted(key, order, render(template, x, a, b, cfg.max_response_chars), "", {**meta, "human_votes": r["human_votes"]}))
+    return out
+
+
+def mtbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
+    records = [{**{k: i.extra[k] for k in ("question_id", "model_a", "model_b", "turn")}, "order": i.order, "verdict": i.verdict} for i in items]
+    humans = mtbench.human_rows_from_keyed(
+        {**{k: i.extra[k] for k in ("question_id", "model_a", "model_b", "turn")}, "human_votes": i.extra["human_votes"]}
+        for i in items if i.order == "ab"
+    )
+    return mtbench.mtbench_metrics(records, humans, tuple(cfg.mtbench.human_prefixes))
+
+
+@dataclass
+class Benchmark:
+    enabled: Callable[[EvalConfig], bool]
+    config: Callable[[EvalConfig], dict]  # this benchmark's part of `eval`, for its cache key
+    data: Callable[[EvalConfig, str], str | None]  # fingerprint of its data (None: uses the pairs)
+    maj_k: Callable[[EvalConfig], int]
+    score: Callable[[list[EvalItem], EvalConfig], dict[str, float]]
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "synthetic": Benchmark(lambda c: c.synthetic, lambda c: {}, lambda c, root: None, lambda c: 1, lambda items, c: synthetic_metrics(items)),
+    "rewardbench": Benchmark(
+        lambda c: c.rewardbench.enabled, lambda c: as_dict(c.rewardbench),
+        lambda c, root: source_fingerprint(c.rewardbench.source, c.rewardbench.revision, root), lambda c: c.rewardbench.maj_k, rewardbench_score,
+    ),
+    "mtbench": Benchmark(
+        lambda c: c.mtbench.enabled, lambda c: as_dict(c.mtbench),
+        lambda c, root: source_fingerprint(c.mtbench.source, c.mtbench.revision, root), lambda c: 1, mtbench_score,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------ running
+def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Generator, partial: Partial, chunk_size: int, maj_k: int = 1) -> list[EvalItem]:
+    """Greedy judgments of every item (plus k sampled ones for majority vote), saved chunk by chunk."""
     saved = partial.done()
     done = {(r["item_id"], r["order"]) for r in saved}
     todo = [it for it in items if (it.item_id, it.order) not in done]
@@ -64,10 +185,17 @@ def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Genera
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"evaluate: {name}", unit="judgment")
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        outs = judge_prompts(model, [c.prompt for c in chunk], greedy, cfg.verdict, cfg.verdict_prefix)
+        prompts = [c.prompt for c in chunk]
+        outs = judge_prompts(model, prompts, greedy, cfg.verdict, cfg.verdict_prefix)
+        extra = [{} for _ in chunk]
+        if maj_k > 1:
+            rb = cfg.rewardbench
+            sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, start + 1),
+                                    cfg.verdict, cfg.verdict_prefix)
+            extra = [{"verdicts_k": [v for _, v, _, _ in s]} for s in sampled]
         rows = [
-            to_dict(EvalItem(name, c.item_id, c.order, o[0][1], o[0][2], c.chosen_label, {**c.extra, "text": o[0][0], "tokens": o[0][3]}))
-            for c, o in zip(chunk, outs)
+            to_dict(EvalItem(name, c.item_id, c.order, o[0][1], o[0][2], c.chosen_label, {**c.extra, **e, "text": o[0][0], "tokens": o[0][3]}))
+            for c, o, e in zip(chunk, outs, extra)
         ]
         partial.append(rows)
         saved.extend(rows)
@@ -76,10 +204,15 @@ def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Genera
     return [from_dict(EvalItem, r) for r in saved]
 
 
-def run_synthetic(cfg: EvalConfig, pairs: list[Pair], model: Generator, partial: Partial, chunk_size: int) -> tuple[list[EvalItem], dict]:
-    items = synthetic_items(cfg, pairs)
+def run(name: str, cfg: EvalConfig, pairs: list[Pair], data_root: str, model: Generator, partial: Partial, chunk_size: int) -> tuple[list[EvalItem], dict]:
+    if name == "synthetic":
+        items = synthetic_items(cfg, pairs)
+    elif name == "rewardbench":
+        items = rewardbench_items(cfg, data_root)
+    else:
+        items = mtbench_items(cfg, data_root)
     if not items:
-        log.warning("evaluate: no held-out pairs (dataset.heldout_fraction too small for this many instructions)")
+        log.warning("evaluate: %s has no items (for synthetic: no held-out pairs; raise dataset.heldout_fraction)", name)
         return [], {}
-    judged = judge_items(cfg, "synthetic", items, model, partial, chunk_size)
-    return judged, synthetic_metrics(judged)
+    judged = judge_items(cfg, name, items, model, partial, chunk_size, BENCHMARKS[name].maj_k(cfg))
+    return judged, BENCHMARKS[name].score(judged, cfg)

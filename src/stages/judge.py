@@ -49,8 +49,17 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + " [...]"
 
 
+def _clip_middle(text: str, limit: int) -> str:
+    """Keep the head and the tail: a multi-turn transcript ends with the question being judged."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " [...] " + text[len(text) - (limit - head) :]
+
+
 def render(template: Template, instruction: str, a: str, b: str, max_chars: int) -> str:
-    return template.render(input=instruction, generation=_clip(a, max_chars), generation2=_clip(b, max_chars))
+    """The judge prompt; each part clipped to `max_chars` characters (the CPU models' context budget)."""
+    return template.render(input=_clip_middle(instruction, 2 * max_chars), generation=_clip(a, max_chars), generation2=_clip(b, max_chars))
 
 
 def pair_prompt(template: Template, pair: Pair, order: str, max_chars: int) -> str:

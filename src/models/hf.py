@@ -1,0 +1,258 @@
+"""`Generator` on transformers: CPU (fp32) or one GPU. Batched, left-padded, length-sorted, seeded per batch."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .base import Completion, ModelSpec, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use e.g. float32, bfloat16, float16)")
+    return dt
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise RuntimeError("model has no eos token id; generation could not stop early")
+    return ids
+
+
+class HFGenerator:
+    """Implements `base.Generator` with transformers `generate`.
+
+    `spec.batch_size` prompts go through each `generate` call (each with `sampling.n` return sequences, so
+    batch_size*n rows decode together). Prompts are sorted by token length so a batch pads little; results come
+    back in input order. `torch.manual_seed(sampling.seed + batch_index)` before each batch makes a call's output
+    a function of (prompts, sampling, batch_size)."""
+
+    def __init__(self, spec: ModelSpec, model_dir: str | Path, adapter: str | Path | None = None, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.spec = spec
+        self.model_dir = model_dir
+        self.adapter = adapter
+        self.device = device or spec.extra.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.time()
+        # model_dir is local (loading.resolve_model_dir downloads hub ids at spec.revision first)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        if spec.chat_template:
+            tok.chat_template = spec.chat_template
+        if not tok.chat_template:
+            raise ValueError(f"model {spec.name!r} has no chat template; set chat_template in its model config")
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        kwargs = {"dtype": _torch_dtype(spec.dtype)}
+        if spec.attn_implementation:
+            kwargs["attn_implementation"] = spec.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if adapter is not None:
+            from peft import PeftModel
+
+            # merged: inference then runs at the base model's speed
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.to(self.device)
+        model.eval()
+        self.model = model
+        self.eos_ids = _eos_ids(model, tok)
+        self.load_seconds = time.time() - t0
+        log.info("loaded %s from %s%s in %.1f s", spec.name, model_dir, f" + adapter {adapter}" if adapter else "", self.load_seconds)
+
+    # ---------------------------------------------------------------- helpers
+    def chat_text(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        # the chat template already wrote the special tokens (BOS included, for templates that have one)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, seqs: list[list[int]]):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{self.spec.name} {desc}", unit="prompt", disable=None, leave=False)
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        import torch
+
+        if sampling.n < 1:
+            raise ValueError("sampling.n must be >= 1")
+        if not prompts:
+            return []
+        do_sample = sampling.temperature > 0
+        limit = self.spec.max_model_len - sampling.max_new_tokens
+        encoded = []
+        for i, p in enumerate(prompts):
+            ids = self._encode(self.chat_text(p))
+            if len(ids) > limit:
+                raise ValueError(
+                    f"prompt {i} is {len(ids)} tokens with the chat template; {self.spec.name} allows "
+                    f"max_model_len {self.spec.max_model_len} - max_new_tokens {sampling.max_new_tokens} = {limit}"
+                )
+            encoded.append(ids)
+        # longest first: the first batch shows the peak memory, and similar lengths share a batch
+        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        bs = max(1, self.spec.batch_size)
+        gen_kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=sampling.n,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            do_sample=do_sample,
+        )
+        if do_sample:
+            # top_k=0: nucleus sampling only (transformers otherwise adds its default top_k=50; vLLM has none)
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        eos = set(self.eos_ids)
+        with self._progress(len(prompts), "generate") as bar, torch.inference_mode():
+            for b, start in enumerate(range(0, len(order), bs)):
+                idx = order[start:start + bs]
+                input_ids, mask = self._left_pad([encoded[i] for i in idx])
+                torch.manual_seed(sampling.seed + b)
+                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+                new = out[:, input_ids.shape[1]:].tolist()
+                for row, toks in enumerate(new):
+                    stop = next((k for k, t in enumerate(toks) if t in eos), None)
+                    body = toks if stop is None else toks[:stop]
+                    text = self.tokenizer.decode(body, skip_special_tokens=True)
+                    comp = Completion(text=text, num_tokens=len(body), finished=stop is not None)
+                    i = idx[row // sampling.n]
+                    if results[i] is None:
+                        results[i] = []
+                    results[i].append(comp)
+                bar.update(len(idx))
+        return results  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- choose
+    def _option_ids(self, context: str, context_ids: list[int], option: str) -> list[int]:
+        """Tokens of `option` as they continue `context` (BPE merges across the boundary are possible; then fall
+        back to the option tokenized on its own)."""
+        full = self._encode(context + option)
+        if full[: len(context_ids)] == context_ids and len(full) > len(context_ids):
+            return full[len(context_ids):]
+        ids = self._encode(option)
+        if not ids:
+            raise ValueError(f"option {option!r} tokenizes to nothing")
+        return ids
+
+    def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
+        """For each prompt, the option most likely to follow chat(prompt)+prefix.
+
+        Options are compared at their first distinguishing token: one forward pass per prompt over
+        context + (the token prefix all options share), reading the log-probs at the last position. That is
+        the plain first-token comparison when the options' first tokens differ, and handles "[[A]]" vs "[[B]]"
+        (which share "[[") with no extra pass. When that is ambiguous (an option's tokens are a prefix of
+        another's, or options still collide after the shared prefix), the full option sequences are scored
+        (sum of log-probs), one extra row per option."""
+        import torch
+
+        if len(prompts) != len(prefixes):
+            raise ValueError("prompts and prefixes must have the same length")
+        if len(set(options)) != len(options) or len(options) < 2:
+            raise ValueError(f"need at least two distinct options, got {list(options)}")
+        if not prompts:
+            return []
+        # per prompt: ("first", context ids incl. shared prefix, distinguishing token per option)
+        #          or ("full", context ids, option token lists)
+        plans = []
+        for p, pre in zip(prompts, prefixes):
+            ctx_text = self.chat_text(p) + pre
+            ctx = self._encode(ctx_text)
+            opts = [self._option_ids(ctx_text, ctx, o) for o in options]
+            k = 0
+            while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
+                k += 1
+            firsts = [o[k] if len(o) > k else None for o in opts]
+            if None not in firsts and len(set(firsts)) == len(firsts):
+                plans.append(("first", ctx + opts[0][:k], firsts))
+            else:
+                plans.append(("full", ctx, opts))
+        for i, plan in enumerate(plans):
+            if len(plan[1]) + (max(len(o) for o in plan[2]) if plan[0] == "full" else 0) > self.spec.max_model_len:
+                raise ValueError(f"choose prompt {i} is {len(plan[1])} tokens, over max_model_len {self.spec.max_model_len}")
+
+        chosen: list[str | None] = [None] * len(prompts)
+        bs = max(1, self.spec.batch_size)
+        first = sorted((i for i, pl in enumerate(plans) if pl[0] == "first"), key=lambda i: -len(plans[i][1]))
+        with self._progress(len(prompts), "choose") as bar, torch.inference_mode():
+            for start in range(0, len(first), bs):
+                idx = first[start:start + bs]
+                logp = self._last_logprobs([plans[i][1] for i in idx], keep=1)[:, -1, :]
+                for row, i in enumerate(idx):
+                    scores = logp[row, plans[i][2]]
+                    chosen[i] = options[int(torch.argmax(scores))]
+                bar.update(len(idx))
+            # full-sequence scoring: one row per (prompt, option)
+            rows = [(i, j) for i, pl in enumerate(plans) if pl[0] == "full" for j in range(len(options))]
+            rows.sort(key=lambda r: -(len(plans[r[0]][1]) + len(plans[r[0]][2][r[1]])))
+            totals: dict[tuple[int, int], float] = {}
+            for start in range(0, len(rows), bs):
+                chunk = rows[start:start + bs]
+                seqs = [plans[i][1] + plans[i][2][j] for i, j in chunk]
+                m = max(len(plans[i][2][j]) for i, j in chunk)
+                logp = self._last_logprobs(seqs, keep=m + 1)  # [B, m+1, V]; position t predicts token t+1
+                for row, (i, j) in enumerate(chunk):
+                    opt = plans[i][2][j]
+                    L = len(opt)
+                    # option tokens are the last L of the row; their predictions sit at positions -L-1 .. -2
+                    pred = logp[row, m - L: m, :]
+                    totals[(i, j)] = float(pred.gather(1, torch.tensor(opt, device=pred.device)[:, None]).sum())
+            for i, pl in enumerate(plans):
+                if pl[0] == "full":
+                    best = max(range(len(options)), key=lambda j: totals[(i, j)])
+                    chosen[i] = options[best]
+                    bar.update(1)
+        return chosen  # type: ignore[return-value]
+
+    def _last_logprobs(self, seqs: list[list[int]], keep: int):
+        import torch
+
+        ids, mask = self._left_pad(seqs)
+        # explicit positions: with left padding, row positions must start at 0 at the first real token
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+        return torch.log_softmax(out.logits[:, -keep:, :].float(), dim=-1)
+
+    def close(self) -> None:
+        import torch
+
+        if getattr(self, "model", None) is not None:
+            del self.model
+            self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

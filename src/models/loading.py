@@ -1,0 +1,128 @@
+"""From a `ModelSpec` to weights on disk, a `Generator`, or a trainable (model, tokenizer)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from .base import Generator, ModelSpec
+
+log = logging.getLogger(__name__)
+
+CPU_ALTERNATIVE = "use seed=qwen_coder_0.5b judge=smollm2_135m for the CPU default"
+SOURCES = ("packaged", "hf", "tiny_random")
+BACKENDS = ("hf", "vllm")
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is 'owner/name' (or 'name'); anything path-like is meant to be a local directory."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists() or path.count("/") > 1
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def preflight(spec: ModelSpec) -> None:
+    """Fail fast, before any weights load, when `spec` cannot run on this machine. RuntimeError names the model,
+    what is missing, and the CPU alternative."""
+    if spec.source not in SOURCES:
+        raise RuntimeError(f"model {spec.name!r}: unknown source {spec.source!r} (one of {SOURCES})")
+    if spec.backend not in BACKENDS:
+        raise RuntimeError(f"model {spec.name!r}: unknown backend {spec.backend!r} (one of {BACKENDS})")
+    needs, found, hints = [], [], []
+    gpus_needed = max(spec.min_gpus, spec.tensor_parallel_size if spec.backend == "vllm" else 0)
+    gpus = _gpu_count() if (gpus_needed > 0 or spec.backend == "vllm") else None
+    if spec.backend == "vllm":
+        needs.append("vLLM")
+        found.append("vllm installed" if importlib.util.find_spec("vllm") is not None else "vllm not installed")
+    if gpus_needed > 0:
+        needs.append(f"{gpus_needed} GPU{'s' if gpus_needed != 1 else ''}")
+        found.append(f"{gpus} GPU{'s' if gpus != 1 else ''}")
+    problem = ("vllm not installed" in found) or (gpus is not None and gpus < gpus_needed)
+    if spec.source == "packaged":
+        from .packaged import PACKAGED_MODELS, part_paths
+
+        key = spec.package or spec.name
+        if key not in PACKAGED_MODELS:
+            raise RuntimeError(f"model {spec.name!r}: unknown packaged model {key!r}; known: {sorted(PACKAGED_MODELS)}")
+        try:
+            part_paths(key)
+        except RuntimeError as e:
+            problem = True
+            needs.append(f"the pip package(s) of packaged model {key!r}")
+            found.append("not installed")
+            hints.append(str(e).split("\n", 1)[-1].strip())
+    elif spec.source == "hf":
+        if not spec.path:
+            raise RuntimeError(f"model {spec.name!r}: source 'hf' needs `path` (a hub id or a local directory)")
+        if _looks_local(spec.path) and not Path(spec.path).expanduser().is_dir():
+            problem = True
+            needs.append(f"the local model directory {spec.path}")
+            found.append("it does not exist")
+    if problem:
+        msg = f"model {spec.name!r} cannot run here: needs {' and '.join(needs)}; found {', '.join(found)}."
+        if hints:
+            msg += " Install with: " + "; ".join(hints) + "."
+        raise RuntimeError(f"{msg} Or {CPU_ALTERNATIVE}.")
+
+
+def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:
+    """Local directory with the model's `save_pretrained` files (built, converted or downloaded once)."""
+    if spec.source == "packaged":
+        from .packaged import materialize
+
+        return materialize(spec.package or spec.name, cache_dir)
+    if spec.source == "tiny_random":
+        from .tiny import build_tiny_random
+
+        return build_tiny_random(cache_dir)
+    if spec.source == "hf":
+        if not spec.path:
+            raise ValueError(f"model {spec.name!r}: source 'hf' needs `path`")
+        local = Path(spec.path).expanduser()
+        if local.is_dir():
+            return local
+        if _looks_local(spec.path):
+            raise FileNotFoundError(f"model {spec.name!r}: local model directory {spec.path} does not exist")
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=spec.path, revision=spec.revision))
+    raise ValueError(f"model {spec.name!r}: unknown source {spec.source!r}")
+
+
+def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir: str | Path | None = None) -> Generator:
+    preflight(spec)
+    model_dir = resolve_model_dir(spec, cache_dir)
+    if spec.backend == "vllm":
+        from .vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(spec, model_dir, adapter=adapter)
+    from .hf import HFGenerator
+
+    return HFGenerator(spec, model_dir, adapter=adapter)
+
+
+def load_for_training(spec: ModelSpec, cache_dir: str | Path | None = None):
+    """A fresh fp32 (or spec.dtype, when not float32 and a GPU is present) model and its tokenizer, right padded,
+    for TRL/PEFT training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(spec, cache_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if spec.chat_template:
+        tok.chat_template = spec.chat_template
+    tok.padding_side = "right"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dtype = torch.float32 if (spec.dtype == "float32" or not torch.cuda.is_available()) else getattr(torch, spec.dtype)
+    kwargs = {"dtype": dtype}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok

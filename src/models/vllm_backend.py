@@ -1,0 +1,183 @@
+"""`Generator` on vLLM, for GPU runs (the paper-scale models). Same contract as `hf.HFGenerator`.
+
+vllm is imported lazily: it is a GPU-only extra (`pip install -e .[gpu]`) and must not be installed on the CPU
+machines. `loading.preflight` refuses a vllm spec there before anything gets this far.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .base import Completion, ModelSpec, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+
+
+class VLLMGenerator:
+    def __init__(self, spec: ModelSpec, model_dir: str | Path, adapter: str | Path | None = None):
+        from vllm import LLM  # noqa: PLC0415 - GPU-only dependency
+
+        self.spec = spec
+        self.model_dir = model_dir
+        t0 = time.time()
+        kwargs = dict(
+            model=str(model_dir),
+            tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            max_model_len=spec.max_model_len,
+            dtype=spec.dtype if spec.dtype != "float32" else "auto",
+            enable_lora=adapter is not None,
+            seed=0,
+        )
+        if adapter is not None:
+            kwargs["max_lora_rank"] = int(spec.extra.get("max_lora_rank", 64))
+        kwargs.update(spec.extra.get("vllm_kwargs", {}))
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        if spec.chat_template:
+            self.tokenizer.chat_template = spec.chat_template
+        self.lora_request = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("adapter", 1, str(adapter))
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if eos is not None else set()
+        try:  # vLLM also stops at the generation config's eos ids
+            from transformers import GenerationConfig
+
+            g = GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+            self.eos_ids |= {g} if isinstance(g, int) else set(g or [])
+        except Exception:  # noqa: BLE001 - no generation_config.json
+            pass
+        self.load_seconds = time.time() - t0
+        log.info("vLLM loaded %s in %.1f s", spec.name, self.load_seconds)
+
+    def _chat_ids(self, prompt: str, prefix: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer.encode(text + prefix, add_special_tokens=False)
+
+    def _run(self, token_lists: list[list[int]], params):
+        prompts = [{"prompt_token_ids": ids} for ids in token_lists]
+        return self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=True)
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        if not prompts:
+            return []
+        limit = self.spec.max_model_len - sampling.max_new_tokens
+        ids = []
+        for i, p in enumerate(prompts):
+            x = self._chat_ids(p)
+            if len(x) > limit:
+                raise ValueError(
+                    f"prompt {i} is {len(x)} tokens with the chat template; {self.spec.name} allows "
+                    f"max_model_len {self.spec.max_model_len} - max_new_tokens {sampling.max_new_tokens} = {limit}"
+                )
+            ids.append(x)
+        greedy = sampling.temperature <= 0
+        # one SamplingParams per prompt: a per-request seed makes each prompt's samples independent of batching
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                seed=None if greedy else sampling.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outs = self._run(ids, params)
+        results = []
+        for out in outs:
+            comps = []
+            for o in out.outputs:
+                toks = list(o.token_ids)
+                finished = o.finish_reason != "length"
+                n_tok = len(toks) - (1 if finished and toks and toks[-1] in self.eos_ids else 0)
+                comps.append(Completion(text=o.text, num_tokens=n_tok, finished=finished))
+            results.append(comps)
+        return results
+
+    def _option_ids(self, context: str, ctx_ids: list[int], option: str) -> list[int]:
+        full = self.tokenizer.encode(context + option, add_special_tokens=False)
+        if full[: len(ctx_ids)] == ctx_ids and len(full) > len(ctx_ids):
+            return full[len(ctx_ids):]
+        return self.tokenizer.encode(option, add_special_tokens=False)
+
+    def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
+        """First-distinguishing-token comparison from the top-20 log-probs of a 1-token generation (the
+        options' shared token prefix is appended to the context first, as in HFGenerator.choose). Prompts where
+        that is ambiguous, or where no option's token is in the top 20, are scored on the full option
+        sequences with prompt_logprobs."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(prefixes):
+            raise ValueError("prompts and prefixes must have the same length")
+        if len(set(options)) != len(options) or len(options) < 2:
+            raise ValueError(f"need at least two distinct options, got {list(options)}")
+        plans = []
+        for p, pre in zip(prompts, prefixes):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            ) + pre
+            ctx = self.tokenizer.encode(text, add_special_tokens=False)
+            opts = [self._option_ids(text, ctx, o) for o in options]
+            k = 0
+            while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
+                k += 1
+            firsts = [o[k] if len(o) > k else None for o in opts]
+            ok = None not in firsts and len(set(firsts)) == len(firsts)
+            plans.append((ctx, opts, k, firsts if ok else None))
+
+        chosen: list[str | None] = [None] * len(prompts)
+        first_idx = [i for i, pl in enumerate(plans) if pl[3] is not None]
+        if first_idx:
+            params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=_TOP_LOGPROBS)
+            outs = self._run([plans[i][0] + plans[i][1][0][: plans[i][2]] for i in first_idx], params)
+            for i, out in zip(first_idx, outs):
+                top = out.outputs[0].logprobs[0]  # dict token_id -> Logprob
+                scores = [top[t].logprob if t in top else float("-inf") for t in plans[i][3]]
+                if max(scores) > float("-inf"):
+                    chosen[i] = options[max(range(len(options)), key=lambda j: scores[j])]
+        full_idx = [i for i in range(len(prompts)) if chosen[i] is None]
+        if full_idx:
+            params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+            rows = [(i, j) for i in full_idx for j in range(len(options))]
+            outs = self._run([plans[i][0] + plans[i][1][j] for i, j in rows], params)
+            totals: dict[tuple[int, int], float] = {}
+            for (i, j), out in zip(rows, outs):
+                opt = plans[i][1][j]
+                lps = out.prompt_logprobs[-len(opt):]  # one dict per prompt token (first entry is None)
+                totals[(i, j)] = sum(d[t].logprob for d, t in zip(lps, opt))
+            for i in full_idx:
+                chosen[i] = options[max(range(len(options)), key=lambda j: totals[(i, j)])]
+        return chosen  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is None:
+            return
+        del self.llm
+        self.llm = None
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # noqa: BLE001 - best effort; names moved between vLLM versions
+            pass
+        gc.collect()
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass

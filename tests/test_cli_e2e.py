@@ -1,0 +1,107 @@
+"""The real CLI in a subprocess on the tiny model: what lands in the MLflow store, and what a rerun reuses."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import DATA_ROOT, REPO, TINY, model_cache
+
+TRACKED = [o for o in TINY if not o.startswith("tracking=")]
+
+
+def cli(results, *args, check=True):
+    env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results), "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "src.main", *args, f"pipeline.model_cache_dir={model_cache()}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def store(results):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
+    return mlflow.tracking.MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("e2e")
+    proc = cli(results, *TRACKED)
+    return results, proc
+
+
+def test_run_logs_params_metrics_and_artifacts(first_run):
+    results, _ = first_run
+    client = store(results)
+    exp = client.get_experiment_by_name("ste")
+    jobs = client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'job'")
+    assert len(jobs) == 1
+    run = jobs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["choice.filter"] == "correct" and run.data.params["choice.seed"] == "tiny_random"
+    assert run.data.params["judging.n"] == "2"
+    for metric in ["synthetic/accuracy", "synthetic/parse_fail", "synthetic/swap_consistency"]:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+        assert steps == [0, 1], metric
+    for metric in ["rewardbench/overall", "rewardbench/chat_hard", "rewardbench/swap_consistency", "rewardbench/parse_fail",
+                   "mtbench/agreement_s1", "mtbench/agreement_s1/turn1"]:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [0, 1], metric
+    for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples"]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
+    acc = run.data.metrics["synthetic/accuracy"]
+    assert 0.0 <= acc <= 1.0
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plan.txt", "data", "tables"} <= names
+    data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/select_iter0", "data/generate_iter0", "data/judge_iter1", "data/filter_iter1", "data/synthetic_iter1"} <= data
+    # Training has its own child run, so TRL's callback logs there.
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    if run.data.metrics["train/trained"] == 1.0:
+        assert len(children) == 1 and children[0].data.tags["ste.kind"] == "train"
+        assert "train_loss" in children[0].data.metrics or "loss" in children[0].data.metrics
+
+
+def test_rerun_recomputes_nothing(first_run):
+    results, _ = first_run
+    proc = cli(results, *TRACKED)
+    log = proc.stdout + proc.stderr
+    assert "computing" not in log
+    for stage in ["select[iter 0]", "generate[iter 0]", "judge[iter 1]", "train[iter 1]", "synthetic[iter 1]"]:
+        assert f"{stage}: cached" in log
+    client = store(results)
+    exp = client.get_experiment_by_name("ste")
+    latest = client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'job'", order_by=["attributes.start_time DESC"])[0]
+    assert latest.data.metrics["cache/hits"] == latest.data.metrics["cache/stages"] == 11
+
+
+def test_filter_sweep_shares_stages_and_groups_runs(first_run):
+    results, _ = first_run
+    proc = cli(results, "-m", *TRACKED, "filter=correct,all")
+    log = proc.stdout + proc.stderr
+    # filter=correct is fully cached from the first run; filter=all recomputes only filter/train/evaluate(1).
+    assert log.count("judge[iter 1]: cached") == 2 and log.count("generate[iter 0]: cached") == 2
+    assert "filter[iter 1]: computing" in log
+    client = store(results)
+    exp = client.get_experiment_by_name("ste")
+    sweeps = client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'sweep'")
+    assert len(sweeps) == 1
+    members = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
+    assert sorted(r.data.params["choice.filter"] for r in members) == ["all", "correct"]
+    run_all = next(r for r in members if r.data.params["choice.filter"] == "all")
+    assert run_all.data.metrics["cache_hit/judge"] == 1.0 and run_all.data.metrics["cache_hit/filter"] == 0.0
+
+
+def test_paper_models_dry_run_prints_plans_and_real_run_fails_fast(tmp_path):
+    proc = cli(tmp_path, "-m", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none")
+    assert proc.stdout.count("plan: ") == 2
+    assert "seed=mixtral" in proc.stdout and "seed=llama" in proc.stdout
+    assert "NOT RUNNABLE HERE" in proc.stdout
+    proc = cli(tmp_path, "seed=mixtral", "tracking=none", check=False)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "vllm" in err.lower() and "qwen_coder_0.5b" in err

@@ -1,0 +1,102 @@
+"""A run killed mid-stage resumes from its saved chunks; a run killed between stages recomputes nothing done."""
+import pytest
+
+from src.cache import StageCache
+from src.models.base import SamplingConfig
+from src.pipeline import Job, Runner, plan
+from src.records import Pair
+from src.stages import judge
+from src.stages.judge import JudgingConfig
+from src.tracking import Tracker
+from tests.conftest import TINY, model_cache
+
+
+class Crash(Exception):
+    pass
+
+
+class Counting:
+    """Wraps a generator: counts prompts generated for, and crashes after `crash_after` generate calls."""
+
+    def __init__(self, inner, crash_after=None):
+        self.inner, self.crash_after, self.calls, self.prompts = inner, crash_after, 0, 0
+        self.spec = inner.spec
+
+    def generate(self, prompts, sampling):
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise Crash("simulated kill")
+        self.calls += 1
+        self.prompts += len(prompts)
+        return self.inner.generate(prompts, sampling)
+
+    def choose(self, prompts, prefixes, options):
+        return self.inner.choose(prompts, prefixes, options)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from src.models.base import ModelSpec
+    from src.models.loading import load_generator
+
+    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=4), cache_dir=model_cache())
+    yield gen
+    gen.close()
+
+
+PAIRS = [Pair(f"p{i}", f"Question {i}: why?", f"Because {i}.", f"Unrelated {i}.", f"Question {i}: how?", "train") for i in range(6)]
+
+
+def test_judge_stage_resumes_after_a_kill_and_matches_an_unbroken_run(tiny, tmp_path):
+    cfg = JudgingConfig(n=2, max_new_tokens=6)
+    cache = StageCache(tmp_path)
+    # Unbroken reference run.
+    ref, _ = judge.run(cfg, PAIRS, Counting(tiny), seed=7, partial=cache.partial("judge", "ref"), chunk_size=4)
+    # Killed after the first chunk (4 of 12 prompts), then resumed.
+    with pytest.raises(Crash):
+        judge.run(cfg, PAIRS, Counting(tiny, crash_after=1), seed=7, partial=cache.partial("judge", "k"), chunk_size=4)
+    assert len(cache.partial("judge", "k").done()) == 4 * 2  # one chunk of 4 prompts x n=2 saved
+    resumed_model = Counting(tiny)
+    out, _ = judge.run(cfg, PAIRS, resumed_model, seed=7, partial=cache.partial("judge", "k"), chunk_size=4)
+    assert resumed_model.prompts == 12 - 4  # only what was not saved
+    assert [(j.pair_id, j.order, j.sample, j.text, j.verdict) for j in out] == [
+        (j.pair_id, j.order, j.sample, j.text, j.verdict) for j in ref
+    ]
+
+
+def test_torn_last_line_is_redone(tmp_path):
+    p = StageCache(tmp_path).partial("judge", "x")
+    p.append([{"a": 1}, {"a": 2}])
+    with open(p.chunks, "a") as f:
+        f.write('{"a": 3, "trunc')  # the kill hit mid-write
+    assert p.done() == [{"a": 1}, {"a": 2}]
+    p.append([{"a": 3}])
+    assert p.done() == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatch):
+    from src.stages import train
+
+    job = Job.from_config(make_cfg(*TINY))
+    real_train = train.run
+
+    def killed(*a, **k):
+        raise Crash("killed during training")
+
+    monkeypatch.setattr(train, "run", killed)
+    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    with pytest.raises(Crash):
+        runner.run(plan(job))
+    runner.pool.close()
+    status = {(s.stage, s.iteration): s.status for s in plan(job)}
+    assert [status[s] for s in [("select", 0), ("generate", 0), ("synthetic", 0), ("judge", 1), ("filter", 1)]] == ["cached"] * 5
+    assert status[("train", 1)] != "cached"
+
+    monkeypatch.setattr(train, "run", real_train)
+    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    runner.run(plan(job))
+    runner.pool.close()
+    assert runner.hits == {"select_0": 1, "generate_0": 1, "synthetic_0": 1, "rewardbench_0": 1, "mtbench_0": 1,
+                           "judge_1": 1, "filter_1": 1, "train_1": 0, "synthetic_1": 0, "rewardbench_1": 0, "mtbench_1": 0}
