@@ -136,7 +136,11 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Generator, 
         if not todo:
             continue
         prompts = [template.render(input=text, categories=", ".join(cfg.categories)) for _, text, _ in todo]
-        choices = model.choose(prompts, ["Category: "] * len(prompts), cfg.categories)
+        if len(cfg.categories) == 1:
+            # A pool of known category (GSM8K, HumanEval, ...) lists one label: nothing to classify.
+            choices = list(cfg.categories) * len(prompts)
+        else:
+            choices = model.choose(prompts, ["Category: "] * len(prompts), cfg.categories)
         rows = [{"id": rid, "category": c} for (rid, _, _), c in zip(todo, choices)]
         partial.append(rows)
         labels.update({r["id"]: r["category"] for r in rows})
