@@ -71,6 +71,7 @@ class HFGenerator:
         model.eval()
         self.model = model
         self.eos_ids = _eos_ids(model, tok)
+        self.shared_prefill = bool(spec.extra.get("shared_prefill", True))
         self.load_seconds = time.time() - t0
         log.info("loaded %s from %s%s in %.1f s", spec.name, model_dir, f" + adapter {adapter}" if adapter else "", self.load_seconds)
 
@@ -142,8 +143,16 @@ class HFGenerator:
             for b, start in enumerate(range(0, len(order), bs)):
                 idx = order[start:start + bs]
                 input_ids, mask = self._left_pad([encoded[i] for i in idx])
+                cache = self._prefill([encoded[i] for i in idx], sampling.n) if self.shared_prefill else None
                 torch.manual_seed(sampling.seed + b)
-                out = self.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+                if cache is None:
+                    out = self.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
+                else:
+                    n = sampling.n
+                    out = self.model.generate(
+                        input_ids=input_ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                        past_key_values=cache, **{**gen_kwargs, "num_return_sequences": 1},
+                    )
                 new = out[:, input_ids.shape[1]:].tolist()
                 for row, toks in enumerate(new):
                     stop = next((k for k, t in enumerate(toks) if t in eos), None)
@@ -156,6 +165,39 @@ class HFGenerator:
                     results[i].append(comp)
                 bar.update(len(idx))
         return results  # type: ignore[return-value]
+
+    def _prefill(self, seqs: list[list[int]], n: int):
+        """KV cache of every prompt but its last token, computed once per prompt (unpadded, batch 1), then
+        left-padded into one batch and repeated n times (rows i*n..i*n+n-1 belong to prompt i, as with
+        num_return_sequences). Saves the padding and the (n-1) repeated prefills that plain
+        `generate(num_return_sequences=n)` spends; on 2 CPU cores prefill dominates judge prompts. Returns None
+        (use plain generate) for caches that are not plain full-attention layers (e.g. sliding windows)."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if min(len(s) for s in seqs) < 2:
+            return None
+        width = max(len(s) for s in seqs) - 1
+        per_prompt = []
+        for s in seqs:
+            ids = torch.tensor([s[:-1]], dtype=torch.long, device=self.device)
+            cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+                self.shared_prefill = False
+                log.info("%s: cache type %s not supported by shared prefill; using plain generate", self.spec.name, type(cache).__name__)
+                return None
+            per_prompt.append([(layer.keys, layer.values) for layer in cache.layers])
+        data = []
+        for li in range(len(per_prompt[0])):
+            ks, vs = [], []
+            for layers in per_prompt:
+                k, v = layers[li]
+                pad = width - k.shape[-2]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            data.append((torch.cat(ks).repeat_interleave(n, 0), torch.cat(vs).repeat_interleave(n, 0)))
+        return DynamicCache(ddp_cache_data=data)
 
     # ---------------------------------------------------------------- choose
     def _option_ids(self, context: str, context_ids: list[int], option: str) -> list[int]:

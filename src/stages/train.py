@@ -65,14 +65,20 @@ def run(
     report_to_mlflow: bool,
 ) -> dict:
     """Train and save the adapter to out_dir/adapter. Returns stats (losses, steps, seconds)."""
+    model, tokenizer = model_and_tokenizer
+    fitting = [e for e in examples if _length(tokenizer, e) <= cfg.max_length]
+    too_long = len(examples) - len(fitting)
+    if too_long:
+        # Truncation would cut the end of the completion, i.e. exactly the verdict being taught: drop instead.
+        log.warning("train: dropped %d/%d examples longer than train.max_length=%d tokens", too_long, len(examples), cfg.max_length)
+    examples = fitting
     if not examples:
-        log.warning("train: no examples (the filter kept nothing): iteration's judge stays the initial model")
-        return {"trained": False, "examples": 0}
+        log.warning("train: no examples to train on: this iteration's judge stays the initial model")
+        return {"trained": False, "examples": 0, "dropped_too_long": too_long}
     import torch
     from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = model_and_tokenizer
     peft_config = None
     if previous_adapter is not None:
         model = PeftModel.from_pretrained(model, str(previous_adapter), is_trainable=True)
@@ -122,4 +128,11 @@ def run(
         "losses": losses,
         "seconds": time.time() - t0,
         "resumed": resume,
+        "dropped_too_long": too_long,
     }
+
+
+def _length(tokenizer, e: TrainExample) -> int:
+    messages = [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.completion}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
