@@ -25,8 +25,10 @@ def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = str(Path(hc.sweep.dir).resolve())
         sweep = (sweep_dir, f"sweep {Path(hc.sweep.dir).parent.name}/{Path(hc.sweep.dir).name}")
-    overrides = [o for o in hc.overrides.task if not o.startswith(("pipeline.dry_run", "tracking."))]
-    return choices, sweep, ",".join(overrides) or "default"
+    # Run name: the group choices that differ from the defaults plus the sweep's own overrides, kept short.
+    overrides = [o for o in hc.overrides.task if "=" in o and not o.startswith(("pipeline.", "tracking.", "data_root", "results_dir"))]
+    name = " ".join(o for o in overrides if "." not in o.split("=")[0]) or "default"
+    return choices, sweep, name[:200]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -93,6 +93,7 @@ class Tracker:
         import mlflow
 
         exp = ensure_experiment(self.cfg, self.results_dir)
+        mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         parent = sweep_parent(exp, *sweep) if sweep else None
         run = mlflow.start_run(experiment_id=exp, run_name=run_name, parent_run_id=parent, tags={"ste.kind": "job", **tags})
         self.run_id = run.info.run_id
