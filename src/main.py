@@ -20,7 +20,9 @@ log = logging.getLogger("src.main")
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
     """(group choices, (sweep id, sweep name) when in a multirun, run name) from Hydra's runtime config."""
     hc = HydraConfig.get()
-    choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    order = ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "pipeline"]
+    raw = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None and k != "local"}
+    choices = {k: raw[k] for k in sorted(raw, key=lambda k: (order.index(k) if k in order else len(order), k))}
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = str(Path(hc.sweep.dir).resolve())

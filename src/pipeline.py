@@ -183,9 +183,9 @@ def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: lis
         f"{int(d.heldout_fraction * 100)}% held out; judgments N={job.judging.n} x "
         f"{2 if job.judging.both_orders else 1} order(s) per pair; iterations={job.iterations}; filter={job.filter.name}",
         f"  cache: {job.cache_dir}",
-        f"  {'iter':>4}  {'stage':<9} {'model':<28} {'key':<20}  status",
+        f"  {'iter':>4}  {'stage':<11} {'model':<28} {'key':<20}  status",
     ]
-    lines += [f"  {s.iteration:>4}  {s.stage:<9} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
+    lines += [f"  {s.iteration:>4}  {s.stage:<11} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
     lines += [f"  NOT RUNNABLE HERE: {p}" for p in problems]
     return "\n".join(lines)
 

@@ -48,7 +48,7 @@ class DatasetConfig:
     shuffle: bool = True
 
     def validate(self, where: str) -> None:
-        if self.category not in self.categories:
+        if self.category != "any" and self.category not in self.categories:
             raise ConfigError(
                 f"{where}.category={self.category!r} is not one of {where}.categories {self.categories}"
             )
@@ -126,7 +126,8 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Generator, 
         random.Random(random_seed).shuffle(pool)
     scan = pool[: cfg.max_scan]
     labels = {row["id"]: row["category"] for row in partial.done()}  # saved by a killed attempt
-    kept = lambda: sum(1 for rid, _, _ in scan if labels.get(rid) == cfg.category)  # noqa: E731
+    wanted = lambda label: cfg.category == "any" or label == cfg.category  # noqa: E731
+    kept = lambda: sum(1 for rid, _, _ in scan if rid in labels and wanted(labels[rid]))  # noqa: E731
     chunk = 16
     bar = tqdm(total=len(scan), initial=len(labels), desc=f"select: classify (dataset={cfg.name})", unit="instr")
     for start in range(0, len(scan), chunk):
@@ -150,14 +151,14 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Generator, 
     counts: dict[str, int] = {}
     for rid, _, _ in scanned:
         counts[labels[rid]] = counts.get(labels[rid], 0) + 1
-    chosen = [r for r in scanned if labels[r[0]] == cfg.category][: cfg.limit]
+    chosen = [r for r in scanned if wanted(labels[r[0]])][: cfg.limit]
     if not chosen:
         raise DataError(
             f"dataset={cfg.name}: none of the {len(scanned)} scanned instructions was classified as "
             f"{cfg.category!r} (labels: {counts}); raise dataset.max_scan or pick another dataset.category"
         )
     out = [
-        Instruction(id=rid, text=text, source=where, category=cfg.category, split=split_of(rid, cfg.heldout_fraction, random_seed))
+        Instruction(id=rid, text=text, source=where, category=labels[rid], split=split_of(rid, cfg.heldout_fraction, random_seed))
         for rid, text, where in chosen
     ]
     stats = {
