@@ -21,6 +21,82 @@ def _torch_dtype(name: str):
     return dt
 
 
+GQA_EAGER = "ste_eager_gqa"
+
+
+def _eager_gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention without `repeat_kv`: the query heads of each key/value group are folded
+    into the query-length axis, so K and V are read in place instead of being copied num_key_value_groups times
+    per layer per step. Same maths as "eager"; on CPU, batched decoding is bound by exactly those copies."""
+    import torch
+
+    bsz, n_heads, q_len, dim = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv
+    q = query.reshape(bsz, n_kv, groups * q_len, dim)
+    w = torch.matmul(q, key.transpose(2, 3)) * scaling  # [b, kv, g*q, L]
+    if attention_mask is not None:
+        m = attention_mask[..., :kv_len]
+        if m.shape[1] == 1:
+            m = m.unsqueeze(2)  # [b, 1, 1, q, L]
+        else:
+            m = m.reshape(bsz, n_kv, groups, q_len, kv_len)
+        w = (w.view(bsz, n_kv, groups, q_len, kv_len) + m).view(bsz, n_kv, groups * q_len, kv_len)
+    w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    out = torch.matmul(w, value).view(bsz, n_heads, q_len, dim)
+    return out.transpose(1, 2).contiguous(), w.view(bsz, n_heads, q_len, kv_len)
+
+
+def _register_gqa_eager() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(GQA_EAGER, _eager_gqa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_EAGER, eager_mask)
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer that writes new keys/values into a buffer sized for the whole generation, instead of
+        `torch.cat`-ing the full cache every step (on CPU that copy was half of a batched decode step).
+        `keys`/`values` are views of the buffer; if something replaces them (crop, reorder), it re-seeds."""
+
+        def __init__(self, keys, values, capacity: int):
+            super().__init__()
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+            self._seed(keys, values, capacity)
+
+        def _seed(self, keys, values, capacity: int) -> None:
+            b, h, n, d = keys.shape
+            self._kbuf = keys.new_empty((b, h, max(capacity, n), d))
+            self._vbuf = values.new_empty((b, values.shape[1], max(capacity, n), values.shape[-1]))
+            self._kbuf[:, :, :n] = keys
+            self._vbuf[:, :, :n] = values
+            self._len = n
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n_new = key_states.shape[-2]
+            same_buffer = (self.keys.data_ptr() == self._kbuf.data_ptr() and self.keys.shape[0] == self._kbuf.shape[0]
+                           and self.keys.shape[-2] <= self._len)
+            if same_buffer:
+                self._len = self.keys.shape[-2]  # after a crop
+            if not same_buffer or self._len + n_new > self._kbuf.shape[-2]:
+                self._seed(self.keys, self.values, 2 * (self.keys.shape[-2] + n_new))
+            end = self._len + n_new
+            self._kbuf[:, :, self._len:end] = key_states
+            self._vbuf[:, :, self._len:end] = value_states
+            self._len = end
+            self.keys, self.values = self._kbuf[:, :, :end], self._vbuf[:, :, :end]
+            return self.keys, self.values
+
+    return PreallocatedLayer
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -59,8 +135,12 @@ class HFGenerator:
             tok.pad_token = tok.eos_token
         self.tokenizer = tok
         kwargs = {"dtype": _torch_dtype(spec.dtype)}
-        if spec.attn_implementation:
-            kwargs["attn_implementation"] = spec.attn_implementation
+        attn = spec.attn_implementation
+        if attn == "eager" and spec.extra.get("gqa_eager", True):
+            _register_gqa_eager()
+            attn = GQA_EAGER
+        if attn:
+            kwargs["attn_implementation"] = attn
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if adapter is not None:
             from peft import PeftModel
@@ -143,7 +223,8 @@ class HFGenerator:
             for b, start in enumerate(range(0, len(order), bs)):
                 idx = order[start:start + bs]
                 input_ids, mask = self._left_pad([encoded[i] for i in idx])
-                cache = self._prefill([encoded[i] for i in idx], sampling.n) if self.shared_prefill else None
+                cache = (self._prefill([encoded[i] for i in idx], sampling.n, sampling.max_new_tokens)
+                         if self.shared_prefill else None)
                 torch.manual_seed(sampling.seed + b)
                 if cache is None:
                     out = self.model.generate(input_ids=input_ids, attention_mask=mask, **gen_kwargs)
@@ -166,7 +247,7 @@ class HFGenerator:
                 bar.update(len(idx))
         return results  # type: ignore[return-value]
 
-    def _prefill(self, seqs: list[list[int]], n: int):
+    def _prefill(self, seqs: list[list[int]], n: int, max_new_tokens: int):
         """KV cache of every prompt but its last token, computed once per prompt (unpadded, batch 1), then
         left-padded into one batch and repeated n times (rows i*n..i*n+n-1 belong to prompt i, as with
         num_return_sequences). Saves the padding and the (n-1) repeated prefills that plain
@@ -188,16 +269,20 @@ class HFGenerator:
                 log.info("%s: cache type %s not supported by shared prefill; using plain generate", self.spec.name, type(cache).__name__)
                 return None
             per_prompt.append([(layer.keys, layer.values) for layer in cache.layers])
-        data = []
+        layer_cls = _preallocated_layer_class()
+        layers = []
         for li in range(len(per_prompt[0])):
             ks, vs = [], []
-            for layers in per_prompt:
-                k, v = layers[li]
+            for kv in per_prompt:
+                k, v = kv[li]
                 pad = width - k.shape[-2]
                 ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
                 vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-            data.append((torch.cat(ks).repeat_interleave(n, 0), torch.cat(vs).repeat_interleave(n, 0)))
-        return DynamicCache(ddp_cache_data=data)
+            keys, values = torch.cat(ks).repeat_interleave(n, 0), torch.cat(vs).repeat_interleave(n, 0)
+            layers.append(layer_cls(keys, values, capacity=width + max_new_tokens + 1))
+        cache = DynamicCache()
+        cache.layers = layers
+        return cache
 
     # ---------------------------------------------------------------- choose
     def _option_ids(self, context: str, context_ids: list[int], option: str) -> list[int]:

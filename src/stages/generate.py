@@ -28,19 +28,22 @@ class NegativesConfig:
     mode: str = "two_step"
     modify_prompt: str | None = None
     single_call_prompt: str | None = None
+    rewrite_prompt: str | None = None
     answer_max_new_tokens: int = 128
     modify_max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
 
     def validate(self, where: str) -> None:
-        if self.method != "modified_instruction":
-            raise ConfigError(f"{where}.method={self.method!r}: known methods: modified_instruction")
+        if self.method not in ("modified_instruction", "worse_rewrite"):
+            raise ConfigError(f"{where}.method={self.method!r}: known methods: modified_instruction, worse_rewrite")
         if self.mode not in ("two_step", "single_call"):
             raise ConfigError(f"{where}.mode={self.mode!r}: use two_step or single_call")
 
 
 def templates(cfg: NegativesConfig):
+    if cfg.method == "worse_rewrite":
+        return {"rewrite": load_template(cfg.rewrite_prompt, "worse_rewrite.txt", ("input", "generation"), "negatives.rewrite_prompt")}
     if cfg.mode == "two_step":
         return {"modify": load_template(cfg.modify_prompt, "modify_instruction.txt", ("input",), "negatives.modify_prompt")}
     return {
@@ -89,7 +92,12 @@ def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Gene
     chosen = [c[0] for c in model.generate([i.text for i in chunk], answer)]
     rows: list[dict] = []
     tpl = templates(cfg)
-    if cfg.mode == "two_step":
+    if cfg.method == "worse_rewrite":
+        # No x': the rejected response is a worse rewrite of the chosen answer to x itself.
+        outs = model.generate([tpl["rewrite"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)], answer)
+        mods = ["" for _ in chunk]
+        rejected = {k: o[0] for k, o in enumerate(outs)}
+    elif cfg.mode == "two_step":
         modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1)
         mods = [clean_modified(c[0].text) for c in model.generate([tpl["modify"].render(input=i.text) for i in chunk], modify)]
         ok = [k for k, m in enumerate(mods) if m and not _same(m, chunk[k].text)]
