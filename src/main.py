@@ -28,7 +28,9 @@ def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = str(Path(hc.sweep.dir).resolve())
-        sweep = (sweep_dir, f"sweep {Path(hc.sweep.dir).parent.name}/{Path(hc.sweep.dir).name}")
+        # Name: the sweeps/ preset (if any) and the sweep's timestamp, e.g. filters-2026-11-27_22-10-00.
+        stamp = f"{Path(hc.sweep.dir).parent.name}_{Path(hc.sweep.dir).name}"
+        sweep = (sweep_dir, f"{hc.runtime.choices.get('sweeps') or 'sweep'}-{stamp}")
     # Run name: the group choices that differ from the defaults plus the sweep's own overrides, kept short.
     overrides = [o for o in hc.overrides.task if "=" in o and not o.startswith(("pipeline.", "tracking.", "data_root", "results_dir"))]
     name = " ".join(o for o in overrides if "." not in o.split("=")[0]) or "default"

@@ -71,7 +71,7 @@ def sweep_parent(experiment_id: str, sweep_id: str, name: str) -> str:
     found = client.search_runs([experiment_id], f"tags.`ste.sweep_id` = '{sweep_id}' and tags.`ste.kind` = 'sweep'")
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=name, tags={"ste.sweep_id": sweep_id, "ste.kind": "sweep"})
+    run = client.create_run(experiment_id, run_name=name, tags={"ste.sweep_id": sweep_id, "ste.kind": "sweep", "ste.sweep_name": name})
     return run.info.run_id
 
 

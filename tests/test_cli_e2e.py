@@ -94,6 +94,13 @@ def test_filter_sweep_shares_stages_and_groups_runs(first_run):
     assert sorted(r.data.params["choice.filter"] for r in members) == ["all", "correct"]
     run_all = next(r for r in members if r.data.params["choice.filter"] == "all")
     assert run_all.data.metrics["cache_hit/judge"] == 1.0 and run_all.data.metrics["cache_hit/filter"] == 0.0
+    # The multirun's callback wrote the report; the standalone command rebuilds the same one from the store.
+    (report_dir,) = (results / "reports").iterdir()
+    md = (report_dir / "report.md").read_text()
+    assert "filter=correct | FINISHED" in md and "filter=all | FINISHED" in md
+    rebuilt = subprocess.run([sys.executable, "-m", "src.report", "--results-dir", str(results), "--out", str(results / "rebuilt")],
+                             cwd=REPO, capture_output=True, text=True, check=True)
+    assert (results / "rebuilt" / "report.md").read_text() == md, rebuilt.stderr
 
 
 def test_paper_models_dry_run_prints_plans_and_real_run_fails_fast(tmp_path):

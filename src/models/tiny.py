@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-TINY_NAME = "tiny_random_v1"  # bump when the recipe below changes
+TINY_NAME = "tiny_random_v2"  # bump when the recipe below changes (v2: 2 key/value heads)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -80,7 +80,7 @@ def _train_tokenizer():
 
 
 def build_tiny_random(cache_dir: str | Path | None = None) -> Path:
-    """Build (once) and return the directory of the tiny random model: cache_dir/tiny_random_v1."""
+    """Build (once) and return the directory of the tiny random model: cache_dir/TINY_NAME."""
     from .packaged import default_cache_dir
 
     out = Path(cache_dir or default_cache_dir()) / TINY_NAME
@@ -96,7 +96,7 @@ def build_tiny_random(cache_dir: str | Path | None = None) -> Path:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, like the real models
         max_position_embeddings=1024,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
