@@ -97,6 +97,14 @@ def _preallocated_layer_class():
     return PreallocatedLayer
 
 
+def _move_trailing_spaces(context: str, options: Sequence[str]) -> tuple[str, list[str]]:
+    """'Category: ' + 'coding' -> 'Category:' + ' coding': BPE vocabularies carry the space on the next word, so
+    a context ending in spaces would otherwise leave a lone space token the model rarely produces."""
+    stripped = context.rstrip(" ")
+    ws = context[len(stripped):]
+    return stripped, [ws + o for o in options]
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
@@ -317,9 +325,9 @@ class HFGenerator:
         #          or ("full", context ids, option token lists)
         plans = []
         for p, pre in zip(prompts, prefixes):
-            ctx_text = self.chat_text(p) + pre
+            ctx_text, opt_texts = _move_trailing_spaces(self.chat_text(p) + pre, options)
             ctx = self._encode(ctx_text)
-            opts = [self._option_ids(ctx_text, ctx, o) for o in options]
+            opts = [self._option_ids(ctx_text, ctx, o) for o in opt_texts]
             k = 0
             while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
                 k += 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, SamplingConfig
+from .hf import _move_trailing_spaces  # pure string helper; importing hf does not import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ class VLLMGenerator:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
             ) + pre
+            text, opt_texts = _move_trailing_spaces(text, options)
             ctx = self.tokenizer.encode(text, add_special_tokens=False)
-            opts = [self._option_ids(text, ctx, o) for o in options]
+            opts = [self._option_ids(text, ctx, o) for o in opt_texts]
             k = 0
             while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
                 k += 1
