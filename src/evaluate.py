@@ -1,0 +1,104 @@
+"""Standalone judge evaluation: RewardBench and MT-Bench agreement for any model or adapter.
+
+    python -m src.evaluate model=smollm2_135m [adapter=DIR] [eval.rewardbench.per_subset=null]
+
+Same scoring, prompts and cache as the loop's evaluate stage (a model already scored by a run is not
+re-judged), logged as an MLflow run tagged ste.kind=eval.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from .main import CONF_DIR
+
+log = logging.getLogger("src.evaluate")
+
+
+def adapter_fingerprint(adapter: Path) -> str:
+    """Identity of an adapter directory by content, so a retrained adapter at the same path is re-scored."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in adapter.rglob("*") if p.is_file()):
+        h.update(f.relative_to(adapter).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def evaluate_model(cfg: DictConfig) -> dict[str, float]:
+    from .cache import StageCache, make_key
+    from .config import ConfigError, typed
+    from .models.base import ModelSpec
+    from .models.loading import load_generator, preflight
+    from .pipeline import PipelineConfig, model_id
+    from .prompts import text_fingerprint
+    from .records import to_dict
+    from .stages import evaluate
+    from .stages.judge import judge_template
+    from .tracking import Tracker, TrackingConfig, flatten
+
+    spec = typed(ModelSpec, cfg.model, "model")
+    ecfg = typed(evaluate.EvalConfig, cfg.eval, "eval")
+    pcfg = typed(PipelineConfig, cfg.pipeline, "pipeline")
+    results = Path(str(cfg.results_dir)).expanduser().resolve()
+    adapter = Path(str(cfg.adapter)).expanduser().resolve() if cfg.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"adapter={adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    benches = [b for b in ("rewardbench", "mtbench") if evaluate.BENCHMARKS[b].enabled(ecfg)]
+    if not benches:
+        raise ConfigError("eval.rewardbench.enabled and eval.mtbench.enabled are both false: nothing to evaluate")
+    preflight(spec)
+    cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
+    tpl = text_fingerprint(judge_template(ecfg.prompt, "eval.prompt"))
+    tracker = Tracker(typed(TrackingConfig, cfg.tracking, "tracking"), results)
+    name = spec.name + (f"+{adapter.name}" if adapter else "")
+    tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)})},
+                  {"ste.kind": "eval", "choice.model": spec.name}, None)
+    model = None
+    out: dict[str, float] = {}
+    status = "FAILED"
+    try:
+        for b in benches:
+            bench = evaluate.BENCHMARKS[b]
+            conf = {"judging": evaluate.judging_part(ecfg), "bench": bench.config(ecfg)}
+            # Same key as the loop's for the untrained model (its iteration-0 scores are reused); an adapter is
+            # keyed by its bytes here (the loop keys it by the train stage that made it).
+            mid = model_id(spec, adapter_fingerprint(adapter) if adapter else None)
+            key = make_key(b, evaluate.VERSION, conf, {"data": bench.data(ecfg, str(cfg.data_root))}, model=mid, prompt=tpl)
+            if not cache.is_done(b, key):
+                with cache.lock(b, key):
+                    if not cache.is_done(b, key):
+                        if model is None:
+                            model = load_generator(spec, adapter=str(adapter) if adapter else None,
+                                                   cache_dir=Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None)
+                        partial = cache.partial(b, key)
+                        items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_size)
+                        partial.commit([to_dict(it) for it in items], {"stage": b, "key": key, "model": name, "config": conf, "stats": stats})
+            else:
+                log.info("%s: cached (key %s)", b, key)
+            stats = cache.meta(b, key)["stats"]
+            tracker.metrics(stats, 0)
+            tracker.artifact(cache.path(b, key) / "data.jsonl", f"data/{b}")
+            out.update(stats)
+        status = "FINISHED"
+    finally:
+        if model is not None:
+            model.close()
+        tracker.end(status)
+    for k in ("rewardbench/overall", "rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning",
+              "mtbench/agreement_s1", "mtbench/agreement_s2"):
+        if k in out:
+            log.info("%s %s = %.3f", name, k, out[k])
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate_model(cfg)
+
+
+if __name__ == "__main__":
+    main()
