@@ -7,6 +7,7 @@ function of the config alone, so `pipeline.dry_run=true` shows what a run would 
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -228,8 +229,10 @@ def preflight(job: Job) -> list[str]:
     from .models.loading import preflight as model_preflight
 
     problems = []
-    # Read the whole pool now: a malformed line or missing field fails here, not after a model has loaded.
-    pool = select.load_pool(job.dataset, job.data_root)
+    # Read local pools now: a malformed line or missing field fails here, not after a model has loaded.
+    # (Hub pools are read when select runs: a dry run must not download a dataset.)
+    local = dataclasses.replace(job.dataset, sources=[s for s in job.dataset.sources if s.path is not None])
+    pool = select.load_pool(local, job.data_root) if local.sources else [None]
     if not pool:
         raise ConfigError(f"dataset={job.dataset.name}: the pool has no instruction of {job.dataset.min_chars}-{job.dataset.max_chars} characters")
     for role, spec in (("seed", job.seed), ("judge", job.judge)):
@@ -240,16 +243,29 @@ def preflight(job: Job) -> list[str]:
     return problems
 
 
-def training_examples(kept: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig) -> list[TrainExample]:
-    """Judge prompt + judgment text. A verdict read by constrained choice is written out explicitly, so the
+def _explicit(j: Judgment, judging: JudgingConfig) -> str:
+    """The judgment text with its verdict stated: a verdict read by constrained choice is written out, so the
     trained judge learns to state [[A]]/[[B]] itself."""
+    text = j.text.rstrip()
+    return text if parse_verdict(text) == j.verdict else f"{text}{judging.verdict_prefix}{j.verdict}]]"
+
+
+def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig, seed: int) -> list[TrainExample]:
+    """Judge prompt + kept judgment. Each example also carries an incorrect judgment of the same pair and
+    order when one was sampled (the rejected side for train=dpo; SFT ignores it)."""
+    import hashlib
+
     template = judge.judge_template(judging.prompt, "judging.prompt")
+    wrong: dict[tuple[str, str], list[Judgment]] = {}
+    for j in all_judgments:
+        if j.verdict is not None and not j.correct:
+            wrong.setdefault((j.pair_id, j.order), []).append(j)
     out = []
     for j in kept:
-        text = j.text.rstrip()
-        if parse_verdict(text) != j.verdict:
-            text = f"{text}{judging.verdict_prefix}{j.verdict}]]"
-        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, judging.max_response_chars), text, j.verdict))
+        candidates = wrong.get((j.pair_id, j.order), []) if j.correct else []
+        bad = min(candidates, key=lambda w: hashlib.sha256(f"{seed}:{w.pair_id}:{w.order}:{w.sample}".encode()).hexdigest()) if candidates else None
+        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, judging.max_response_chars),
+                                _explicit(j, judging), j.verdict, _explicit(bad, judging) if bad else None))
     return out
 
 
@@ -337,11 +353,11 @@ class Runner:
 
             def do_filter(p: Partial):
                 kept = filters.apply(job.filter, judgments, pair_index, seed + k)
-                examples = training_examples(kept, pair_index, job.judging)
+                examples = training_examples(kept, judgments, pair_index, job.judging, seed + k)
                 n_ok = sum(j.verdict is not None for j in judgments)
                 stats = {"kept": len(examples), "judgments": len(judgments), "keep_rate": len(examples) / max(len(judgments), 1),
                          "kept_A": sum(e.verdict == "A" for e in examples), "kept_B": sum(e.verdict == "B" for e in examples),
-                         "with_verdict": n_ok}
+                         "with_verdict": n_ok, "with_rejected": sum(e.rejected_completion is not None for e in examples)}
                 log.info("filter[iter %d]: filter=%s kept %d/%d judgments (A %d / B %d)", k, job.filter.name, len(examples),
                          len(judgments), stats["kept_A"], stats["kept_B"])
                 return [to_dict(e) for e in examples], stats

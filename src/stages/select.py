@@ -96,6 +96,10 @@ def load_pool(cfg: DatasetConfig, data_root: str) -> list[tuple[str, str, str]]:
         rows = read_records(resolve(s.path, data_root)) if s.path else read_hub(s.hf_id, s.split, s.revision)
         for where, row in rows:
             text = require(row, s.text_field, f"{where} (dataset.sources[{i}].text_field)")
+            if isinstance(text, list):  # a conversation (WildChat, LMSYS-Chat): its first user turn
+                text = next((m.get("content") for m in text if isinstance(m, dict) and m.get("role") == "user"), None)
+                if text is None:
+                    continue
             if not isinstance(text, str):
                 raise DataError(f"{where}: key {s.text_field!r} is not a string")
             text = text.strip()

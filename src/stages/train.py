@@ -1,6 +1,8 @@
-"""Stage 5, train: SFT of the judge on the kept judgments with TRL + PEFT LoRA. Reads the `train` group.
+"""Stage 5, train: fine-tune the judge on the kept judgments with TRL + PEFT LoRA. Reads the `train` group.
 
-Loss is on the judgment tokens only (prompt-completion data; TRL masks the prompt). The adapter is the
+`sft` (the paper): loss on the judgment tokens only (prompt-completion data; TRL masks the prompt).
+`dpo` (the released model adds it): a kept correct judgment is preferred over an incorrect judgment of the
+same pair and order, plus an optional NLL term on the chosen judgment (`sft_weight`, TRL's "sft" loss). The adapter is the
 stage's output; `init_from` chooses whether iteration k+1 starts from the untrained judge (the paper) or
 continues from iteration k's adapter. Checkpoints go into the stage's partial directory, so a killed run
 resumes training from the last checkpoint.
@@ -36,23 +38,28 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     save_steps: int = 20
+    beta: float = 0.1  # dpo: strength of the KL anchor to the initial model
+    sft_weight: float = 0.0  # dpo: weight of the NLL term on the chosen judgment (0 = plain DPO)
 
     def validate(self, where: str) -> None:
-        if self.method != "sft":
-            raise ConfigError(f"{where}.method={self.method!r}: known methods: sft")
+        if self.method not in ("sft", "dpo"):
+            raise ConfigError(f"{where}.method={self.method!r}: known methods: sft, dpo")
         if self.init_from not in ("seed", "previous"):
             raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
 
 
-def _dataset(examples: list[TrainExample]):
+def _dataset(examples: list[TrainExample], method: str):
     from datasets import Dataset
 
-    return Dataset.from_list(
-        [
-            {"prompt": [{"role": "user", "content": e.prompt}], "completion": [{"role": "assistant", "content": e.completion}]}
-            for e in examples
-        ]
-    )
+    def turn(role: str, text: str) -> list[dict]:
+        return [{"role": role, "content": text}]
+
+    if method == "dpo":
+        return Dataset.from_list(
+            [{"prompt": turn("user", e.prompt), "chosen": turn("assistant", e.completion), "rejected": turn("assistant", e.rejected_completion)}
+             for e in examples]
+        )
+    return Dataset.from_list([{"prompt": turn("user", e.prompt), "completion": turn("assistant", e.completion)} for e in examples])
 
 
 def run(
@@ -66,6 +73,11 @@ def run(
 ) -> dict:
     """Train and save the adapter to out_dir/adapter. Returns stats (losses, steps, seconds)."""
     model, tokenizer = model_and_tokenizer
+    if cfg.method == "dpo":
+        without = sum(e.rejected_completion is None for e in examples)
+        if without:
+            log.warning("train: method=dpo skips %d/%d examples with no incorrect judgment to prefer against", without, len(examples))
+        examples = [e for e in examples if e.rejected_completion is not None]
     fitting = [e for e in examples if _length(tokenizer, e) <= cfg.max_length]
     too_long = len(examples) - len(fitting)
     if too_long:
@@ -77,7 +89,7 @@ def run(
         return {"trained": False, "examples": 0, "dropped_too_long": too_long}
     import torch
     from peft import LoraConfig, PeftModel
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     peft_config = None
     if previous_adapter is not None:
@@ -88,7 +100,7 @@ def run(
             target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
         )
     ckpt_dir = out_dir / "checkpoints"
-    args = SFTConfig(
+    common = dict(
         output_dir=str(ckpt_dir),
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
@@ -97,7 +109,6 @@ def run(
         per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         max_length=cfg.max_length,
-        completion_only_loss=True,
         logging_steps=1,
         save_steps=cfg.save_steps,
         save_total_limit=1,
@@ -109,7 +120,15 @@ def run(
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(examples), processing_class=tokenizer, peft_config=peft_config)
+    data = _dataset(examples, cfg.method)
+    if cfg.method == "dpo":
+        losses = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
+        args = DPOConfig(**common, beta=cfg.beta, loss_type=losses[0], loss_weights=losses[1])
+        # With a LoRA model TRL uses the adapter-disabled base as the reference: no second copy in memory.
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+    else:
+        args = SFTConfig(**common, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -133,6 +152,8 @@ def run(
 
 
 def _length(tokenizer, e: TrainExample) -> int:
-    messages = [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.completion}]
+    """Tokens of the longest sequence an example trains on (the rejected side too, for DPO)."""
+    longest = max([e.completion, e.rejected_completion or ""], key=len)
+    messages = [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": longest}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True)
     return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
