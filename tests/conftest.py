@@ -27,6 +27,7 @@ TINY = [
     "eval.max_response_chars=150",  # the tiny model has 1024 positions and a 1000-token vocabulary
     "judging.max_response_chars=150",
     "eval.rewardbench.per_subset=1",
+    "eval.rewardbench.orders=both",
     "eval.mtbench.max_keys=4",
     "train.max_length=1024",
     "train.per_device_batch_size=4",

@@ -118,10 +118,17 @@ def _eos_ids(model, tokenizer) -> list[int]:
 class HFGenerator:
     """Implements `base.Generator` with transformers `generate`.
 
-    `spec.batch_size` prompts go through each `generate` call (each with `sampling.n` return sequences, so
-    batch_size*n rows decode together). Prompts are sorted by token length so a batch pads little; results come
-    back in input order. `torch.manual_seed(sampling.seed + batch_index)` before each batch makes a call's output
-    a function of (prompts, sampling, batch_size)."""
+    `spec.batch_size` prompts go through each `generate` call, `sampling.n` rows each, so batch_size*n rows decode
+    together. Prompts are sorted by token length (longest batch first); results come back in input order.
+    `torch.manual_seed(sampling.seed + batch_index)` before each batch makes a call's output a function of
+    (prompts, sampling, batch_size). Sampling is exactly temperature + top_p: the model's own generation_config
+    extras (top_k, repetition_penalty) are switched off, as in the vLLM backend.
+
+    CPU speed-ups, all exact (tests compare them with the plain path):
+      * shared prefill: each prompt is prefilled once, unpadded, and its KV cache is copied to its n rows;
+      * "eager" attention is replaced by a grouped-query variant that does not copy K/V per query head;
+      * the KV cache is preallocated for the whole generation instead of being concatenated every step.
+    spec.extra: {"shared_prefill": False} or {"gqa_eager": False} switch the first two off; {"device": "cuda"}."""
 
     def __init__(self, spec: ModelSpec, model_dir: str | Path, adapter: str | Path | None = None, device: str | None = None):
         import torch
@@ -220,6 +227,7 @@ class HFGenerator:
             eos_token_id=self.eos_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=do_sample,
+            repetition_penalty=1.0,
         )
         if do_sample:
             # top_k=0: nucleus sampling only (transformers otherwise adds its default top_k=50; vLLM has none)
