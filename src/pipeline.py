@@ -305,7 +305,8 @@ class Runner:
     def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None) -> None:
         prefix = f"{step.stage}_iter{step.iteration}"
         data = self.cache.path(step.stage, step.key) / "data.jsonl"
-        self.tracker.artifact(data, f"data/{prefix}") if rows is not None else None
+        if rows is not None:
+            self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
         self.tracker.metrics({f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}, step.iteration)
 
