@@ -15,39 +15,22 @@ import resource
 import time
 from pathlib import Path
 
-JUDGE_TEMPLATE = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI \
-assistants to the user question displayed below. Choose the assistant that follows the user's instructions and \
-answers the user's question better. Begin with a short explanation comparing the two responses, then output your \
-final verdict by strictly following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better.
-
-[User Question]
-{question}
-
-[The Start of Assistant A's Answer]
-{answer_a}
-[The End of Assistant A's Answer]
-
-[The Start of Assistant B's Answer]
-{answer_b}
-[The End of Assistant B's Answer]"""
-
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rewardbench" / "filtered.jsonl.gz"
-
-
-def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n].rstrip() + " ..."
 
 
 def judge_prompts(path: Path, pairs: int, response_chars: int = 400, seed: int = 0) -> list[str]:
     with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f]
+    from .stages.judge import judge_template, render
+
+    template = judge_template(None, "judging.prompt")
     rng = random.Random(seed)
     rows = rng.sample(rows, pairs)
     out = []
     for r in rows:
         a, b = (r["chosen"], r["rejected"]) if rng.random() < 0.5 else (r["rejected"], r["chosen"])
-        out.append(JUDGE_TEMPLATE.format(question=_cut(r["prompt"], response_chars),
-                                         answer_a=_cut(a, response_chars), answer_b=_cut(b, response_chars)))
+        # The judge stage's own prompt (src/prompts/judge.txt) and clipping.
+        out.append(render(template, r["prompt"], a, b, response_chars))
     return out
 
 
