@@ -182,7 +182,7 @@ def test_loader_malformed_line_names_file_line_and_key(tmp_path):
     gz = tmp_path / "rb.jsonl.gz"
     with gzip.open(gz, "wt") as f:
         f.write(json.dumps(good) + "\n\n{not json\n")
-    with pytest.raises(ValueError, match=r"rb\.jsonl\.gz:3: invalid JSON"):
+    with pytest.raises(ValueError, match=r"rb\.jsonl\.gz:3: malformed JSON"):
         rb.load_rewardbench(str(gz))
 
     ok = tmp_path / "ok.jsonl"

@@ -17,8 +17,6 @@ verdict makes it a tie as well.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -36,10 +34,6 @@ Key = tuple[int, str, str, int]  # (question_id, model_1, model_2, turn), model_
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def _check_row(row: Mapping, where: str, require_conversations: bool) -> dict:
     needed = LABEL_KEYS + (CONVERSATION_KEYS if require_conversations else ())
     missing = [k for k in needed if k not in row or row[k] is None]
@@ -68,31 +62,16 @@ def load_mtbench_human(
     e.g. gpt4_pair_judgments_labels.jsonl) or the hub id `lmsys/mt_bench_human_judgments` (split `human`,
     at `revision`; needs network access or a warm HF cache). Bad lines raise ValueError with file:line.
     """
+    from ..data import iter_jsonl, read_hub
+
     path = Path(source)
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".json")):
         if not path.exists():
             raise FileNotFoundError(f"MT-Bench file not found: {source}")
-        rows = []
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                rows.append(_check_row(obj, f"{path}:{lineno}", require_conversations))
-        return rows
+        return [_check_row(obj, f"{path}:{lineno}", require_conversations) for lineno, obj in iter_jsonl(path)]
     if source != HF_DATASET_ID:
         raise ValueError(f"source must be a local .jsonl[.gz] file or {HF_DATASET_ID!r}, got {source!r}")
-    import datasets  # heavy import, only for the hub path
-
-    ds = datasets.load_dataset(source, split=HF_SPLIT, revision=revision)
-    return [
-        _check_row(r, f"{source}@{revision or 'main'}[{i}]", require_conversations) for i, r in enumerate(ds)
-    ]
+    return [_check_row(r, where, require_conversations) for where, r in read_hub(source, HF_SPLIT, revision)]
 
 
 # ----------------------------------------------------------------------------------------------- keys

@@ -12,8 +12,6 @@ Scoring mirrors allenai/reward-bench exactly:
 """
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -148,10 +146,6 @@ def _item_from_row(row: Mapping, where: str) -> RewardBenchItem:
     )
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def load_rewardbench(source: str, revision: str | None = None) -> list[RewardBenchItem]:
     """Load RewardBench items from a local .jsonl / .jsonl.gz file, or from the Hugging Face hub id
     `allenai/reward-bench` (split `filtered`, at `revision`; needs network access or a warm HF cache).
@@ -159,29 +153,17 @@ def load_rewardbench(source: str, revision: str | None = None) -> list[RewardBen
     Malformed lines raise ValueError naming the file, the 1-based line number and what is wrong.
     Duplicate (subset, id) keys also raise.
     """
+    from ..data import iter_jsonl, read_hub
+
     path = Path(source)
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".json")):
         if not path.exists():
             raise FileNotFoundError(f"RewardBench file not found: {source}")
-        items: list[RewardBenchItem] = []
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                items.append(_item_from_row(row, f"{path}:{lineno}"))
+        items = [_item_from_row(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
     else:
         if source != HF_DATASET_ID:
             raise ValueError(f"source must be a local .jsonl[.gz] file or {HF_DATASET_ID!r}, got {source!r}")
-        import datasets  # heavy import, only for the hub path
-
-        ds = datasets.load_dataset(source, split=HF_SPLIT, revision=revision)
-        items = [_item_from_row(row, f"{source}@{revision or 'main'}[{i}]") for i, row in enumerate(ds)]
+        items = [_item_from_row(row, where) for where, row in read_hub(source, HF_SPLIT, revision)]
     seen: set[tuple[str, int]] = set()
     for it in items:
         if it.key in seen:
