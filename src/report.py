@@ -182,22 +182,27 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 3.6))
-    for ax, m in zip(axes, HEADLINE):
-        for j in jobs:
-            h = j.history.get(m, {})
-            if h:
-                ax.plot(sorted(h), [h[s] for s in sorted(h)], marker="o", label=label(j, axes_names) + ("" if j.status == "FINISHED" else f" ({j.status})"))
-        ax.set_title(m)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "metrics_vs_iteration.png", dpi=110)
-    plt.close(fig)
-    files.append("metrics_vs_iteration.png")
+    def curves(metrics: list[str], file: str, ylim: tuple[float, float] | None = None) -> str:
+        """One panel per metric, one line per job (unfinished jobs marked in the legend)."""
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6))
+        for ax, m in zip(axes, metrics):
+            for j in jobs:
+                h = j.history.get(m, {})
+                if h:
+                    status = "" if j.status == "FINISHED" else f" ({j.status})"
+                    ax.plot(sorted(h), [h[s] for s in sorted(h)], marker="o", label=label(j, axes_names) + status)
+            ax.set_title(m)
+            ax.set_xlabel("iteration")
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=110)
+        plt.close(fig)
+        return file
 
+    files = [curves(HEADLINE, "metrics_vs_iteration.png")]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     width = 0.8 / max(len(jobs), 1)
     for i, j in enumerate(jobs):
@@ -212,22 +217,7 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
     plt.close(fig)
     files.append("rewardbench_sections.png")
 
-    proc = ["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail"]
-    fig, axes = plt.subplots(1, len(proc), figsize=(5 * len(proc), 3.4))
-    for ax, m in zip(axes, proc):
-        for j in jobs:
-            h = j.history.get(m, {})
-            if h:
-                ax.plot(sorted(h), [h[s] for s in sorted(h)], marker="o", label=label(j, axes_names))
-        ax.set_title(m)
-        ax.set_xlabel("iteration")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "keep_rate_and_parse_failures.png", dpi=110)
-    plt.close(fig)
-    files.append("keep_rate_and_parse_failures.png")
+    files.append(curves(["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail"], "keep_rate_and_parse_failures.png", (-0.05, 1.05)))
     return files
 
 
