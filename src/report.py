@@ -181,6 +181,7 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def curves(metrics: list[str], file: str, ylim: tuple[float, float] | None = None) -> str:
         """One panel per metric, one line per job (unfinished jobs marked in the legend)."""
@@ -193,6 +194,7 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
                     ax.plot(sorted(h), [h[s] for s in sorted(h)], marker="o", label=label(j, axes_names) + status)
             ax.set_title(m)
             ax.set_xlabel("iteration")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ylim:
                 ax.set_ylim(*ylim)
             ax.grid(alpha=0.3)

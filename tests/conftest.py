@@ -14,6 +14,7 @@ DATA_ROOT = Path(os.environ.get("STE_DATA_ROOT", REPO.parent / "shared" / "data"
 # The settings every mechanics test uses: the random tiny model in both roles, a handful of instructions.
 TINY = [
     "seed=tiny_random",
+    "dataset=reasoning",
     "judge=tiny_random",
     "dataset.limit=6",
     "dataset.categories=[reasoning]",  # random weights pick an arbitrary label: one label keeps the pool non-empty
