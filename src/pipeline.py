@@ -427,7 +427,6 @@ def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     from .tracking import flatten
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
     return {**{f"choice.{k}": v for k, v in choices.items()}, **flatten(resolved)}
 
 
@@ -449,8 +448,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     status = "FAILED"
     runner = Runner(job, tracker)
     try:
-        cfg_text = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg, resolve=True)
-        tracker.text(cfg_text, "config.yaml")
+        tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")  # the job config (Hydra's own is not in it)
         tracker.text(describe(job, steps, choices, []), "plan.txt")
         result = runner.run(steps)
         status = "FINISHED"
