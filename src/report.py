@@ -198,7 +198,8 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
             if ylim:
                 ax.set_ylim(*ylim)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        if axes[0].get_legend_handles_labels()[0]:  # a metric no job logged leaves the panel empty
+            axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / file, dpi=110)
         plt.close(fig)
