@@ -14,6 +14,34 @@ SOURCES = ("packaged", "hf", "tiny_random")
 BACKENDS = ("hf", "vllm")
 
 
+def save_atomically(model, tokenizer, out: Path, extra: dict[str, str] | None = None) -> Path:
+    """`save_pretrained` model and tokenizer (plus `extra` files) into `out`, all or nothing: written into a
+    temporary sibling and renamed, so a killed conversion never leaves a half-written model that later loads.
+    If another process finished the same directory first, its copy is kept."""
+    import os
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent winner: a real error
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def _looks_local(path: str) -> bool:
     """A hub id is 'owner/name' (or 'name'); anything path-like is meant to be a local directory."""
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists() or path.count("/") > 1

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -249,23 +248,9 @@ def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        tmp.chmod(0o755)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "ste_source.json").write_text(json.dumps(
-            {"packaged": name, "gguf": gguf.name, "sha256": get_packaged(name).sha256,
-             "convert_seconds": round(time.time() - t0, 1)}, indent=2))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not a concurrent winner: a real error
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from .loading import save_atomically
+
+    source = {"packaged": name, "gguf": gguf.name, "sha256": get_packaged(name).sha256, "convert_seconds": round(time.time() - t0, 1)}
+    save_atomically(model, tok, out, {"ste_source.json": json.dumps(source, indent=2)})
     log.info("materialized %s in %.1f s", name, time.time() - t0)
     return out

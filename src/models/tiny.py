@@ -5,9 +5,6 @@ stage plumbing) in seconds. Its outputs are gibberish by design. Deterministic: 
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 TINY_NAME = "tiny_random_v2"  # bump when the recipe below changes (v2: 2 key/value heads)
@@ -114,19 +111,7 @@ def build_tiny_random(cache_dir: str | Path | None = None) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{TINY_NAME}-"))
-    try:
-        tmp.chmod(0o755)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from .loading import save_atomically
+
+    save_atomically(model, tok, out)
     return out
