@@ -17,7 +17,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
 
 
 def make_key(stage: str, version: int, config: Any, inputs: dict[str, Any] | None = None, **extra: Any) -> str:
@@ -88,6 +90,34 @@ class Partial:
         (self.dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         os.replace(self.dir, self.final)
         return self.final
+
+
+def run_chunked(
+    partial: Partial,
+    items: Sequence[T],
+    item_key: Callable[[T], Hashable],
+    row_key: Callable[[dict], Hashable],
+    process: Callable[[list[T]], list[dict]],
+    chunk_size: int,
+    desc: str,
+    unit: str,
+) -> list[dict]:
+    """Rows for every item: those an earlier (killed) attempt saved, plus `process(chunk)` for the rest,
+    appended and fsynced chunk by chunk. Saved chunks are a prefix of the work, so the remaining chunks
+    start at the same boundaries as in an unbroken run. Rows come back saved first, then new."""
+    from tqdm import tqdm
+
+    saved = partial.done()
+    done = {row_key(r) for r in saved}
+    todo = [it for it in items if item_key(it) not in done]
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit=unit) as bar:
+        for start in range(0, len(todo), chunk_size):
+            chunk = list(todo[start : start + chunk_size])
+            rows = process(chunk)
+            partial.append(rows)
+            saved.extend(rows)
+            bar.update(len(chunk))
+    return saved
 
 
 class StageCache:

@@ -302,13 +302,18 @@ class Runner:
         path = self.cache.path(step.stage, step.key) / "data.jsonl"
         return (self.cache.rows(step.stage, step.key) if path.exists() else None), meta, True
 
-    def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None) -> None:
+    def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None, stats_prefix: str | None) -> None:
+        """A stage's data as an artifact and a table; its time, cache hit and (under `stats_prefix`) its numeric
+        stats as metrics at step = iteration."""
         prefix = f"{step.stage}_iter{step.iteration}"
         data = self.cache.path(step.stage, step.key) / "data.jsonl"
         if rows is not None:
             self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
-        self.tracker.metrics({f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}, step.iteration)
+        metrics = {f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}
+        if stats_prefix is not None:
+            metrics.update({f"{stats_prefix}{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))})
+        self.tracker.metrics(metrics, step.iteration)
 
     def run(self, steps: list[Step]) -> dict[str, float]:
         job = self.job
@@ -322,8 +327,7 @@ class Runner:
             st, lambda p: _records(select.run(job.dataset, job.data_root, seed, self.pool.get(job.seed, None), p)), as_dict(job.dataset)
         )
         instructions = [from_dict(Instruction, r) for r in rows]
-        self._log_stage(st, meta, cached, rows)
-        self.tracker.metrics({f"select/{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))}, 0)
+        self._log_stage(st, meta, cached, rows, "select/")
 
         # generate
         st = by[("generate", 0)]
@@ -332,8 +336,7 @@ class Runner:
         )
         pairs = [from_dict(Pair, r) for r in rows]
         pair_index = {p.id: p for p in pairs}
-        self._log_stage(st, meta, cached, rows)
-        self.tracker.metrics({f"generate/{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))}, 0)
+        self._log_stage(st, meta, cached, rows, "generate/")
         if not any(p.split == "train" for p in pairs):
             raise RuntimeError(f"generate: no training pairs out of {len(instructions)} instructions (dropped: {meta['stats'].get('dropped')})")
 
@@ -347,8 +350,7 @@ class Runner:
                 as_dict(job.judging),
             )
             judgments = [from_dict(Judgment, r) for r in rows]
-            self._log_stage(st, meta, cached, rows)
-            self.tracker.metrics({f"judge/{k2}": v for k2, v in meta["stats"].items()}, k)
+            self._log_stage(st, meta, cached, rows, "judge/")
 
             st = by[("filter", k)]
 
@@ -365,8 +367,7 @@ class Runner:
 
             rows, meta, cached = self.stage(st, do_filter, as_dict(job.filter))
             examples = [from_dict(TrainExample, r) for r in rows]
-            self._log_stage(st, meta, cached, rows)
-            self.tracker.metrics({f"filter/{k2}": v for k2, v in meta["stats"].items()}, k)
+            self._log_stage(st, meta, cached, rows, "filter/")
 
             st = by[("train", k)]
             init = by[("train", k - 1)].key if (k > 1 and job.train.init_from == "previous") else None
@@ -380,12 +381,12 @@ class Runner:
                 return None, stats
 
             _, meta, cached = self.stage(st, do_train, as_dict(job.train))
+            self._log_stage(st, meta, cached, None, None)
             tstats = meta["stats"]
             self.tracker.metrics(
                 {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
                  "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
-                 "train/dropped_too_long": tstats.get("dropped_too_long"),
-                 "time/train": 0.0 if cached else meta["seconds"], "cache_hit/train": float(cached)}, k)
+                 "train/dropped_too_long": tstats.get("dropped_too_long")}, k)
             final.update(self._evaluate(steps, k, pairs))
         self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
         self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, job.iterations)
@@ -408,8 +409,7 @@ class Runner:
                                                 self.pool.get(job.judge, self._adapter(st.adapter_of)), p, job.pipeline.chunk_size)),
                 {"judging": evaluate.judging_part(job.eval), "bench": evaluate.BENCHMARKS[st.stage].config(job.eval)},
             )
-            self._log_stage(st, meta, cached, rows)
-            self.tracker.metrics(meta["stats"], st.iteration)
+            self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
             headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
             value = meta["stats"].get(headline)
             log.info("%s[iter %d]: %s %s = %s", st.stage, iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")

@@ -7,15 +7,14 @@ entry to BENCHMARKS: a function from config and data to judge prompts, and one f
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from ..benchmarks import mtbench, rewardbench
-from ..cache import Partial, file_fingerprint
+from ..cache import Partial, file_fingerprint, run_chunked
 from ..config import ConfigError, as_dict
 from ..data import resolve
 from ..metrics import synthetic_metrics
@@ -178,29 +177,26 @@ BENCHMARKS: dict[str, Benchmark] = {
 # ------------------------------------------------------------------------------------------ running
 def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Generator, partial: Partial, chunk_size: int, maj_k: int = 1) -> list[EvalItem]:
     """Greedy judgments of every item (plus k sampled ones for majority vote), saved chunk by chunk."""
-    saved = partial.done()
-    done = {(r["item_id"], r["order"]) for r in saved}
-    todo = [it for it in items if (it.item_id, it.order) not in done]
     greedy = SamplingConfig(cfg.max_new_tokens, 0.0, 1.0, 1, 0)
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"evaluate: {name}", unit="judgment")
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
+
+    def process(chunk: list[Prompted]) -> list[dict]:
         prompts = [c.prompt for c in chunk]
         outs = judge_prompts(model, prompts, greedy, cfg.verdict, cfg.verdict_prefix)
         extra = [{} for _ in chunk]
         if maj_k > 1:
             rb = cfg.rewardbench
-            sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, start + 1),
+            # Seeded by the chunk's first item, not its position, so a resumed evaluation samples the same.
+            seed = int(hashlib.sha256(f"{chunk[0].item_id}:{chunk[0].order}".encode()).hexdigest()[:8], 16)
+            sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, seed),
                                     cfg.verdict, cfg.verdict_prefix)
             extra = [{"verdicts_k": [v for _, v, _, _ in s]} for s in sampled]
-        rows = [
+        return [
             to_dict(EvalItem(name, c.item_id, c.order, o[0][1], o[0][2], c.chosen_label, {**c.extra, **e, "text": o[0][0], "tokens": o[0][3]}))
             for c, o, e in zip(chunk, outs, extra)
         ]
-        partial.append(rows)
-        saved.extend(rows)
-        bar.update(len(chunk))
-    bar.close()
+
+    saved = run_chunked(partial, items, lambda it: (it.item_id, it.order), lambda r: (r["item_id"], r["order"]), process,
+                        chunk_size, f"evaluate: {name}", "judgment")
     return [from_dict(EvalItem, r) for r in saved]
 
 

@@ -10,9 +10,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
-from ..cache import Partial
+from ..cache import Partial, run_chunked
 from ..config import ConfigError
 from ..models.base import Generator, SamplingConfig
 from ..prompts import load_template
@@ -132,17 +130,11 @@ def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Gene
 
 
 def run(cfg: NegativesConfig, instructions: list[Instruction], model: Generator, seed: int, partial: Partial, chunk_size: int) -> tuple[list[Pair], dict]:
-    rows = {r["id"]: r for r in partial.done()}
-    todo = [i for i in instructions if i.id not in rows]
-    bar = tqdm(total=len(instructions), initial=len(rows), desc=f"generate: pairs (negatives={cfg.method})", unit="pair")
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
-        # Seed from the chunk's first id, not its position, so a resumed run samples the same as an unbroken one.
-        new = _pairs_for_chunk(cfg, chunk, model, seed + int(chunk[0].id.encode().hex()[:6], 16))
-        partial.append(new)
-        rows.update({r["id"]: r for r in new})
-        bar.update(len(chunk))
-    bar.close()
+    # Seed from the chunk's first id, not its position, so a resumed run samples the same as an unbroken one.
+    process = lambda chunk: _pairs_for_chunk(cfg, chunk, model, seed + int(chunk[0].id.encode().hex()[:6], 16))  # noqa: E731
+    saved = run_chunked(partial, instructions, lambda i: i.id, lambda r: r["id"], process, chunk_size,
+                        f"generate: pairs (negatives={cfg.method})", "pair")
+    rows = {r["id"]: r for r in saved}
     ordered = [rows[i.id] for i in instructions]
     pairs = [from_dict(Pair, r["pair"]) for r in ordered if "pair" in r]
     drops: dict[str, int] = {}

@@ -9,9 +9,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from tqdm import tqdm
-
-from ..cache import Partial
+from ..cache import Partial, run_chunked
 from ..config import ConfigError
 from ..models.base import Generator, SamplingConfig
 from ..prompts import Template, load_template
@@ -96,25 +94,21 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     """Judgments for the train split only: held-out pairs are for evaluation and never reach training."""
     template = judge_template(cfg.prompt, "judging.prompt")
     work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
-    saved = partial.done()  # judgments of chunks finished by a killed attempt
-    done = {(r["pair_id"], r["order"]) for r in saved}
-    todo = [(p, o) for p, o in work if (p.id, o) not in done]
     sampling = lambda s: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, s)  # noqa: E731
-    bar = tqdm(total=len(work), initial=len(work) - len(todo), desc=f"judge: {cfg.n} samples x {len(work)} prompts", unit="prompt")
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
+
+    def process(chunk: list[tuple[Pair, str]]) -> list[dict]:
         prompts = [pair_prompt(template, p, o, cfg.max_response_chars) for p, o in chunk]
+        # Seeded by the chunk's first pair and order, not its position: a resumed run samples as an unbroken one.
         chunk_seed = seed + int(chunk[0][0].id.encode().hex()[:6], 16) + (chunk[0][1] == "chosen_second")
         outs = judge_prompts(model, prompts, sampling(chunk_seed), cfg.verdict, cfg.verdict_prefix)
-        rows = [
+        return [
             to_dict(Judgment(pair_id=p.id, order=o, sample=j, text=t, verdict=v, verdict_source=s, tokens=n))
             for (p, o), samples in zip(chunk, outs)
             for j, (t, v, s, n) in enumerate(samples)
         ]
-        partial.append(rows)
-        saved.extend(rows)
-        bar.update(len(chunk))
-    bar.close()
+
+    saved = run_chunked(partial, work, lambda w: (w[0].id, w[1]), lambda r: (r["pair_id"], r["order"]), process, chunk_size,
+                        f"judge: {cfg.n} samples x {len(work)} prompts", "prompt")
     judgments = [from_dict(Judgment, r) for r in saved]
     index = {(p.id, o): k for k, (p, o) in enumerate(work)}
     judgments.sort(key=lambda j: (index.get((j.pair_id, j.order), 1 << 30), j.sample))
