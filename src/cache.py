@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
@@ -153,6 +154,21 @@ class StageCache:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def compute_once(self, stage: str, key: str, compute: Callable[[Partial], tuple[Iterable[dict] | None, dict]], meta: dict) -> bool:
+        """Run `compute(partial)` -> (rows, stats) and commit it as (stage, key), unless that output exists.
+        Holds the lock meanwhile and checks again under it, so a parallel job that finished first is reused.
+        Returns True when the output was already there (a cache hit)."""
+        if self.is_done(stage, key):
+            return True
+        with self.lock(stage, key):
+            if self.is_done(stage, key):
+                return True
+            partial = self.partial(stage, key)
+            t0 = time.time()
+            rows, stats = compute(partial)
+            partial.commit(rows, {**meta, "stage": stage, "key": key, "stats": stats, "seconds": time.time() - t0, "created": time.time()})
+            return False
 
     def discard(self, stage: str, key: str) -> None:
         shutil.rmtree(self.path(stage, key), ignore_errors=True)

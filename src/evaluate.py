@@ -57,6 +57,9 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     name = spec.name + (f"+{adapter.name}" if adapter else "")
     tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)})},
                   {"ste.kind": "eval", "choice.model": spec.name}, None)
+    # Same key as the loop's for the untrained model (its iteration-0 scores are reused); an adapter is keyed by
+    # its bytes here (the loop keys it by the train stage that made it).
+    mid = model_id(spec, adapter_fingerprint(adapter) if adapter else None)
     model = None
     out: dict[str, float] = {}
     status = "FAILED"
@@ -64,20 +67,17 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
         for b in benches:
             bench = evaluate.BENCHMARKS[b]
             conf = {"judging": evaluate.judging_part(ecfg), "bench": bench.config(ecfg)}
-            # Same key as the loop's for the untrained model (its iteration-0 scores are reused); an adapter is
-            # keyed by its bytes here (the loop keys it by the train stage that made it).
-            mid = model_id(spec, adapter_fingerprint(adapter) if adapter else None)
             key = make_key(b, evaluate.VERSION, conf, {"data": bench.data(ecfg, str(cfg.data_root))}, model=mid, prompt=tpl)
-            if not cache.is_done(b, key):
-                with cache.lock(b, key):
-                    if not cache.is_done(b, key):
-                        if model is None:
-                            model = load_generator(spec, adapter=str(adapter) if adapter else None,
-                                                   cache_dir=Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None)
-                        partial = cache.partial(b, key)
-                        items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_size)
-                        partial.commit([to_dict(it) for it in items], {"stage": b, "key": key, "model": name, "config": conf, "stats": stats})
-            else:
+
+            def compute(partial, b=b):
+                nonlocal model
+                if model is None:  # loaded only when some benchmark is not cached yet
+                    model = load_generator(spec, adapter=str(adapter) if adapter else None,
+                                           cache_dir=Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None)
+                items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_size)
+                return [to_dict(it) for it in items], stats
+
+            if cache.compute_once(b, key, compute, {"model": name, "config": conf}):
                 log.info("%s: cached (key %s)", b, key)
             stats = cache.meta(b, key)["stats"]
             tracker.metrics(stats, 0)

@@ -283,24 +283,20 @@ class Runner:
     def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]], config: Any) -> tuple[list[dict] | None, dict, bool]:
         """(rows, meta, cached). `compute` gets the partial directory and returns (rows, stats)."""
         name = f"{step.stage}[iter {step.iteration}]"
-        if not self.cache.is_done(step.stage, step.key):
-            with self.cache.lock(step.stage, step.key):
-                if not self.cache.is_done(step.stage, step.key):  # a parallel job may have finished it meanwhile
-                    partial = self.cache.partial(step.stage, step.key)
-                    log.info("%s: computing (key %s, model %s)%s", name, step.key, step.model,
-                             ", resuming saved chunks" if partial.chunks.exists() else "")
-                    t0 = time.time()
-                    rows, stats = compute(partial)
-                    meta = {"stage": step.stage, "key": step.key, "iteration": step.iteration, "model": step.model,
-                            "config": config, "stats": stats, "seconds": time.time() - t0, "created": time.time()}
-                    partial.commit(rows, meta)
-                    self.hits[f"{step.stage}_{step.iteration}"] = 0
-                    return rows, meta, False
-        log.info("%s: cached (key %s), reused", name, step.key)
-        self.hits[f"{step.stage}_{step.iteration}"] = 1
+
+        def logged(partial: Partial):
+            log.info("%s: computing (key %s, model %s)%s", name, step.key, step.model,
+                     ", resuming saved chunks" if partial.chunks.exists() else "")
+            return compute(partial)
+
+        meta = {"iteration": step.iteration, "model": step.model, "config": config}
+        cached = self.cache.compute_once(step.stage, step.key, logged, meta)
+        if cached:
+            log.info("%s: cached (key %s), reused", name, step.key)
+        self.hits[f"{step.stage}_{step.iteration}"] = int(cached)
         meta = self.cache.meta(step.stage, step.key)
         path = self.cache.path(step.stage, step.key) / "data.jsonl"
-        return (self.cache.rows(step.stage, step.key) if path.exists() else None), meta, True
+        return (self.cache.rows(step.stage, step.key) if path.exists() else None), meta, cached
 
     def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None, stats_prefix: str | None) -> None:
         """A stage's data as an artifact and a table; its time, cache hit and (under `stats_prefix`) its numeric
