@@ -1,0 +1,86 @@
+"""Benchmark decontamination of an instruction pool. Pure functions.
+
+A self-taught judge trained on pairs built from a benchmark's own prompts is evaluated on items it has seen, so
+every pool instruction is compared with every prompt of the benchmarks the run evaluates on (RewardBench prompts,
+MT-Bench questions, both turns):
+
+- exact match after normalisation: the same sequence of words, ignoring case, Unicode form, whitespace and
+  punctuation (ShareGPT copies of RewardBench prompts differ from them in a trailing period or a line break), and
+- long n-gram overlap: the instruction shares at least one word 13-gram with a benchmark prompt. 13 is the rule
+  of GPT-3 (Brown et al. 2020, App. C) and the lm-eval decontamination tool: long enough that common phrases
+  ("write a python function that takes a list of") do not match, short enough that a prompt re-wrapped in another
+  template (HumanEval's docstring inside RewardBench's "Write a Python function ... to solve the following
+  problem:") still does. Prompts shorter than n words can only match exactly.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Iterable
+
+NGRAM = 13
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def normalise(text: str) -> str:
+    """The form compared for an exact match: the text's words, lower-cased, single-spaced."""
+    return " ".join(words(text))
+
+
+def ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+@dataclass(frozen=True)
+class BenchmarkPrompt:
+    benchmark: str  # "rewardbench" | "mtbench"
+    subset: str  # RewardBench subset / MT-Bench category
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Match:
+    instruction_id: str
+    benchmark: str
+    subset: str
+    benchmark_id: str
+    how: str  # "exact" | "ngram"
+
+
+class Index:
+    """Benchmark prompts indexed by normalised text and by n-gram, built once per run."""
+
+    def __init__(self, prompts: Iterable[BenchmarkPrompt], n: int = NGRAM):
+        self.n = n
+        self.exact: dict[str, list[BenchmarkPrompt]] = {}
+        self.grams: dict[tuple[str, ...], list[BenchmarkPrompt]] = {}
+        for p in prompts:
+            self.exact.setdefault(normalise(p.text), []).append(p)
+            for g in ngrams(p.text, n):
+                self.grams.setdefault(g, []).append(p)
+
+    def matches(self, instruction_id: str, text: str) -> list[Match]:
+        """Every benchmark prompt this instruction matches (exact first; n-gram for the others)."""
+        found: dict[tuple[str, str, str], Match] = {}
+        for p in self.exact.get(normalise(text), []):
+            found[(p.benchmark, p.subset, p.id)] = Match(instruction_id, p.benchmark, p.subset, p.id, "exact")
+        for g in ngrams(text, self.n):
+            for p in self.grams.get(g, []):
+                found.setdefault((p.benchmark, p.subset, p.id), Match(instruction_id, p.benchmark, p.subset, p.id, "ngram"))
+        return sorted(found.values(), key=lambda m: (m.benchmark, m.subset, m.benchmark_id))
+
+
+def counts(matches: Iterable[Match]) -> dict[str, int]:
+    """Contaminated instructions per benchmark and per benchmark/subset (an instruction counts once in each)."""
+    by: dict[str, set[str]] = {}
+    for m in matches:
+        for name in (m.benchmark, f"{m.benchmark}/{m.subset}", f"{m.how}"):
+            by.setdefault(name, set()).add(m.instruction_id)
+    return {k: len(v) for k, v in sorted(by.items())}
