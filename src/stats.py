@@ -7,7 +7,7 @@ scored on the same items (pairing removes the between-item variance that dominat
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 
 def bootstrap_ci(scores: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
@@ -46,3 +46,72 @@ def item_scores(rows: Sequence[Mapping], key=lambda r: r["item_id"]) -> dict[str
         v = r["verdict"]
         per.setdefault(key(r), []).append(0.5 if v is None else float(v == r["chosen_label"]))
     return {k: sum(v) / len(v) for k, v in per.items()}
+
+
+Statistic = Callable[[Mapping[str, "np.ndarray"]], "np.ndarray"]
+
+
+def _strata(items: Mapping[tuple[str, str], float]) -> dict[str, list[str]]:
+    by: dict[str, list[str]] = {}
+    for stratum, item in sorted(items):
+        by.setdefault(stratum, []).append(item)
+    return by
+
+
+def stratified_bootstrap(
+    items: Mapping[tuple[str, str], float], statistic: Statistic, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
+    """(value, lower, upper) of a statistic computed from per-stratum means, e.g. the official RewardBench overall
+    (per-subset accuracy -> count-weighted sections -> mean of sections).
+
+    `items` maps (stratum, item id) -> item score. Items are resampled with replacement *within* their stratum,
+    so every replicate has the same subsets at the same sizes as the run itself, and the statistic is recomputed
+    on each replicate: the interval is on the published number, not on the plain item mean (which weighs
+    subsets by their size in the slice, not by the official counts). `statistic` gets {stratum: array of
+    n_boot means} and must work element-wise on arrays (plain arithmetic does).
+    """
+    import numpy as np
+
+    if not items:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boots, point = {}, {}
+    for stratum, ids in _strata(items).items():
+        scores = np.array([items[(stratum, i)] for i in ids], dtype=float)
+        point[stratum] = scores.mean()
+        boots[stratum] = scores[rng.integers(0, len(scores), (n_boot, len(scores)))].mean(axis=1)
+    reps = np.asarray(statistic(boots), dtype=float)
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return float(statistic(point)), float(lo), float(hi)
+
+
+def paired_stratified_test(
+    a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float], statistic: Statistic,
+    n_boot: int = 2000, n_perm: int = 5000, alpha: float = 0.05, seed: int = 0,
+) -> dict[str, float]:
+    """Run b against run a on the items both scored, on the statistic itself: delta = statistic(b) - statistic(a)
+    with a paired stratified bootstrap interval (the same resampled items for both runs), and a two-sided
+    p-value from randomly swapping the two runs' scores item by item (the null: the runs are exchangeable on
+    every item), the statistic recomputed on each permutation."""
+    import numpy as np
+
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {"n_items": 0.0, "delta": float("nan"), "lower": float("nan"), "upper": float("nan"), "p_value": float("nan")}
+    rng = np.random.default_rng(seed)
+    point_a, point_b, boot_a, boot_b, perm_a, perm_b = {}, {}, {}, {}, {}, {}
+    for stratum, ids in _strata(dict.fromkeys(common, 0.0)).items():
+        sa = np.array([a[(stratum, i)] for i in ids], dtype=float)
+        sb = np.array([b[(stratum, i)] for i in ids], dtype=float)
+        point_a[stratum], point_b[stratum] = sa.mean(), sb.mean()
+        idx = rng.integers(0, len(ids), (n_boot, len(ids)))
+        boot_a[stratum], boot_b[stratum] = sa[idx].mean(axis=1), sb[idx].mean(axis=1)
+        swap = rng.random((n_perm, len(ids))) < 0.5
+        perm_a[stratum] = np.where(swap, sb, sa).mean(axis=1)
+        perm_b[stratum] = np.where(swap, sa, sb).mean(axis=1)
+    delta = float(statistic(point_b) - statistic(point_a))
+    reps = np.asarray(statistic(boot_b), dtype=float) - np.asarray(statistic(boot_a), dtype=float)
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    null = np.abs(np.asarray(statistic(perm_b), dtype=float) - np.asarray(statistic(perm_a), dtype=float))
+    p = (int((null >= abs(delta) - 1e-12).sum()) + 1) / (n_perm + 1)
+    return {"n_items": float(len(common)), "delta": delta, "lower": float(lo), "upper": float(hi), "p_value": p}
