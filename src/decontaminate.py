@@ -84,3 +84,50 @@ def counts(matches: Iterable[Match]) -> dict[str, int]:
         for name in (m.benchmark, f"{m.benchmark}/{m.subset}", f"{m.how}"):
             by.setdefault(name, set()).add(m.instruction_id)
     return {k: len(v) for k, v in sorted(by.items())}
+
+
+def shingles(text: str, n: int = 3) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i : i + n]) for i in range(max(len(w) - n + 1, 1))} if w else set()
+
+
+def near_duplicate_groups(items: Iterable[tuple[str, str]], threshold: float = 0.5) -> dict[str, str]:
+    """id -> the smallest id of its near-duplicate group, so the held-out split can be drawn per group and near
+    duplicates never straddle train and held-out (a held-out pair whose twin was trained on measures memory).
+
+    Near duplicates: the same normalised text, or word-trigram Jaccard similarity >= `threshold` (ShareGPT holds
+    the same prompt with a typo fixed or a sentence added). Candidates are pairs that share a trigram, found
+    through an inverted index; groups are the connected components."""
+    items = list(items)
+    parent = {i: i for i, _ in items}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)  # the root is the smallest id: a group's name does not depend on order
+
+    sets = {i: shingles(t) for i, t in items}
+    norms: dict[str, str] = {}
+    index: dict[tuple[str, ...], list[str]] = {}
+    for i, t in items:
+        first = norms.setdefault(normalise(t), i)
+        if first != i:
+            union(i, first)
+        for g in sets[i]:
+            index.setdefault(g, []).append(i)
+    seen: set[tuple[str, str]] = set()
+    for ids in index.values():
+        for a_pos, a in enumerate(ids):
+            for b in ids[a_pos + 1 :]:
+                if (a, b) in seen or find(a) == find(b):
+                    continue
+                seen.add((a, b))
+                sa, sb = sets[a], sets[b]
+                if len(sa & sb) >= threshold * len(sa | sb):
+                    union(a, b)
+    return {i: find(i) for i, _ in items}

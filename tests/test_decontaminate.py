@@ -95,3 +95,40 @@ def test_normalisation_and_short_prompts():
     long = "prefix " + " ".join(f"w{i}" for i in range(3, 16)) + " suffix"  # shares exactly one 13-gram
     assert [(m.benchmark_id, m.how) for m in idx.matches("z", long)] == [("2", "ngram")]
     assert idx.matches("z", "prefix " + " ".join(f"w{i}" for i in range(3, 15))) == []  # 12 shared words
+
+
+def test_near_duplicate_groups():
+    from src.decontaminate import near_duplicate_groups
+
+    items = [
+        ("3", "Write a poem about the sea and the sailors who cross it every winter night"),
+        ("1", "Write a poem about the sea and the sailors who cross it every winter night."),  # same words
+        ("2", "write a poem about the sea and the sailors who cross it every single winter night"),  # one word added
+        ("4", "Explain how a hash map handles collisions with open addressing"),
+        ("5", "Write a haiku about the mountains"),
+    ]
+    groups = near_duplicate_groups(items)
+    assert groups["1"] == groups["2"] == groups["3"] == "1"
+    assert groups["4"] == "4" and groups["5"] == "5"
+
+
+def test_sharegpt_near_duplicates_are_grouped(data_root):
+    from src.decontaminate import near_duplicate_groups
+
+    pool = _jsonl(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:3000]
+    groups = near_duplicate_groups((str(r["id"]), r["prompt"]) for r in pool)
+    from collections import Counter
+
+    from src.decontaminate import shingles
+
+    sizes = Counter(groups.values())
+    multi = [g for g, n in sizes.items() if n > 1]
+    assert 10 < len(multi) < 300  # the pool has near-duplicates, and the rule does not merge unrelated prompts
+    assert max(sizes.values()) < 50
+    text = {str(r["id"]): r["prompt"] for r in pool}
+    for g in multi:
+        members = [i for i in groups if groups[i] == g]
+        # each member is linked to another by the rule (same words, or trigram Jaccard >= 0.5)
+        for i in members:
+            a = shingles(text[i])
+            assert any(len(a & shingles(text[j])) >= 0.5 * len(a | shingles(text[j])) for j in members if j != i)
