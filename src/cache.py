@@ -4,6 +4,11 @@ Layout: <cache_dir>/<stage>/<key>/{data.jsonl, meta.json, ...}. A stage writes i
 renames it to <key>/ when complete, so a directory named by a key is always a finished output; a killed run
 leaves only .partial/, whose saved chunks the next attempt reuses.
 
+Every committed directory's meta.json lists each file it holds with its byte size, SHA-256 and (jsonl) row
+count. A read checks that listing first (`verify`, once per process); a directory that fails it (a file cut,
+deleted or garbled, meta.json itself missing or unreadable) is moved aside to <key>.bad-<time>/ with a
+warning naming it, and the stage is computed again. Nothing damaged is ever read as a result.
+
 A key hashes everything that changes a stage's result (its own typed config, its inputs' keys, the model,
 the iteration index, the stage's VERSION) and nothing that doesn't (the total iteration count, paths,
 timestamps). Bump a stage's VERSION when its logic changes, so old outputs are not reused.
@@ -14,13 +19,28 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import signal
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+META = "meta.json"
+
+
+class CacheError(RuntimeError):
+    """A cached output is damaged; the message names the file."""
+
+
+def fault_point(stage: str, point: str) -> None:
+    """Fault injection for the test suite: STE_FAULT_KILL=<stage>:<point> SIGKILLs this process there
+    (points: `chunk`, after a chunk is saved; `commit`, when the output is complete but not yet published)."""
+    if os.environ.get("STE_FAULT_KILL") == f"{stage}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_key(stage: str, version: int, config: Any, inputs: dict[str, Any] | None = None, **extra: Any) -> str:
@@ -48,15 +68,34 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 def read_jsonl_rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path}:{lineno}: unreadable cached row ({e})") from None
+    return rows
+
+
+def manifest(directory: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256[, rows]}} of every file a committed output holds (meta.json aside)."""
+    out = {}
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META):
+        entry: dict[str, Any] = {"bytes": f.stat().st_size, "sha256": file_fingerprint(f)}
+        if f.suffix == ".jsonl":
+            with open(f, "rb") as fh:
+                entry["rows"] = sum(1 for line in fh if line.strip())
+        out[f.relative_to(directory).as_posix()] = entry
+    return out
 
 
 class Partial:
     """An output under construction. Chunks appended here survive a kill; `commit` publishes them."""
 
-    def __init__(self, final: Path):
-        self.final = final
+    def __init__(self, final: Path, stage: str = ""):
+        self.final, self.stage = final, stage
         self.dir = final.with_name(final.name + ".partial")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.chunks = self.dir / "chunks.jsonl"
@@ -82,15 +121,63 @@ class Partial:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        fault_point(self.stage, "chunk")
 
     def commit(self, rows: Iterable[dict] | None, meta: dict) -> Path:
         if rows is not None:
             meta = {**meta, "rows": write_jsonl(self.dir / "data.jsonl", rows)}
         if self.chunks.exists():
             self.chunks.unlink()
-        (self.dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        meta = {**meta, "files": manifest(self.dir)}
+        (self.dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        fault_point(self.stage, "commit")
+        if self.final.exists():  # a damaged output that nobody quarantined: never merge into it
+            quarantine(self.final, "replaced by a fresh computation")
         os.replace(self.dir, self.final)
         return self.final
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a damaged output aside (kept for inspection, never read again) and say so."""
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    log.warning("cache: %s is damaged (%s); moved aside to %s, it will be computed again", path, reason, aside.name)
+    return aside
+
+
+def check(directory: Path) -> str | None:
+    """Why a committed output cannot be trusted, or None. Sizes and row counts are checked, and the SHA-256 of
+    every file (a few MB of jsonl or adapter: milliseconds next to any stage)."""
+    meta_path = directory / META
+    if not meta_path.exists():
+        return f"{meta_path} is missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        return f"{meta_path} is unreadable ({e})"
+    if not isinstance(meta, dict):
+        return f"{meta_path} is not a JSON object"
+    files = meta.get("files")
+    if files is None:  # written before manifests: at least the row count
+        data = directory / "data.jsonl"
+        if "rows" in meta and data.exists():
+            with open(data, "rb") as fh:
+                n = sum(1 for line in fh if line.strip())
+            if n != meta["rows"]:
+                return f"{data} has {n} rows, {meta_path} records {meta['rows']}"
+        return None
+    actual = manifest(directory)
+    for name, want in sorted(files.items()):
+        got = actual.get(name)
+        if got is None:
+            return f"{directory / name} is missing (listed in {meta_path})"
+        if got != want:
+            what = "rows" if got.get("rows") != want.get("rows") else ("bytes" if got["bytes"] != want["bytes"] else "sha256")
+            return f"{directory / name} does not match {meta_path} ({what}: {got.get(what)} != {want.get(what)})"
+    extra = sorted(set(actual) - set(files))
+    if extra:
+        return f"{directory / extra[0]} is not listed in {meta_path}"
+    return None
 
 
 def run_chunked(
@@ -124,15 +211,35 @@ def run_chunked(
 class StageCache:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._verified: set[Path] = set()
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def is_done(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / "meta.json").exists()
+        """A committed output is there (not verified: `plan` must stay cheap; `valid` verifies)."""
+        return (self.path(stage, key) / META).exists()
+
+    def valid(self, stage: str, key: str) -> bool:
+        """The output is there and passes `check`; a damaged one is quarantined (and so no longer there)."""
+        path = self.path(stage, key)
+        if path in self._verified:
+            return True
+        if not path.exists():
+            return False
+        problem = check(path)
+        if problem is not None:
+            quarantine(path, problem)
+            return False
+        self._verified.add(path)
+        return True
 
     def meta(self, stage: str, key: str) -> dict:
-        return json.loads((self.path(stage, key) / "meta.json").read_text())
+        path = self.path(stage, key) / META
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheError(f"{path}: unreadable ({e})") from None
 
     def rows(self, stage: str, key: str) -> list[dict]:
         return read_jsonl_rows(self.path(stage, key) / "data.jsonl")
@@ -141,7 +248,7 @@ class StageCache:
         return self.path(stage, key).with_name(key + ".partial").exists()
 
     def partial(self, stage: str, key: str) -> Partial:
-        return Partial(self.path(stage, key))
+        return Partial(self.path(stage, key), stage)
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -159,15 +266,16 @@ class StageCache:
         """Run `compute(partial)` -> (rows, stats) and commit it as (stage, key), unless that output exists.
         Holds the lock meanwhile and checks again under it, so a parallel job that finished first is reused.
         Returns True when the output was already there (a cache hit)."""
-        if self.is_done(stage, key):
+        if self.valid(stage, key):
             return True
         with self.lock(stage, key):
-            if self.is_done(stage, key):
+            if self.valid(stage, key):
                 return True
             partial = self.partial(stage, key)
             t0 = time.time()
             rows, stats = compute(partial)
             partial.commit(rows, {**meta, "stage": stage, "key": key, "stats": stats, "seconds": time.time() - t0, "created": time.time()})
+            self._verified.add(self.path(stage, key))
             return False
 
     def discard(self, stage: str, key: str) -> None:

@@ -2,10 +2,17 @@
 
 Each config group is read by exactly one module, which declares a dataclass for it and calls `typed()`.
 A stage then receives only that dataclass: what it depends on is exactly what goes into its cache key.
+
+`typed()` checks every value against its field's type annotation and the bounds in its metadata
+(`knob(default, "help", min=..., max=...)`), so `judging.n=2.5` or `train.learning_rate=fast` fail with one
+line naming the key before anything loads. (Hydra structured configs would check types too, but would make
+the YAML files and a ConfigStore two places that declare each group; here the YAML is the one source of
+values and the dataclass the one source of types and bounds.)
 """
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -16,6 +23,60 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None, max: float | None = None) -> Any:
+    """A dataclass field with help text and inclusive bounds, checked by `typed()`."""
+    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max})
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """`value` if it has type `hint` (ints accepted for floats), else ConfigError naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}: use one of {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        item = args[0] if args else Any
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return value  # an int stays an int: cache keys hash the value as written
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    return value  # other annotations (nested dataclasses are handled by typed)
 
 
 def typed(cls: type[T], node: Any, where: str) -> T:
@@ -49,12 +110,24 @@ def typed(cls: type[T], node: Any, where: str) -> T:
             (item,) = typing.get_args(hint) or (Any,)
             if dataclasses.is_dataclass(item):
                 value = [typed(item, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
+        elif value is not None or not _optional(hint):
+            value = _check(value, hint, f"{where}.{name}")
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (lo is not None and value < lo) or (hi is not None and value > hi):
+                    bounds = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+                    helptext = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
+                    raise ConfigError(f"{where}.{name}={value!r}: must be {bounds}{helptext}")
         kwargs[name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if check is not None:
         check(where)
     return obj
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
 def as_dict(obj: Any) -> dict:

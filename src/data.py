@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,20 +21,54 @@ def resolve(path: str | Path, root: str | Path) -> Path:
     return p if p.is_absolute() else Path(root).expanduser() / p
 
 
+def _opener(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; a malformed line is an error naming it."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    """(line number, object) for each non-empty line; a malformed, undecodable or truncated line is an error
+    naming it. Lines are decoded one by one so a bad byte is reported on its own line."""
+    lineno = 0
+    try:
+        with _opener(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}:{lineno + 1}: corrupt or truncated gzip ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def check_readable(path: Path) -> None:
+    """Cheap preflight: the file exists and its first line reads as the format its name says."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    name = path.name
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        for _ in iter_jsonl(path):
+            return
+        raise DataError(f"{path}: no rows")
+    if name.endswith(".parquet"):
+        with open(path, "rb") as f:
+            if f.read(4) != b"PAR1":
+                raise DataError(f"{path}: not a parquet file (bad magic bytes)")
+    elif name.endswith(".json"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).lstrip()
+        if not head.startswith((b"[", b"{")):
+            raise DataError(f"{path}:1: not JSON (starts with {head[:20]!r})")
 
 
 def read_records(path: Path) -> Iterator[tuple[str, dict]]:
@@ -45,7 +80,12 @@ def read_records(path: Path) -> Iterator[tuple[str, dict]]:
         for lineno, obj in iter_jsonl(path):
             yield f"{path}:{lineno}", obj
     elif name.endswith(".json"):
-        rows = json.loads(path.read_text())
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 (byte offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         for i, obj in enumerate(rows):
@@ -53,7 +93,11 @@ def read_records(path: Path) -> Iterator[tuple[str, dict]]:
     elif name.endswith(".parquet"):
         import pandas as pd
 
-        for i, obj in enumerate(pd.read_parquet(path).to_dict("records")):
+        try:
+            table = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
+        for i, obj in enumerate(table.to_dict("records")):
             yield f"{path}[row {i}]", obj
     else:
         raise DataError(f"{path}: unsupported format (use .jsonl, .jsonl.gz, .json or .parquet)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -17,6 +18,19 @@ from omegaconf import DictConfig
 _HERE = Path(__file__).resolve().parent
 CONF_DIR = str(_HERE / "conf" if (_HERE / "conf" / "config.yaml").exists() else _HERE.parent / "conf")
 log = logging.getLogger("src.main")
+
+
+class JobError(CompactHydraException):
+    """An expected failure: Hydra prints its message alone (no traceback) and exits with status 1."""
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    from .cache import CacheError
+    from .config import ConfigError
+    from .data import DataError
+    from .pipeline import NotRunnableHere
+
+    return ConfigError, DataError, CacheError, NotRunnableHere
 
 
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
@@ -44,9 +58,12 @@ def main(cfg: DictConfig) -> None:
     choices, sweep, run_name = job_context()
     try:
         result = run_job(cfg, choices, sweep, run_name)
-    except Exception:
-        # Log with the job's context, then re-raise so the exit status says it failed.
-        log.exception("job failed: %s", run_name)
+    except _expected() as e:
+        # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.
+        raise JobError(f"job {run_name!r} failed: {e}") from None
+    except Exception as e:
+        # Unexpected: one line of context here; Hydra prints the traceback (once) and sets the exit status.
+        log.error("job failed: %s (%s: %s)", run_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         raise
     for k, v in sorted(result.items()):
         if k.startswith("synthetic/accuracy"):

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from . import filters
-from .cache import Partial, StageCache, make_key
-from .config import ConfigError, as_dict, typed
+from .cache import CacheError, Partial, StageCache, make_key
+from .config import ConfigError, as_dict, knob, typed
+from .data import check_readable, resolve
 from .filters import FilterConfig
 from .models.base import Generator, ModelSpec
 from .prompts import text_fingerprint
@@ -35,6 +37,8 @@ from .tracking import Tracker, TrackingConfig
 from .verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
+# What a train stage's meta records as `stats.produced`, and the directory in its output that holds it.
+PRODUCED = {"adapter": "adapter", "full": "model", "none": None}
 
 
 @dataclass
@@ -43,7 +47,7 @@ class PipelineConfig:
     dry_run: bool = False
     first_judge: str = "seed"
     model_cache_dir: str | None = None
-    chunk_size: int = 16
+    chunk_size: int = knob(16, "prompts per saved chunk", min=1)
 
     def validate(self, where: str) -> None:
         if self.first_judge not in ("seed", "judge"):
@@ -103,10 +107,24 @@ class Step:
     status: str = "todo"  # cached | partial | todo
     role: str = "judge"  # which model spec runs it: "seed" or "judge"
     adapter_of: str | None = None  # the train key whose adapter the model wears
+    init_of: str | None = None  # train: the train key whose adapter training starts from (decided by plan only)
+
+
+def engine_versions(backend: str) -> dict[str, str]:
+    """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for lib in ("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()):
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "absent"
+    return out
 
 
 def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
-    return {"spec": as_dict(spec), "adapter": adapter_key}
+    return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}
 
 
 def plan(job: Job) -> list[Step]:
@@ -123,6 +141,7 @@ def plan(job: Job) -> list[Step]:
     steps.append(Step("select", 0, sel, job.seed.name, role="seed"))
     gen = make_key(
         "generate", generate.VERSION, as_dict(job.negatives), {"select": sel}, model=seed_id, random_seed=job.random_seed,
+        chunk_size=job.pipeline.chunk_size,  # its sampling is seeded per chunk
         prompts={k: text_fingerprint(t) for k, t in generate.templates(job.negatives).items()},
     )
     steps.append(Step("generate", 0, gen, job.seed.name, role="seed"))
@@ -139,6 +158,7 @@ def plan(job: Job) -> list[Step]:
                 b, evaluate.VERSION, {"judging": evaluate.judging_part(job.eval), "bench": spec.config(job.eval)},
                 {"pairs": gen} if b == "synthetic" else {"data": spec.data(job.eval, job.data_root)},
                 model=model_id(job.judge, adapter_key), prompt=eval_tpl,
+                chunk_size=job.pipeline.chunk_size,  # maj@k sampling is seeded per chunk
             )
             out.append(Step(b, iteration, key, job.judge.name + (f"+iter{iteration}" if adapter_key else ""), adapter_of=adapter_key))
         return out
@@ -166,7 +186,7 @@ def plan(job: Job) -> list[Step]:
             "train", train.VERSION, as_dict(job.train), {"examples": fil, "init": init},
             model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k,
         )
-        steps.append(Step("train", k, trn, job.judge.name))
+        steps.append(Step("train", k, trn, job.judge.name, init_of=init))
         steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
@@ -235,6 +255,12 @@ def preflight(job: Job) -> list[str]:
     pool = select.load_pool(local, job.data_root) if local.sources else [None]
     if not pool:
         raise ConfigError(f"dataset={job.dataset.name}: the pool has no instruction of {job.dataset.min_chars}-{job.dataset.max_chars} characters")
+    # Benchmark files: existence and a readable first line now, not at the first evaluation hours later.
+    # A source without a data-file suffix is a hub id (read by the benchmark's loader when it runs).
+    for b, spec in evaluate.BENCHMARKS.items():
+        source = getattr(getattr(job.eval, b, None), "source", None)
+        if spec.enabled(job.eval) and source and source.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
+            check_readable(resolve(source, job.data_root))
     for role, spec in (("seed", job.seed), ("judge", job.judge)):
         try:
             model_preflight(spec)
@@ -366,14 +392,18 @@ class Runner:
             self._log_stage(st, meta, cached, rows, "filter/")
 
             st = by[("train", k)]
-            init = by[("train", k - 1)].key if (k > 1 and job.train.init_from == "previous") else None
 
             def do_train(p: Partial):
                 from .models.loading import load_for_training
 
                 with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
-                    stats = train.run(job.train, examples, load_for_training(job.judge, self.pool.cache_dir), self._adapter(init),
+                    stats = train.run(job.train, examples, load_for_training(job.judge, self.pool.cache_dir), self._adapter(st.init_of),
                                       p.dir, seed + k, report_to_mlflow=active)
+                produced = stats.get("produced")
+                if produced not in PRODUCED:
+                    raise RuntimeError(f"train[iter {k}]: stats['produced']={produced!r}, expected one of {', '.join(PRODUCED)}")
+                if PRODUCED[produced] and not (p.dir / PRODUCED[produced]).exists():
+                    raise RuntimeError(f"train[iter {k}]: reports produced={produced} but wrote no {p.dir / PRODUCED[produced]}")
                 return None, stats
 
             _, meta, cached = self.stage(st, do_train, as_dict(job.train))
@@ -389,11 +419,25 @@ class Runner:
         return final
 
     def _adapter(self, train_key: str | None) -> Path | None:
-        """The adapter a train stage produced; None for the untrained model or when training had no data."""
+        """What a train stage produced, as its meta records it: the adapter (or full weights) directory, or None
+        for the untrained model (no train key, or a train stage that recorded `produced: none`). A recorded
+        artifact that is gone is an error, never the base model under the trained model's name."""
         if train_key is None:
             return None
-        path = self.cache.path("train", train_key) / "adapter"
-        return path if path.exists() else None
+        if not self.cache.valid("train", train_key):
+            raise CacheError(f"{self.cache.path('train', train_key)}: the train output this step needs is missing or damaged; rerun to recompute it")
+        stats = self.cache.meta("train", train_key).get("stats", {})
+        # Outputs from before `produced` existed: trained=True meant an adapter.
+        produced = stats.get("produced", "adapter" if stats.get("trained") else "none")
+        if produced not in PRODUCED:
+            raise CacheError(f"{self.cache.path('train', train_key) / 'meta.json'}: stats.produced={produced!r} is not one of {', '.join(PRODUCED)}")
+        if PRODUCED[produced] is None:
+            log.warning("train %s produced no weights (no training data): its iteration runs the untrained judge", train_key)
+            return None
+        path = self.cache.path("train", train_key) / PRODUCED[produced]
+        if not path.exists():
+            raise CacheError(f"{path}: recorded as produced ({produced}) but missing")
+        return path
 
     def _evaluate(self, steps: list[Step], iteration: int, pairs: list[Pair]) -> dict[str, float]:
         job = self.job
@@ -435,7 +479,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
         print(describe(job, steps, choices, problems), flush=True)
         return {}
     if problems:
-        raise RuntimeError("cannot run this job here:\n  " + "\n  ".join(problems))
+        raise NotRunnableHere("cannot run this job here: " + "; ".join(problems))
     job.results_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(job.tracking, job.results_dir)
     name = run_name or "-".join(f"{v}" for k, v in choices.items() if k in ("seed", "judge", "dataset", "filter"))
@@ -443,15 +487,39 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     tracker.start(name, job_params(cfg, choices), tags, sweep)
     status = "FAILED"
     runner = Runner(job, tracker)
+    previous = _end_on_sigterm()
     try:
         tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")  # the job config (Hydra's own is not in it)
         tracker.text(describe(job, steps, choices, []), "plan.txt")
         result = runner.run(steps)
         status = "FINISHED"
         return result
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         status = "KILLED"
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         runner.pool.close()
         tracker.end(status)
+
+
+class NotRunnableHere(RuntimeError):
+    """The job needs what this machine lacks (a GPU, a backend): found before any work."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so runs end as KILLED and partial outputs stay resumable."""
+
+
+def _end_on_sigterm():
+    """Turn SIGTERM into `Terminated` while the job runs; returns the previous handler (None off the main thread,
+    where Python allows no handler)."""
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None

@@ -2,13 +2,21 @@
 
 One MLflow run per Hydra job; jobs of one multirun are children of a sweep parent run (tag ste.sweep_id);
 training gets its own nested child run so TRL's MLflowCallback logs there and not into the job run.
+
+Concurrency: parallel jobs (joblib sweeps, two terminals) share one store. Everything that creates shared
+state (the SQLite schema, the experiment, a sweep's parent run) happens under one file lock beside the store,
+so exactly one process creates each and the others find it. A job run records its host, pid and process start
+time; a RUNNING run whose process is gone (kill -9, out-of-memory kill) is ended as KILLED when the next job
+starts on that store.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
-import tempfile
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,29 +58,80 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def store_lock(results_dir: Path) -> Iterator[None]:
+    """Exclusive across processes on this machine: held while shared tracking state is created."""
+    path = Path(results_dir) / ".mlflow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_experiment(cfg: TrackingConfig, results_dir: Path) -> str:
+    """Create (once, under the lock) the store's schema and the experiment; returns the experiment id.
+    The first client on a fresh SQLite file runs MLflow's schema migrations: two at once collide."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(store_uri(cfg, results_dir))
-    exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
+    with store_lock(results_dir):
+        mlflow.set_tracking_uri(store_uri(cfg, results_dir))
+        client = MlflowClient()  # creates/migrates the schema of a fresh store
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        return client.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, results_dir))
+
+
+def sweep_parent(experiment_id: str, sweep_id: str, name: str, results_dir: Path) -> str:
+    """The run that groups one multirun's jobs: found or created under the store lock, so parallel jobs
+    of one sweep agree on a single parent."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(results_dir):
+        client = MlflowClient()
+        found = client.search_runs([experiment_id], f"tags.`ste.sweep_id` = '{sweep_id}' and tags.`ste.kind` = 'sweep'")
+        if found:
+            return min(found, key=lambda r: r.info.start_time).info.run_id
+        run = client.create_run(experiment_id, run_name=name, tags={"ste.sweep_id": sweep_id, "ste.kind": "sweep", "ste.sweep_name": name})
+        return run.info.run_id
+
+
+def process_id(pid: int | None = None) -> str:
+    """host:pid:start-time of a process: a pid alone can be reused by an unrelated process."""
+    pid = pid or os.getpid()
     try:
-        return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, results_dir))
-    except Exception:  # a parallel sweep job created it first
-        return mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{socket.gethostname()}:{pid}:{start}"
 
 
-def sweep_parent(experiment_id: str, sweep_id: str, name: str) -> str:
-    """The run that groups one multirun's jobs, created by the first job that needs it."""
+def _gone(proc: str) -> bool:
+    """Whether the process a run recorded has ended (only decidable on the host that ran it)."""
+    host, pid, _ = proc.split(":", 2)
+    if host != socket.gethostname():
+        return False
+    return not pid.isdigit() or process_id(int(pid)) != proc
+
+
+def end_stale_runs(experiment_id: str) -> list[str]:
+    """End RUNNING runs whose process is gone (and their nested runs) as KILLED; returns their ids."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    found = client.search_runs([experiment_id], f"tags.`ste.sweep_id` = '{sweep_id}' and tags.`ste.kind` = 'sweep'")
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=name, tags={"ste.sweep_id": sweep_id, "ste.kind": "sweep", "ste.sweep_name": name})
-    return run.info.run_id
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+    stale = [r for r in running if "ste.proc" in r.data.tags and _gone(r.data.tags["ste.proc"])]
+    ids = {r.info.run_id for r in stale}
+    ids |= {r.info.run_id for r in running if r.data.tags.get("mlflow.parentRunId") in ids}
+    for run_id in sorted(ids):
+        client.set_tag(run_id, "ste.ended_by", "its process was gone at the next job's start (kill -9 or OOM)")
+        client.set_terminated(run_id, status="KILLED")
+        log.warning("tracking: run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
+    return sorted(ids)
 
 
 class Tracker:
@@ -94,8 +153,10 @@ class Tracker:
 
         exp = ensure_experiment(self.cfg, self.results_dir)
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
-        parent = sweep_parent(exp, *sweep) if sweep else None
-        run = mlflow.start_run(experiment_id=exp, run_name=run_name, parent_run_id=parent, tags={"ste.kind": "job", **tags})
+        end_stale_runs(exp)
+        parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None
+        run = mlflow.start_run(experiment_id=exp, run_name=run_name, parent_run_id=parent,
+                               tags={"ste.kind": "job", "ste.proc": process_id(), **tags})
         self.run_id = run.info.run_id
         # Params are immutable and capped at 500 characters; anything longer is in config.yaml (artifact).
         items = [(k, str(v)[:500]) for k, v in params.items()]
@@ -157,7 +218,7 @@ class Tracker:
             return
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", **(tags or {})}):
+        with mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", "ste.proc": process_id(), **(tags or {})}):
             yield True
 
     def end(self, status: str = "FINISHED") -> None:

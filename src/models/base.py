@@ -19,6 +19,9 @@ class SamplingConfig:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0  # every sampled batch is seeded from this, so a stage's output is a function of its key
+    # One seed per prompt (overrides `seed`): each prompt's samples then depend on that prompt alone, not on
+    # the batch or chunk it shares (HF: generated prompt by prompt; vLLM: per-request seeds, batched).
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -206,6 +206,12 @@ class HFGenerator:
             raise ValueError("sampling.n must be >= 1")
         if not prompts:
             return []
+        if sampling.seeds is not None:
+            # Batch-invariant by construction: a padded batch's arithmetic (and its one RNG stream) depends on
+            # its neighbours, so each prompt decodes alone (its n samples still together).
+            import dataclasses
+
+            return [self.generate([p], dataclasses.replace(sampling, seed=s, seeds=None))[0] for p, s in zip(prompts, sampling.seeds)]
         do_sample = sampling.temperature > 0
         limit = self.spec.max_model_len - sampling.max_new_tokens
         encoded = []

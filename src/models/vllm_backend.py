@@ -92,7 +92,7 @@ class VLLMGenerator:
                 temperature=0.0 if greedy else sampling.temperature,
                 top_p=1.0 if greedy else sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
-                seed=None if greedy else sampling.seed + i,
+                seed=None if greedy else (sampling.seeds[i] if sampling.seeds is not None else sampling.seed + i),
             )
             for i in range(len(prompts))
         ]

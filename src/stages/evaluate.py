@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..benchmarks import mtbench, rewardbench
 from ..cache import Partial, file_fingerprint, run_chunked
-from ..config import ConfigError, as_dict
+from ..config import ConfigError, as_dict, knob
 from ..data import resolve
 from ..metrics import synthetic_metrics
 from ..models.base import Generator, SamplingConfig
@@ -52,7 +52,7 @@ class MTBenchConfig:
 @dataclass
 class EvalConfig:
     synthetic: bool = True
-    max_new_tokens: int = 64
+    max_new_tokens: int = knob(64, "reasoning tokens before the verdict", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None

@@ -5,27 +5,28 @@ given order, and reading a verdict from a generated chain (`judge_prompts`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
 
 from ..cache import Partial, run_chunked
-from ..config import ConfigError
+from ..config import ConfigError, knob
 from ..models.base import Generator, SamplingConfig
 from ..prompts import Template, load_template
 from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
 from ..verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: sampling seeded per pair and order (was per chunk)
 
 
 @dataclass
 class JudgingConfig:
-    n: int = 3
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 64
+    n: int = knob(3, "judgments sampled per pair and order", min=1)
+    temperature: float = knob(0.7, "sampling temperature (0 = greedy)", min=0)
+    top_p: float = knob(0.9, "nucleus sampling mass", min=0, max=1)
+    max_new_tokens: int = knob(64, "tokens generated per judgment", min=1)
     both_orders: bool = True
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
@@ -94,13 +95,13 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     """Judgments for the train split only: held-out pairs are for evaluation and never reach training."""
     template = judge_template(cfg.prompt, "judging.prompt")
     work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
-    sampling = lambda s: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, s)  # noqa: E731
+    sampling = lambda seeds: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, seeds=seeds)  # noqa: E731
 
     def process(chunk: list[tuple[Pair, str]]) -> list[dict]:
         prompts = [pair_prompt(template, p, o, cfg.max_response_chars) for p, o in chunk]
-        # Seeded by the chunk's first pair and order, not its position: a resumed run samples as an unbroken one.
-        chunk_seed = seed + int(chunk[0][0].id.encode().hex()[:6], 16) + (chunk[0][1] == "chosen_second")
-        outs = judge_prompts(model, prompts, sampling(chunk_seed), cfg.verdict, cfg.verdict_prefix)
+        # One seed per pair and order (its n samples are rows of one seeded call): the judgments do not depend
+        # on the chunk size, the batch size or where a killed run resumed.
+        outs = judge_prompts(model, prompts, sampling(tuple(item_seed(seed, p.id, o) for p, o in chunk)), cfg.verdict, cfg.verdict_prefix)
         return [
             to_dict(Judgment(pair_id=p.id, order=o, sample=j, text=t, verdict=v, verdict_source=s, tokens=n))
             for (p, o), samples in zip(chunk, outs)
@@ -113,6 +114,11 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     index = {(p.id, o): k for k, (p, o) in enumerate(work)}
     judgments.sort(key=lambda j: (index.get((j.pair_id, j.order), 1 << 30), j.sample))
     return judgments, judgment_stats(judgments)
+
+
+def item_seed(seed: int, item_id: str, order: str) -> int:
+    """A 31-bit seed for one item and order, stable across processes (unlike hash())."""
+    return int(hashlib.sha256(f"{seed}:{item_id}:{order}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 def judgment_stats(judgments: list[Judgment]) -> dict:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, knob
 from ..records import TrainExample
 
 log = logging.getLogger(__name__)
@@ -26,13 +26,13 @@ VERSION = 1
 class TrainConfig:
     method: str = "sft"
     init_from: str = "seed"
-    learning_rate: float = 2e-4
+    learning_rate: float = knob(2e-4, "peak learning rate", min=0)
     warmup_steps: int = 0
     num_epochs: float = 1.0
     max_steps: int = -1
-    per_device_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
-    max_length: int = 768
+    per_device_batch_size: int = knob(2, "examples per device per step", min=1)
+    gradient_accumulation_steps: int = knob(1, "steps accumulated per update", min=1)
+    max_length: int = knob(768, "longest example in tokens (longer ones are dropped)", min=1)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -86,7 +86,7 @@ def run(
     examples = fitting
     if not examples:
         log.warning("train: no examples to train on: this iteration's judge stays the initial model")
-        return {"trained": False, "examples": 0, "dropped_too_long": too_long}
+        return {"trained": False, "produced": "none", "examples": 0, "dropped_too_long": too_long}
     import torch
     from peft import LoraConfig, PeftModel
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -139,6 +139,7 @@ def run(
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the adapter is the output; checkpoints were only for resume
     return {
         "trained": True,
+        "produced": "adapter",  # what out_dir holds: adapter/ ("adapter"), full weights ("full") or nothing ("none")
         "examples": len(examples),
         "steps": trainer.state.global_step,
         "train_loss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
