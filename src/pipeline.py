@@ -404,6 +404,7 @@ class Runner:
                     raise RuntimeError(f"train[iter {k}]: stats['produced']={produced!r}, expected one of {', '.join(PRODUCED)}")
                 if PRODUCED[produced] and not (p.dir / PRODUCED[produced]).exists():
                     raise RuntimeError(f"train[iter {k}]: reports produced={produced} but wrote no {p.dir / PRODUCED[produced]}")
+                _canonical_adapter_config(p.dir / "adapter" / "adapter_config.json")
                 return None, stats
 
             _, meta, cached = self.stage(st, do_train, as_dict(job.train))
@@ -455,6 +456,19 @@ class Runner:
             log.info("%s[iter %d]: %s %s = %s", st.stage, iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
             out.update({f"{k}@iter{iteration}": v for k, v in meta["stats"].items()})
         return out
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with each process's string hashing:
+    sorted, a retrained adapter is byte-identical to the first (so the cache manifest can compare them)."""
+    import json
+
+    if not path.exists():
+        return
+    conf = json.loads(path.read_text())
+    if isinstance(conf.get("target_modules"), list):
+        conf["target_modules"] = sorted(conf["target_modules"])
+        path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:
