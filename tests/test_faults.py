@@ -28,9 +28,9 @@ KILL_POINTS = ["select:chunk", "generate:chunk", "synthetic:chunk", "rewardbench
 VOLATILE = ("time/", "cache_hit/", "cache/")  # wall-clock and cache-hit metrics differ by design
 
 
-def cli(results: Path, *args: str, fault: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def cli(results: Path, *args: str, fault: str | None = None, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results), "WANDB_MODE": "offline",
-           "HYDRA_FULL_ERROR": "0"}
+           "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
     env.pop("STE_FAULT_KILL", None)
     if fault:
         env["STE_FAULT_KILL"] = fault
@@ -224,3 +224,10 @@ def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(tmp_path):
     assert job.info.status == "KILLED"
     cli(results, *RUN)
     assert sorted(r.info.status for r in runs(results)) == ["FINISHED", "KILLED"]
+
+
+def test_unexpected_error_prints_its_traceback_once(tmp_path):
+    proc = cli(tmp_path / "results", *RUN, "tracking=none", check=False, env_extra={"STE_FAULT_RAISE": "generate:chunk"})
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert err.count("Traceback") == 1 and err.count("injected fault at generate:chunk") == 2, err[-4000:]  # log line + traceback
