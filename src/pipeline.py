@@ -112,15 +112,9 @@ class Step:
 
 def engine_versions(backend: str) -> dict[str, str]:
     """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
-    from importlib.metadata import PackageNotFoundError, version
+    from .provenance import package_versions
 
-    out = {}
-    for lib in ("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()):
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = "absent"
-    return out
+    return package_versions(("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()))
 
 
 def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
