@@ -276,3 +276,43 @@ def test_item7_runs_left_running_by_a_dead_process_are_ended_as_killed(tmp_path)
     assert status(stale) == "KILLED" and status(child) == "KILLED"
     assert status(alive) == "RUNNING"
     mlflow.set_tracking_uri(None)
+
+
+def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
+    """One set of defaults: a dataclass built in code (tests, the standalone scorer) means what the CLI runs.
+    A dataset's pool and label set are its identity, not defaults, so they are left out."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    cfg = make_cfg("tracking=mlflow", "pipeline.model_cache_dir=null")  # the conf/config.yaml defaults
+    diffs = []
+
+    def walk(cls, node, where):
+        for f in dataclasses.fields(cls):
+            if f.name not in node or (where == "dataset" and f.name in ("sources", "categories")):
+                continue
+            if f.default is not dataclasses.MISSING:
+                d = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                d = f.default_factory()
+            else:
+                continue
+            if dataclasses.is_dataclass(d):
+                walk(type(d), node[f.name], f"{where}.{f.name}")
+            elif d != node[f.name]:
+                diffs.append(f"{where}.{f.name}: dataclass {d!r}, conf {node[f.name]!r}")
+
+    from src.filters import FilterConfig
+    from src.pipeline import PipelineConfig
+    from src.stages.evaluate import EvalConfig
+    from src.stages.generate import NegativesConfig
+    from src.stages.judge import JudgingConfig
+    from src.stages.select import DatasetConfig
+    from src.stages.train import TrainConfig
+    from src.tracking import TrackingConfig
+
+    for g, cls in {"judging": JudgingConfig, "train": TrainConfig, "eval": EvalConfig, "negatives": NegativesConfig,
+                   "filter": FilterConfig, "tracking": TrackingConfig, "pipeline": PipelineConfig, "dataset": DatasetConfig}.items():
+        walk(cls, OmegaConf.to_container(cfg[g], resolve=True), g)
+    assert diffs == []

@@ -31,8 +31,8 @@ class RewardBenchConfig:
     enabled: bool = True
     source: str = "rewardbench/filtered.jsonl.gz"  # relative to data_root, absolute, or allenai/reward-bench
     revision: str | None = None
-    per_subset: int | None = 2  # stratified slice: items per subset (23 subsets); null = all 2,985
-    orders: str = "both"  # both, or one seeded-random order per item as the official runner does
+    per_subset: int | None = 1  # stratified slice: items per subset (23 subsets); null = all 2,985
+    orders: str = "one"  # both, or one seeded-random order per item as the official runner does
     maj_k: int = 1  # >1: also sample k judgments per item and order and report majority-vote accuracy
     maj_temperature: float = 0.7
     maj_top_p: float = 0.9
@@ -44,7 +44,7 @@ class MTBenchConfig:
     enabled: bool = True
     source: str = "mtbench/human_judgments.jsonl.gz"  # relative to data_root, absolute, or lmsys/mt_bench_human_judgments
     revision: str | None = None
-    max_keys: int | None = 16  # distinct (question, model pair, turn) keys, half per turn; null = all
+    max_keys: int | None = 6  # distinct (question, model pair, turn) keys, half per turn; null = all
     human_prefixes: list[str] = field(default_factory=lambda: ["expert"])  # whose votes count as "human"
     slice_seed: int = 0
 
@@ -52,11 +52,11 @@ class MTBenchConfig:
 @dataclass
 class EvalConfig:
     synthetic: bool = True
-    max_new_tokens: int = knob(64, "reasoning tokens before the verdict", min=1)
+    max_new_tokens: int = knob(32, "reasoning tokens before the verdict", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None
-    max_response_chars: int = 1200
+    max_response_chars: int = 400
     rewardbench: RewardBenchConfig = field(default_factory=RewardBenchConfig)
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
 

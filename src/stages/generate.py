@@ -27,8 +27,8 @@ class NegativesConfig:
     modify_prompt: str | None = None
     single_call_prompt: str | None = None
     rewrite_prompt: str | None = None
-    answer_max_new_tokens: int = 128
-    modify_max_new_tokens: int = 64
+    answer_max_new_tokens: int = 64
+    modify_max_new_tokens: int = 40
     temperature: float = 0.0
     top_p: float = 1.0
 

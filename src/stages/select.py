@@ -40,11 +40,11 @@ class DatasetConfig:
     categories: list[str] = field(default_factory=list)
     classify_prompt: str | None = None
     sources: list[SourceConfig] = field(default_factory=list)
-    limit: int = 24
-    max_scan: int = 96
-    max_chars: int = 600
+    limit: int = 12
+    max_scan: int = 40
+    max_chars: int = 400
     min_chars: int = 20
-    heldout_fraction: float = 0.25
+    heldout_fraction: float = 0.3
     shuffle: bool = True
 
     def validate(self, where: str) -> None:

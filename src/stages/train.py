@@ -26,13 +26,13 @@ VERSION = 1
 class TrainConfig:
     method: str = "sft"
     init_from: str = "seed"
-    learning_rate: float = knob(2e-4, "peak learning rate", min=0)
+    learning_rate: float = knob(1e-3, "peak learning rate", min=0)
     warmup_steps: int = 0
-    num_epochs: float = 1.0
+    num_epochs: float = 3
     max_steps: int = -1
     per_device_batch_size: int = knob(2, "examples per device per step", min=1)
     gradient_accumulation_steps: int = knob(1, "steps accumulated per update", min=1)
-    max_length: int = knob(768, "longest example in tokens (longer ones are dropped)", min=1)
+    max_length: int = knob(1024, "longest example in tokens (longer ones are dropped)", min=1)
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
