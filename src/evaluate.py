@@ -29,12 +29,11 @@ def adapter_fingerprint(adapter: Path) -> str:
 
 
 def evaluate_model(cfg: DictConfig) -> dict[str, float]:
-    from .cache import StageCache, make_key
+    from .cache import StageCache
     from .config import ConfigError, typed
     from .models.base import ModelSpec
     from .models.loading import load_generator, preflight
-    from .pipeline import PipelineConfig, model_id
-    from .prompts import text_fingerprint
+    from .pipeline import PipelineConfig, eval_key, model_id
     from .records import to_dict
     from .stages import evaluate
     from .stages.judge import judge_template
@@ -52,7 +51,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("eval.rewardbench.enabled and eval.mtbench.enabled are both false: nothing to evaluate")
     preflight(spec)
     cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
-    tpl = text_fingerprint(judge_template(ecfg.prompt, "eval.prompt"))
+    judge_template(ecfg.prompt, "eval.prompt")  # a bad prompt file fails before the model loads
     tracker = Tracker(typed(TrackingConfig, cfg.tracking, "tracking"), results)
     name = spec.name + (f"+{adapter.name}" if adapter else "")
     tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)})},
@@ -67,7 +66,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
         for b in benches:
             bench = evaluate.BENCHMARKS[b]
             conf = {"judging": evaluate.judging_part(ecfg), "bench": bench.config(ecfg)}
-            key = make_key(b, evaluate.VERSION, conf, {"data": bench.data(ecfg, str(cfg.data_root))}, model=mid, prompt=tpl)
+            key = eval_key(b, ecfg, str(cfg.data_root), mid, None, pcfg.chunk_size)  # the loop's key function
 
             def compute(partial, b=b):
                 nonlocal model

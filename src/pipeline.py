@@ -20,7 +20,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from . import filters
-from .cache import CacheError, Partial, StageCache, make_key
+from .cache import CacheError, Partial, StageCache, check, make_key
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
 from .filters import FilterConfig
@@ -104,7 +104,7 @@ class Step:
     iteration: int
     key: str
     model: str
-    status: str = "todo"  # cached | partial | todo
+    status: str = "todo"  # cached | damaged (fails its check: moved aside and recomputed) | partial | todo
     role: str = "judge"  # which model spec runs it: "seed" or "judge"
     adapter_of: str | None = None  # the train key whose adapter the model wears
     init_of: str | None = None  # train: the train key whose adapter training starts from (decided by plan only)
@@ -121,12 +121,23 @@ def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
     return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}
 
 
+def eval_key(bench: str, cfg: EvalConfig, data_root: str, model: dict, pairs_key: str | None, chunk_size: int) -> str:
+    """One benchmark's key, for the loop and the standalone scorer (src/evaluate.py) alike: the model, the judging
+    part of `eval`, the benchmark's own config and data (the synthetic one: the pairs), the prompt's text."""
+    spec = evaluate.BENCHMARKS[bench]
+    return make_key(
+        bench, evaluate.VERSION, {"judging": evaluate.judging_part(cfg), "bench": spec.config(cfg)},
+        {"pairs": pairs_key} if bench == "synthetic" else {"data": spec.data(cfg, data_root)},
+        model=model, prompt=text_fingerprint(judge.judge_template(cfg.prompt, "eval.prompt")),
+        chunk_size=chunk_size,  # maj@k sampling is seeded per chunk
+    )
+
+
 def plan(job: Job) -> list[Step]:
     """Every stage of the job with its cache key. Pure in the config (plus data-file hashes)."""
     cache = StageCache(job.cache_dir)
     seed_id = model_id(job.seed, None)
     judge_tpl = text_fingerprint(judge.judge_template(job.judging.prompt, "judging.prompt"))
-    eval_tpl = text_fingerprint(judge.judge_template(job.eval.prompt, "eval.prompt"))
     steps: list[Step] = []
     sel = make_key(
         "select", select.VERSION, as_dict(job.dataset), {"pool": select.source_fingerprints(job.dataset, job.data_root)},
@@ -143,17 +154,9 @@ def plan(job: Job) -> list[Step]:
     benches = [b for b, spec in evaluate.BENCHMARKS.items() if spec.enabled(job.eval)]
 
     def eval_steps(iteration: int, adapter_key: str | None) -> list[Step]:
-        """One step per enabled benchmark; its key holds the model, the judging part of `eval`, the
-        benchmark's own config and data (the synthetic one: the pairs)."""
         out = []
         for b in benches:
-            spec = evaluate.BENCHMARKS[b]
-            key = make_key(
-                b, evaluate.VERSION, {"judging": evaluate.judging_part(job.eval), "bench": spec.config(job.eval)},
-                {"pairs": gen} if b == "synthetic" else {"data": spec.data(job.eval, job.data_root)},
-                model=model_id(job.judge, adapter_key), prompt=eval_tpl,
-                chunk_size=job.pipeline.chunk_size,  # maj@k sampling is seeded per chunk
-            )
+            key = eval_key(b, job.eval, job.data_root, model_id(job.judge, adapter_key), gen, job.pipeline.chunk_size)
             out.append(Step(b, iteration, key, job.judge.name + (f"+iter{iteration}" if adapter_key else ""), adapter_of=adapter_key))
         return out
 
@@ -184,7 +187,11 @@ def plan(job: Job) -> list[Step]:
         steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
-        s.status = "cached" if cache.is_done(s.stage, s.key) else ("partial" if cache.has_partial(s.stage, s.key) else "todo")
+        path = cache.path(s.stage, s.key)
+        if path.exists():  # verified, so a dry run does not promise to reuse what the run will recompute
+            s.status = "cached" if check(path) is None else "damaged"
+        else:
+            s.status = "partial" if cache.has_partial(s.stage, s.key) else "todo"
     return steps
 
 

@@ -125,6 +125,8 @@ def test_damaged_cache_files_are_detected_and_healed(reference, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(ref_results / "cache", results / "cache")
     damaged = _damage(results / "cache")
+    dry = cli(results, *RUN, "pipeline.dry_run=true").stdout
+    assert sum(line.rstrip().endswith("  damaged") for line in dry.splitlines()) == len(damaged), dry
     proc = cli(results, *RUN)
     log = proc.stdout + proc.stderr
     for stage in damaged:
