@@ -25,6 +25,7 @@ RUN = [o for o in TINY if not o.startswith("tracking=")] + ["pipeline.chunk_size
                                                               "eval.rewardbench.orders=one"]
 KILL_POINTS = ["select:chunk", "generate:chunk", "synthetic:chunk", "rewardbench:chunk", "mtbench:chunk",
                "judge:chunk", "filter:commit", "train:commit"]
+SMALL = [*RUN, "iterations=0", "eval.rewardbench.enabled=false"]  # where the stages themselves are not under test
 VOLATILE = ("time/", "cache_hit/", "cache/")  # wall-clock and cache-hit metrics differ by design
 
 
@@ -144,8 +145,7 @@ def test_damaged_cache_files_are_detected_and_healed(reference, tmp_path):
 def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(tmp_path):
     results = tmp_path / "results"
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
-    args = [sys.executable, "-m", "src.main", *RUN, "iterations=0", "eval.rewardbench.enabled=false",
-            f"pipeline.model_cache_dir={model_cache()}"]
+    args = [sys.executable, "-m", "src.main", *SMALL, f"pipeline.model_cache_dir={model_cache()}"]
     procs = [subprocess.Popen(args + [f"eval.mtbench.max_keys={k}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k in (2, 4)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -155,8 +155,7 @@ def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(tmp_path):
 
 def test_joblib_sweep_of_three_jobs_has_one_parent_and_reports_every_job(tmp_path):
     results = tmp_path / "results"
-    cli(results, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *RUN, "iterations=0",
-        "eval.rewardbench.enabled=false", "eval.mtbench.max_keys=2,3,4")
+    cli(results, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *SMALL, "eval.mtbench.max_keys=2,3,4")
     parents = runs(results, "sweep")
     assert len(parents) == 1
     jobs = runs(results)
@@ -215,7 +214,7 @@ def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(tmp_path):
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "src.main", *RUN, f"pipeline.model_cache_dir={model_cache()}"],
+        proc = subprocess.Popen([sys.executable, "-m", "src.main", *SMALL, f"pipeline.model_cache_dir={model_cache()}"],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while "generate[iter 0]: computing" not in log.read_text() and time.time() < deadline and proc.poll() is None:
@@ -224,7 +223,7 @@ def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(tmp_path):
         assert proc.wait(120) != 0
     (job,) = runs(results)
     assert job.info.status == "KILLED"
-    cli(results, *RUN)
+    cli(results, *SMALL)
     assert sorted(r.info.status for r in runs(results)) == ["FINISHED", "KILLED"]
 
 
