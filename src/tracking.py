@@ -37,12 +37,24 @@ class TrackingConfig:
 
 
 def store_uri(cfg: TrackingConfig, results_dir: Path) -> str:
-    # Absolute: a relative sqlite:/// path would split the store per working directory.
-    return cfg.tracking_uri or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI (a team's `mlflow server`), else the offline SQLite store.
+    Absolute: a relative sqlite:/// path would split the store per working directory."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
-def artifact_location(cfg: TrackingConfig, results_dir: Path) -> str:
-    return cfg.artifact_root or (results_dir / "mlartifacts").resolve().as_uri()
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(cfg: TrackingConfig, results_dir: Path) -> str | None:
+    """Where a new experiment's artifacts go. Through a tracking server: None, so the server's own root
+    (`mlflow server --serve-artifacts`: mlflow-artifacts:/, proxied) serves them to every client; a file:// root
+    would be readable only on the machine that logged. Offline: a folder beside the SQLite store."""
+    if cfg.artifact_root:
+        return cfg.artifact_root
+    if is_server(store_uri(cfg, results_dir)):
+        return None
+    return (results_dir / "mlartifacts").resolve().as_uri()
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -155,8 +167,12 @@ class Tracker:
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)
         parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None
+        from .provenance import git_state, package_versions
+
+        # Which code and libraries made these numbers (a dirty tree is flagged: its commit alone does not say).
+        provenance = {**git_state(), **package_versions()}
         run = mlflow.start_run(experiment_id=exp, run_name=run_name, parent_run_id=parent,
-                               tags={"ste.kind": "job", "ste.proc": process_id(), **tags})
+                               tags={"ste.kind": "job", "ste.proc": process_id(), **provenance, **tags})
         self.run_id = run.info.run_id
         # Params are immutable and capped at 500 characters; anything longer is in config.yaml (artifact).
         items = [(k, str(v)[:500]) for k, v in params.items()]
@@ -169,6 +185,9 @@ class Tracker:
                 project=self.cfg.wandb_project, name=run_name, mode=self.cfg.wandb_mode,
                 dir=str(self.results_dir), config=params, tags=[f"{k}={v}" for k, v in tags.items()][:20],
             )
+            # Metrics are logged per iteration: plot them against it, not against wandb's call counter.
+            self._wandb.define_metric("iteration")
+            self._wandb.define_metric("*", step_metric="iteration")
         log.info("tracking: MLflow run %s in %s", self.run_id, store_uri(self.cfg, self.results_dir))
 
     def metrics(self, values: dict[str, float | int | None], step: int) -> None:
@@ -209,6 +228,17 @@ class Tracker:
 
         sample = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows[: self.cfg.sample_rows]]
         mlflow.log_table(pd.DataFrame(sample), artifact_file=artifact_file)
+
+    def dataset(self, rows: list[dict], name: str, source: str, context: str) -> None:
+        """An input of the run (the instruction pool it selected, a benchmark slice) as an MLflow dataset: the
+        UI's "Datasets used" column, with a digest that changes when the rows do."""
+        if not self.active or not rows:
+            return
+        import mlflow
+        import pandas as pd
+
+        flat = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows])
+        mlflow.log_input(mlflow.data.from_pandas(flat, source=source, name=name), context=context)
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[bool]:
