@@ -8,7 +8,6 @@ function of the config alone, so `pipeline.dry_run=true` shows what a run would 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -19,11 +18,12 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import filters
+from . import filters, launch
 from .cache import CacheError, Partial, StageCache, check, make_key
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
 from .filters import FilterConfig
+from .launch import LaunchConfig
 from .models.base import Generator, ModelSpec
 from .prompts import text_fingerprint
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
@@ -65,6 +65,7 @@ class Job:
     judging: JudgingConfig
     filter: FilterConfig
     train: TrainConfig
+    launch: LaunchConfig
     eval: EvalConfig
     tracking: TrackingConfig
     pipeline: PipelineConfig
@@ -77,7 +78,7 @@ class Job:
     def from_config(cls, cfg: DictConfig) -> "Job":
         groups = {
             "seed": ModelSpec, "judge": ModelSpec, "dataset": DatasetConfig, "negatives": NegativesConfig,
-            "judging": JudgingConfig, "filter": FilterConfig, "train": TrainConfig, "eval": EvalConfig,
+            "judging": JudgingConfig, "filter": FilterConfig, "train": TrainConfig, "launch": LaunchConfig, "eval": EvalConfig,
             "tracking": TrackingConfig, "pipeline": PipelineConfig,
         }
         missing = [g for g in groups if g not in cfg]
@@ -179,9 +180,11 @@ def plan(job: Job) -> list[Step]:
         )
         steps.append(Step("filter", k, fil, "-", role="-"))
         init = prev_train if job.train.init_from == "previous" else None
+        # More processes = a larger global batch: a different result (one process keeps the keys it always had).
+        world = {"world_size": job.launch.world_size} if job.launch.world_size > 1 else {}
         trn = make_key(
             "train", train.VERSION, as_dict(job.train), {"examples": fil, "init": init},
-            model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k,
+            model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k, **world,
         )
         steps.append(Step("train", k, trn, job.judge.name, init_of=init))
         steps.extend(eval_steps(k, trn))
@@ -231,7 +234,7 @@ class ModelPool:
             return self.loaded[key]
         while len(self.loaded) >= self.capacity:
             self.loaded.pop(next(iter(self.loaded))).close()
-            gc.collect()
+            launch.free_accelerator_memory()
         t0 = time.time()
         gen = load_generator(spec, adapter=str(adapter) if adapter else None, cache_dir=self.cache_dir)
         log.info("model: loaded %s%s in %.1fs", spec.name, f" + adapter {adapter.parent.name}" if adapter else "", time.time() - t0)
@@ -239,10 +242,11 @@ class ModelPool:
         return gen
 
     def close(self) -> None:
+        """Close every engine and hand the GPU memory back (before training, and at the end)."""
         for g in self.loaded.values():
             g.close()
         self.loaded.clear()
-        gc.collect()
+        launch.free_accelerator_memory()
 
 
 def preflight(job: Job) -> list[str]:
@@ -395,11 +399,11 @@ class Runner:
             st = by[("train", k)]
 
             def do_train(p: Partial):
-                from .models.loading import load_for_training
-
+                # Training starts on an empty GPU: the generation engines (vLLM holds 90% of it) are closed first.
+                self.pool.close()
                 with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
-                    stats = train.run(job.train, examples, load_for_training(job.judge, self.pool.cache_dir), self._adapter(st.init_of),
-                                      p.dir, seed + k, report_to_mlflow=active)
+                    stats = launch.run_train(job.launch, job.train, examples, job.judge, self.pool.cache_dir, self._adapter(st.init_of),
+                                             p.dir, seed + k, report_to_mlflow=active)
                 produced = stats.get("produced")
                 if produced not in PRODUCED:
                     raise RuntimeError(f"train[iter {k}]: stats['produced']={produced!r}, expected one of {', '.join(PRODUCED)}")
@@ -490,8 +494,12 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     job = Job.from_config(cfg)
     steps = plan(job)
     problems = preflight(job)
+    over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
-        print(describe(job, steps, choices, problems), flush=True)
+        print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed), flush=True)
+    if over:
+        raise ConfigError(f"train/launch: {over}; choose a launch that fits (README: Running on GPUs)")
+    if job.pipeline.dry_run:
         return {}
     if problems:
         raise NotRunnableHere("cannot run this job here: " + "; ".join(problems))

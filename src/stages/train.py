@@ -132,7 +132,8 @@ def run(
     resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.model.save_pretrained(str(out_dir / "adapter"))
+    # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights.
+    trainer.save_model(str(out_dir / "adapter"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     import shutil
 

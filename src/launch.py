@@ -1,0 +1,316 @@
+"""Where the train stage runs: in the loop's process, or in processes of its own under `accelerate launch`.
+Reads the `launch` group.
+
+Generation leaves its engine (vLLM takes 90% of a GPU) in the loop's process; training in a process of its own
+starts on an empty GPU and gives everything back when it exits, which is also the only way to train on more
+than one GPU (FSDP full-shard: each process holds 1/N of the weights, gradients and optimizer state). The
+worker (`python -m src.launch REQUEST.json`, started by `accelerate launch`) calls the same
+`src.stages.train.run` the in-process path calls.
+
+`train_memory` is the arithmetic the dry run uses to refuse a training config the GPUs it asks for cannot hold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
+class LaunchConfig:
+    num_processes: int = 1  # processes (= GPUs) per machine
+    num_machines: int = 1  # > 1: run inside a SLURM allocation of that many nodes (see README)
+    subprocess: bool = False  # train in a process of its own even with one process (GPU: always do)
+    strategy: str = "ddp"  # ddp (each process a whole model) | fsdp (full shard)
+    fsdp_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in CPU memory
+    activation_checkpointing: bool = True
+    mixed_precision: str = "bf16"  # on GPU; CPU processes always train in fp32
+    gpu_memory_gb: float = 80.0  # per GPU; the dry run refuses a training estimate above it
+    host_memory_gb: float = 1000.0  # per machine; checked when fsdp_offload puts the state there
+    main_process_port: int = 29500
+
+    def validate(self, where: str) -> None:
+        if self.num_processes < 1 or self.num_machines < 1:
+            raise ConfigError(f"{where}.num_processes and {where}.num_machines must be >= 1")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"{where}.strategy={self.strategy!r}: one of {', '.join(STRATEGIES)}")
+        if self.fsdp_offload and self.strategy != "fsdp":
+            raise ConfigError(f"{where}.fsdp_offload=true needs {where}.strategy=fsdp")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"{where}.mixed_precision={self.mixed_precision!r}: no, bf16 or fp16")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+    @property
+    def isolated(self) -> bool:
+        return self.subprocess or self.world_size > 1
+
+
+def free_accelerator_memory() -> None:
+    """Collect what the closed models left and hand the CUDA cache back, so the next stage (an engine that
+    checks free memory at start) finds the GPU empty."""
+    gc.collect()
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# --- memory arithmetic -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    params_b: float  # billions of parameters
+    layers: int
+    hidden: int
+    vocab: int
+
+
+# Published configs (config.json of each hub repo); the dry run must not download to learn a model's size.
+SHAPES = {
+    "meta-llama/Meta-Llama-3-70B-Instruct": Shape(70.6, 80, 8192, 128256),
+    "meta-llama/Meta-Llama-3-8B-Instruct": Shape(8.03, 32, 4096, 128256),
+    "mistralai/Mixtral-8x22B-Instruct-v0.1": Shape(140.6, 56, 6144, 32768),
+    "smollm2_135m": Shape(0.135, 30, 576, 49152),
+    "qwen_coder_0.5b": Shape(0.494, 24, 896, 151936),
+    "qwen_coder_1.5b": Shape(1.54, 28, 1536, 151936),
+}
+
+
+def model_shape(spec) -> Shape | None:
+    """The shape of a model spec from the table above, or from its local config.json; None when unknown."""
+    for key in (spec.path, spec.package, spec.name):
+        if key in SHAPES:
+            return SHAPES[key]
+    if spec.source == "hf" and spec.path and (Path(spec.path).expanduser() / "config.json").is_file():
+        c = json.loads((Path(spec.path).expanduser() / "config.json").read_text())
+        c = c.get("text_config", c)
+        h, n, v = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
+        inter = c.get("intermediate_size", 4 * (h or 0))
+        if h and n and v:  # embeddings + attention (4h^2) + gated MLP (3 h i) per layer: close enough for dense models
+            return Shape((2 * v * h + n * (4 * h * h + 3 * h * inter)) / 1e9, n, h, v)
+    return None
+
+
+def full_finetune(train_cfg) -> bool:
+    """Whether the train config trains every weight (no LoRA). The train group spells it `peft: none`."""
+    return str(getattr(train_cfg, "peft", "lora")).lower() in ("none", "full", "false")
+
+
+def train_memory(shape: Shape, *, full: bool, world_size: int, num_machines: int, strategy: str, offload: bool,
+                 batch: int, seq: int, checkpointing: bool, lora_fraction: float = 0.005) -> dict[str, float]:
+    """Estimated GB (1e9 bytes) per GPU and per machine's CPU memory for training with AdamW in mixed precision.
+
+    Model state per trained parameter: bf16 weight 2 + bf16 gradient 2 + fp32 master weight 4 + Adam m and v 8
+    = 16 bytes; a LoRA run keeps the frozen base in bf16 (2 bytes) and trains ~`lora_fraction` of it at 16.
+    FSDP full-shard divides the state by the number of GPUs; with offload it lives in CPU memory and a GPU holds
+    two unsharded layers at a time. Activations per sequence (Korthikanti et al. 2022, flash attention):
+    34*s*h bytes per layer, or with checkpointing the 2*s*h-byte input of every layer plus one layer's 34*s*h,
+    plus fp32 logits (4*s*vocab). Plus ~2 GB of CUDA context and allocator slack.
+    """
+    p = shape.params_b * 1e9
+    state = 16 * p if full else 2 * p + 16 * lora_fraction * p
+    shards = world_size if strategy == "fsdp" else 1
+    sbh = seq * batch * shape.hidden
+    acts = (2 * sbh * shape.layers + 34 * sbh) if checkpointing else 34 * sbh * shape.layers
+    acts += 4 * seq * batch * shape.vocab
+    if offload:
+        on_gpu = 2 * 2 * p / shape.layers
+        host = state / num_machines
+    else:
+        on_gpu = state / shards
+        host = 0.0
+    gb = 1e9
+    return {"state_total_gb": state / gb, "per_gpu_gb": (on_gpu + acts) / gb + 2.0, "activations_gb": acts / gb,
+            "host_per_machine_gb": host / gb}
+
+
+def train_estimate(launch: LaunchConfig, train_cfg, judge_spec) -> dict[str, float] | None:
+    shape = model_shape(judge_spec)
+    if shape is None:
+        return None
+    return train_memory(shape, full=full_finetune(train_cfg), world_size=launch.world_size, num_machines=launch.num_machines,
+                        strategy=launch.strategy, offload=launch.fsdp_offload, batch=train_cfg.per_device_batch_size,
+                        seq=train_cfg.max_length, checkpointing=launch.activation_checkpointing)
+
+
+def over_budget(est: dict[str, float] | None, launch: LaunchConfig) -> str | None:
+    """Why the estimate does not fit what `launch` asks for, or None."""
+    if est is None:
+        return None
+    where = f"{launch.num_machines}x{launch.num_processes} GPUs ({launch.strategy}{', offload' if launch.fsdp_offload else ''})"
+    if est["per_gpu_gb"] > launch.gpu_memory_gb:
+        return (f"training needs ~{est['per_gpu_gb']:.0f} GB per GPU on {where}, over launch.gpu_memory_gb="
+                f"{launch.gpu_memory_gb:g} (model state {est['state_total_gb']:.0f} GB in all)")
+    if est["host_per_machine_gb"] > launch.host_memory_gb:
+        return (f"training offloads ~{est['host_per_machine_gb']:.0f} GB to each machine's CPU memory, over "
+                f"launch.host_memory_gb={launch.host_memory_gb:g}")
+    return None
+
+
+def describe(launch: LaunchConfig, train_cfg, judge_spec, seed_spec) -> str:
+    """The dry run's resource lines: GPUs per stage and the training memory estimate."""
+    def gpus(spec) -> str:
+        n = max(spec.min_gpus, spec.tensor_parallel_size if spec.backend == "vllm" else 0)
+        return f"{n} GPU{'s' if n != 1 else ''}" if n else "CPU"
+
+    est = train_estimate(launch, train_cfg, judge_spec)
+    kind = "full fine-tune" if full_finetune(train_cfg) else "LoRA"
+    lines = [f"  gpus: seed {seed_spec.name} {gpus(seed_spec)}, judge {judge_spec.name} {gpus(judge_spec)} (generate/judge/evaluate); "
+             f"train {launch.num_machines}x{launch.num_processes} process(es), {launch.strategy}"
+             f"{' + CPU offload' if launch.fsdp_offload else ''}{', own process' if launch.isolated else ''}"]
+    if est is None:
+        lines.append(f"  train memory: unknown size of {judge_spec.name} (not estimated)")
+    else:
+        lines.append(f"  train memory ({kind}, AdamW mixed precision): state {est['state_total_gb']:.0f} GB in all, "
+                     f"~{est['per_gpu_gb']:.1f} GB per GPU (budget {launch.gpu_memory_gb:g})"
+                     + (f", {est['host_per_machine_gb']:.0f} GB CPU memory per machine" if est["host_per_machine_gb"] else ""))
+    return "\n".join(lines)
+
+
+# --- launching ---------------------------------------------------------------------------------------------
+
+def accelerate_config(launch: LaunchConfig, cpu: bool) -> dict:
+    """The `accelerate launch --config_file` contents. On CPU the processes talk over gloo in fp32."""
+    multi = launch.world_size > 1
+    cfg = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": ("FSDP" if launch.strategy == "fsdp" and not cpu else "MULTI_GPU") if multi else "NO",
+        "num_processes": launch.world_size,  # accelerate counts processes over all machines
+        "num_machines": launch.num_machines,
+        "machine_rank": 0,
+        "main_process_port": launch.main_process_port,
+        "mixed_precision": "no" if cpu else launch.mixed_precision,
+        "use_cpu": cpu,
+        "dynamo_config": {"dynamo_backend": "NO"},
+        "rdzv_backend": "static",
+        "same_network": True,
+    }
+    if launch.strategy == "fsdp" and multi and not cpu:
+        cfg["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_sharding_strategy": "FULL_SHARD",
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer (_no_split_modules)
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_state_dict_type": "FULL_STATE_DICT",  # the saved weights load with from_pretrained
+            "fsdp_offload_params": launch.fsdp_offload,
+            "fsdp_activation_checkpointing": launch.activation_checkpointing,
+            # Rank 0 reads the checkpoint, the others start on the meta device: 8 processes do not each hold 140 GB.
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_sync_module_states": True,
+            "fsdp_use_orig_params": True,  # LoRA: frozen and trained parameters in one unit
+        }
+    return cfg
+
+
+def launch_command(launch: LaunchConfig, config_file: Path, request: Path, cpu: bool) -> list[str]:
+    """The command that starts the training processes. Several machines: one `accelerate launch` per node via
+    srun, node rank and rendezvous host from SLURM (the loop runs on the allocation's first node)."""
+    acc = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    if launch.world_size > 1 and (cpu or launch.strategy == "ddp"):
+        acc.append("--multi_gpu")  # on CPU this still starts N processes; each picks gloo (use_cpu)
+    if launch.num_machines > 1:
+        script = " ".join(acc) + (' --machine_rank "$SLURM_NODEID" --main_process_ip '
+                                  '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" -m src.launch ' + str(request))
+        return ["srun", f"--nodes={launch.num_machines}", "--ntasks-per-node=1", "bash", "-c", script]
+    return acc + ["-m", "src.launch", str(request)]
+
+
+def run_train(launch: LaunchConfig, train_cfg, examples: list, judge_spec, model_cache: Path | None,
+              previous_adapter: Path | None, out_dir: Path, seed: int, report_to_mlflow: bool) -> dict:
+    """Run the train stage as `launch` says; the stats `train.run` returns."""
+    from .stages import train
+
+    if not launch.isolated:
+        from .models.loading import load_for_training
+
+        try:
+            return train.run(train_cfg, examples, load_for_training(judge_spec, model_cache), previous_adapter, out_dir,
+                             seed, report_to_mlflow)
+        finally:
+            free_accelerator_memory()
+    import torch
+    from .records import to_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    request = out_dir / "launch_request.json"
+    stats_file = out_dir / "launch_stats.json"
+    stats_file.unlink(missing_ok=True)
+    request.write_text(json.dumps({
+        "train": dataclasses.asdict(train_cfg), "examples": [to_dict(e) for e in examples],
+        "judge": dataclasses.asdict(judge_spec), "model_cache": str(model_cache) if model_cache else None,
+        "previous_adapter": str(previous_adapter) if previous_adapter else None, "out_dir": str(out_dir),
+        "seed": seed, "report_to_mlflow": report_to_mlflow, "stats_file": str(stats_file),
+    }))
+    cpu = not torch.cuda.is_available()
+    config_file = out_dir / "accelerate.json"
+    config_file.write_text(json.dumps(accelerate_config(launch, cpu), indent=1))
+    cmd = launch_command(launch, config_file, request, cpu)
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # the `src` this process imported, first on the path
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if report_to_mlflow:
+        import mlflow
+
+        run = mlflow.active_run()
+        env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+        if run is not None:  # the workers log into the open train child run
+            env["MLFLOW_RUN_ID"] = run.info.run_id
+    log.info("train: %d process(es) in their own process group: %s", launch.world_size, " ".join(cmd))
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=root)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train: the training processes failed (exit status {proc.returncode}); command: {' '.join(cmd)}")
+    if not stats_file.exists():
+        raise RuntimeError(f"train: the training processes exited without writing {stats_file}")
+    stats = json.loads(stats_file.read_text())
+    log.info("train: processes finished in %.1fs", time.time() - t0)
+    return stats
+
+
+def worker(request_path: str) -> None:
+    """One training process: rebuild the typed inputs from the request and call `train.run`."""
+    from accelerate import PartialState
+
+    from .config import typed
+    from .models.base import ModelSpec
+    from .models.loading import load_for_training
+    from .records import TrainExample, from_dict
+    from .stages import train
+
+    req = json.loads(Path(request_path).read_text())
+    # The process group first: with FSDP, from_pretrained then loads the weights on rank 0 only.
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true")
+    spec = typed(ModelSpec, req["judge"], "judge")
+    cfg = typed(train.TrainConfig, req["train"], "train")
+    examples = [from_dict(TrainExample, e) for e in req["examples"]]
+    stats = train.run(cfg, examples, load_for_training(spec, req["model_cache"]),
+                      Path(req["previous_adapter"]) if req["previous_adapter"] else None, Path(req["out_dir"]),
+                      int(req["seed"]), bool(req["report_to_mlflow"]) and state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        stats["processes"] = state.num_processes
+        Path(req["stats_file"]).write_text(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    worker(sys.argv[1])
