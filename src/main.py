@@ -12,12 +12,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # Source checkout / editable install: the top-level conf/. Wheel install: the copy packaged as src/conf.
 _HERE = Path(__file__).resolve().parent
 CONF_DIR = str(_HERE / "conf" if (_HERE / "conf" / "config.yaml").exists() else _HERE.parent / "conf")
 log = logging.getLogger("src.main")
+# Used by conf/hydra/launcher/slurm.yaml to size each SLURM job from the model specs.
+OmegaConf.register_new_resolver("ste_max", lambda *xs: max(int(x) for x in xs), replace=True)
+OmegaConf.register_new_resolver("ste_mul", lambda a, b: int(a) * int(b), replace=True)
 
 
 class JobError(CompactHydraException):
@@ -51,12 +54,45 @@ def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
     return choices, sweep, name[:200]
 
 
+def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str], argv: list[str]) -> str | None:
+    """Why this job would silently mix scales, or None: a GPU-scale seed or judge next to CPU-scale groups that
+    came from the defaults (not named on the command line), e.g. `-m seed=mixtral,llama` alone feeding a 70B
+    seed's data to the 135M CPU judge with CPU judging settings. Names the command that runs the paper's scale.
+
+    Defaults do not follow the seed (Hydra has no defaults conditional on another group's choice without making
+    one group's meaning depend on another's): the job stops before loading anything instead."""
+    from .config import typed
+    from .models.base import ModelSpec
+
+    specs = {r: typed(ModelSpec, cfg[r], r) for r in ("seed", "judge")}
+    gpu = {r: s.min_gpus > 0 or s.backend == "vllm" for r, s in specs.items()}
+    if not any(gpu.values()):
+        return None
+    small = [f"{r}={choices.get(r, specs[r].name)}" for r in ("seed", "judge") if not gpu[r] and r not in explicit]
+    small += [f"{g}=cpu" for g in ("judging", "eval") if choices.get(g) == "cpu" and g not in explicit]
+    if not small:
+        return None
+    big = ", ".join(f"{r}={specs[r].name} ({max(specs[r].min_gpus, specs[r].tensor_parallel_size)} GPUs)" for r in gpu if gpu[r])
+    preset = "paper" if max(s.min_gpus for s in specs.values()) >= 8 else "gpu_small"
+    args = [a for a in argv if not a.startswith("+experiments=")]
+    at = 1 if args[:1] in (["-m"], ["--multirun"]) else 0
+    command = " ".join(["python -m src.main", *args[:at], f"+experiments={preset}", *args[at:]])
+    return (f"{big} would run with CPU-scale defaults {', '.join(small)}. At the paper's scale: {command} "
+            f"(add pipeline.dry_run=true to see the plans first); or name those groups on the command line.")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     from .pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
 
     choices, sweep, run_name = job_context()
     try:
+        task = HydraConfig.get().overrides.task
+        mismatch = scale_mismatch(cfg, choices, {o.split("=")[0].lstrip("+~") for o in task}, sys.argv[1:])
+        if mismatch:
+            from .config import ConfigError
+
+            raise ConfigError(mismatch)
         result = run_job(cfg, choices, sweep, run_name)
     except _expected() as e:
         # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.

@@ -1,0 +1,135 @@
+"""The GPU path, proven on CPU: engines closed and memory freed before training, the training-memory arithmetic
+and the dry run's refusal of an over-budget launch, and the seed-scale guard of `-m seed=mixtral,llama`."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+from src import launch, pipeline
+from src.config import ConfigError
+from src.launch import SHAPES, LaunchConfig, train_memory
+from src.main import scale_mismatch
+from src.pipeline import Job, Runner, plan, run_job
+from src.tracking import Tracker
+from tests.conftest import REPO, TINY
+
+LLAMA70 = SHAPES["meta-llama/Meta-Llama-3-70B-Instruct"]
+
+
+def test_engines_are_released_before_training_starts(make_cfg, monkeypatch):
+    """A recording stub stands in for a GPU engine (vLLM on a GPU cannot run here): it wraps the real tiny-model
+    generator and records when it is loaded and closed; training records when it starts and what the pool
+    holds then. Every engine must be closed, and the accelerator cache freed, before training starts."""
+    from src.models import loading
+    from src.stages import train
+
+    events: list[str] = []
+    pools: list[pipeline.ModelPool] = []
+    real_load, real_train, real_free = loading.load_generator, train.run, launch.free_accelerator_memory
+
+    class RecordingEngine:
+        def __init__(self, gen, name):
+            self.gen, self.spec, self.name = gen, gen.spec, name
+            events.append(f"load {name}")
+
+        def generate(self, *a, **k):
+            return self.gen.generate(*a, **k)
+
+        def __getattr__(self, attr):  # the verdict helpers of the wrapped generator
+            return getattr(self.gen, attr)
+
+        def close(self):
+            events.append(f"close {self.name}")
+            self.gen.close()
+
+    def load(spec, adapter=None, cache_dir=None):
+        return RecordingEngine(real_load(spec, adapter=adapter, cache_dir=cache_dir), spec.name + ("+adapter" if adapter else ""))
+
+    def run(*a, **k):
+        events.append("train")
+        assert all(not p.loaded for p in pools), "a model is still loaded when training starts"
+        return real_train(*a, **k)
+
+    class RecordingPool(pipeline.ModelPool):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            pools.append(self)
+
+    monkeypatch.setattr(loading, "load_generator", load)
+    monkeypatch.setattr(train, "run", run)
+    monkeypatch.setattr(launch, "free_accelerator_memory", lambda: (events.append("free"), real_free()))
+    monkeypatch.setattr(pipeline, "ModelPool", RecordingPool)
+
+    job = Job.from_config(make_cfg(*TINY, "eval.rewardbench.enabled=false", "eval.mtbench.enabled=false"))
+    Runner(job, Tracker(job.tracking, job.results_dir)).run(plan(job))
+    t = events.index("train")
+    before = events[:t]
+    loads = [e.split(" ", 1)[1] for e in before if e.startswith("load")]
+    closes = [e.split(" ", 1)[1] for e in before if e.startswith("close")]
+    assert loads and sorted(loads) == sorted(closes), events
+    assert before[-1] == "free", events  # the CUDA cache is handed back after the last close
+    assert any(e.startswith("load") for e in events[t:]), events  # evaluation after training loads again
+
+
+def test_training_memory_arithmetic_for_llama3_70b():
+    kw = dict(batch=1, seq=8192, checkpointing=True)
+    one_node = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=False, **kw)
+    assert one_node["state_total_gb"] == pytest.approx(16 * 70.6, rel=1e-6)  # ~1.1 TB before activations
+    assert one_node["per_gpu_gb"] > 80  # more than one 8x80 GB node holds
+    assert train_memory(LLAMA70, full=True, world_size=16, num_machines=2, strategy="fsdp", offload=False, **kw)["per_gpu_gb"] > 80
+    four = train_memory(LLAMA70, full=True, world_size=32, num_machines=4, strategy="fsdp", offload=False, **kw)
+    assert 40 < four["per_gpu_gb"] < 80
+    off = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=True, **kw)
+    assert off["per_gpu_gb"] < 40 and off["host_per_machine_gb"] == pytest.approx(one_node["state_total_gb"])
+    lora = train_memory(LLAMA70, full=False, world_size=8, num_machines=1, strategy="fsdp", offload=False, **kw)
+    assert lora["per_gpu_gb"] < 80 < train_memory(LLAMA70, full=False, world_size=1, num_machines=1, strategy="ddp", offload=False, **kw)["per_gpu_gb"]
+    # Checkpointing is what makes 8k-token sequences fit: without it activations alone pass 80 GB.
+    assert train_memory(LLAMA70, full=False, world_size=8, num_machines=1, strategy="fsdp", offload=False, batch=1, seq=8192,
+                        checkpointing=False)["activations_gb"] > 80
+
+
+def test_dry_run_refuses_a_launch_the_gpus_cannot_hold(make_cfg, capsys):
+    base = ["seed=tiny_random", "judge=llama", "tracking=none", "pipeline.dry_run=true", "train.max_length=8192",
+            "train.per_device_batch_size=1"]
+    with pytest.raises(ConfigError, match=r"~166 GB per GPU .* over launch.gpu_memory_gb=80"):
+        run_job(make_cfg(*base), {})
+    assert "train memory" in capsys.readouterr().out  # the plan and the estimate are printed before refusing
+    assert run_job(make_cfg(*base, "launch=lora_1node"), {}) == {}
+    assert "~37.6 GB per GPU" in capsys.readouterr().out
+    # Offload moves the state to CPU memory: then that is the budget checked.
+    off = LaunchConfig(num_processes=8, strategy="fsdp", fsdp_offload=True, host_memory_gb=512)
+    est = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=True, batch=1, seq=8192,
+                       checkpointing=True)
+    assert "host_memory_gb=512" in launch.over_budget(est, off)
+    off.host_memory_gb = 2000
+    assert launch.over_budget(est, off) is None
+
+
+CPU_DEFAULT = {"seed": "qwen_coder_0.5b", "judge": "smollm2_135m", "judging": "cpu", "eval": "cpu"}
+
+
+def test_a_gpu_seed_with_cpu_defaults_is_refused_and_names_the_paper_command(make_cfg):
+    cfg = make_cfg("seed=mixtral")
+    msg = scale_mismatch(cfg, {**CPU_DEFAULT, "seed": "mixtral"}, {"seed"}, ["-m", "seed=mixtral,llama"])
+    assert "judge=smollm2_135m" in msg and "judging=cpu" in msg and "eval=cpu" in msg
+    assert "python -m src.main -m +experiments=paper seed=mixtral,llama" in msg
+    # Named on the command line = chosen on purpose: not silent, not refused for it.
+    msg = scale_mismatch(make_cfg("seed=mixtral", "judge=smollm2_135m"), {**CPU_DEFAULT, "seed": "mixtral"}, {"seed", "judge"}, [])
+    assert "judge=" not in msg and "judging=cpu" in msg
+    paper = make_cfg("+experiments=paper", "seed=llama")
+    assert scale_mismatch(paper, {"seed": "llama", "judge": "llama", "judging": "paper", "eval": "full"}, {"seed", "experiments"}, []) is None
+    assert scale_mismatch(make_cfg(), CPU_DEFAULT, set(), []) is None
+    small = make_cfg("+experiments=gpu_small")
+    assert scale_mismatch(small, {"seed": "llama", "judge": "seed", "judging": "paper", "eval": "full"}, {"experiments"}, []) is None
+
+
+def test_the_users_sweep_stops_before_loading_anything():
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "src.main", "-m", "seed=mixtral,llama", "tracking=none"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "+experiments=paper seed=mixtral,llama" in out
+    assert "model: loaded" not in out and "computing" not in out
+    assert time.time() - t0 < 120
