@@ -133,3 +133,41 @@ def test_the_users_sweep_stops_before_loading_anything():
     assert "+experiments=paper seed=mixtral,llama" in out
     assert "model: loaded" not in out and "computing" not in out
     assert time.time() - t0 < 120
+
+
+def test_hub_download_fetches_what_loading_needs_and_explains_gated_models(monkeypatch):
+    """The hub cannot be reached here: snapshot_download is replaced, once by a recorder and once by the error
+    the hub raises for a gated repository without an accepted licence."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from src.models import loading
+    from src.models.tiny import build_tiny_random
+    from tests.conftest import model_cache
+
+    # Every file of a saved model matches the patterns; the duplicates Llama repos hold do not.
+    def wanted(name):
+        return any(fnmatch.fnmatch(name, p) for p in loading.HUB_PATTERNS) and not any(fnmatch.fnmatch(name, p) for p in loading.HUB_IGNORE)
+
+    saved = [f.name for f in build_tiny_random(model_cache()).iterdir() if f.is_file()]
+    assert saved and all(wanted(n) for n in saved), saved
+    assert not any(wanted(n) for n in ["original/consolidated.00.pth", "original/params.json", "pytorch_model-00001-of-00030.bin"])
+    assert wanted("model-00001-of-00030.safetensors") and wanted("tokenizer.json") and wanted("generation_config.json")
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **k: calls.append(k) or "/snap")
+    assert str(loading.download("meta-llama/Meta-Llama-3-70B-Instruct")) == "/snap"
+    assert calls[0]["allow_patterns"] == loading.HUB_PATTERNS and "original/*" in calls[0]["ignore_patterns"]
+
+    def gated(**k):
+        import httpx
+
+        url = "https://huggingface.co/api/models/meta-llama/Meta-Llama-3-70B-Instruct"
+        raise GatedRepoError("401 Client Error: access to model is restricted",
+                             response=httpx.Response(401, request=httpx.Request("GET", url)))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    with pytest.raises(RuntimeError, match="gated: accept its licence on https://huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct.*HF_TOKEN"):
+        loading.download("meta-llama/Meta-Llama-3-70B-Instruct")

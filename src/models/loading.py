@@ -115,10 +115,31 @@ def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> P
             return local
         if _looks_local(spec.path):
             raise FileNotFoundError(f"model {spec.name!r}: local model directory {spec.path} does not exist")
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=spec.path, revision=spec.revision))
+        return download(spec.path, spec.revision)
     raise ValueError(f"model {spec.name!r}: unknown source {spec.source!r}")
+
+
+# What from_pretrained and vLLM read: weights, configs, tokenizer. Not the original/ consolidated .pth copy that
+# Llama repos also hold (another 140 GB for the 70B), nor .bin/.pt duplicates of the safetensors.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]
+HUB_IGNORE = ["original/*", "*.pth", "*.bin", "*.pt", "*.gguf", "*.onnx", "*.msgpack", "*.h5"]
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """The hub snapshot of what loading needs. An interrupted download resumes where it stopped (the hub client
+    keeps partial files in its cache and skips finished ones)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORE))
+    except GatedRepoError as e:
+        raise RuntimeError(
+            f"model {repo_id!r} is gated: accept its licence on https://huggingface.co/{repo_id} with your account, "
+            f"then export HF_TOKEN=<a read token of that account> (or `hf auth login`) and rerun ({type(e).__name__})") from None
+    except RepositoryNotFoundError as e:
+        raise RuntimeError(f"model {repo_id!r}: no such hub repository, or it is private and HF_TOKEN does not "
+                           f"grant access ({type(e).__name__})") from None
 
 
 def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir: str | Path | None = None) -> Generator:
