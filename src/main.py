@@ -77,8 +77,9 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
     args = [a for a in argv if not a.startswith("+experiments=")]
     at = 1 if args[:1] in (["-m"], ["--multirun"]) else 0
     command = " ".join(["python -m src.main", *args[:at], f"+experiments={preset}", *args[at:]])
-    return (f"{big} would run with CPU-scale defaults {', '.join(small)}. At the paper's scale: {command} "
-            f"(add pipeline.dry_run=true to see the plans first); or name those groups on the command line.")
+    hint = "" if any(a.startswith("pipeline.dry_run") for a in args) else " (add pipeline.dry_run=true to see the plans first)"
+    return (f"{big} would run with CPU-scale defaults {', '.join(small)}. At the paper's scale: {command}{hint}; "
+            f"or name those groups on the command line.")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
