@@ -72,3 +72,18 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     assert len(logs) == 2, list(results.rglob(".submitit"))
     stages = [d for d in (results / "cache" / "generate").iterdir() if (d / "data.jsonl").is_file()]
     assert len(stages) == 2  # one generate stage per random_seed, each computed by its own job
+
+
+def test_slurm_launcher_asks_for_the_gpus_the_models_need():
+    import src.main  # noqa: F401  (registers the resolvers the launcher config uses)
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        def launcher(*ov):
+            return compose("config", overrides=["hydra/launcher=slurm", *ov], return_hydra_config=True).hydra.launcher
+
+        paper = launcher("+experiments=paper")
+        assert paper._target_.endswith("SlurmLauncher") and paper.gpus_per_node == 8 and paper.nodes == 1
+        assert launcher("+experiments=gpu_small").gpus_per_node == 1
+        assert launcher("launch=lora_1node").gpus_per_node == 8  # training's processes count too
+        assert launcher("+experiments=paper", "hydra.launcher.partition=gpu").partition == "gpu"
