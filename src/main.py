@@ -1,4 +1,4 @@
-"""Entry point:  python -m src.main [overrides]   /   python -m src.main -m seed=mixtral,llama
+"""Entry point:  python -m src.main [overrides]   /   python -m src.main -m +experiments=paper seed=mixtral,llama
 
 Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see src/pipeline.py).
 """

@@ -104,11 +104,15 @@ def test_filter_sweep_shares_stages_and_groups_runs(first_run):
 
 
 def test_paper_models_dry_run_prints_plans_and_real_run_fails_fast(tmp_path):
-    proc = cli(tmp_path, "-m", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none")
+    # Alone, the seed sweep would pair a 70B seed with CPU-scale defaults: refused, naming the paper command.
+    proc = cli(tmp_path, "-m", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none", check=False)
+    assert proc.returncode != 0 and "plan: " not in proc.stdout
+    assert "+experiments=paper seed=mixtral,llama" in proc.stdout + proc.stderr
+    proc = cli(tmp_path, "-m", "+experiments=paper", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none")
     assert proc.stdout.count("plan: ") == 2
     assert "seed=mixtral" in proc.stdout and "seed=llama" in proc.stdout
-    assert "NOT RUNNABLE HERE" in proc.stdout
-    proc = cli(tmp_path, "seed=mixtral", "tracking=none", check=False)
+    assert "NOT RUNNABLE HERE" in proc.stdout and proc.stdout.count("gpus: seed") == 2
+    proc = cli(tmp_path, "+experiments=paper", "seed=mixtral", "tracking=none", check=False)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "vllm" in err.lower() and "qwen_coder_0.5b" in err
