@@ -36,10 +36,15 @@ class TrackingConfig:
     wandb_mode: str = "offline"
 
 
+# The user's MLFLOW_TRACKING_URI, read once at import: mlflow.set_tracking_uri() exports that variable itself, so
+# read later it would name whatever store this process used last (another job's, another test's).
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def store_uri(cfg: TrackingConfig, results_dir: Path) -> str:
-    """tracking.tracking_uri, else $MLFLOW_TRACKING_URI (a team's `mlflow server`), else the offline SQLite store.
-    Absolute: a relative sqlite:/// path would split the store per working directory."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+    """tracking.tracking_uri, else the user's $MLFLOW_TRACKING_URI (a team's `mlflow server`), else the offline
+    SQLite store. Absolute: a relative sqlite:/// path would split the store per working directory."""
+    return cfg.tracking_uri or _USER_TRACKING_URI or f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
 def is_server(uri: str) -> bool:

@@ -2,6 +2,7 @@
 open every artifact over the server's proxy, and every run records the code and packages that made it."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 import pytest
 
 from src.tracking import Tracker, TrackingConfig, artifact_location
+from tests.conftest import REPO
 
 
 def _free_port() -> int:
@@ -49,12 +51,22 @@ def server(tmp_path):
         proc.kill()
 
 
-def test_artifacts_are_served_through_the_proxy(server, tmp_path, monkeypatch):
+def test_user_tracking_uri_from_the_environment(tmp_path):
+    """$MLFLOW_TRACKING_URI as the user set it when the job started (mlflow itself rewrites the variable later)."""
+    code = "from pathlib import Path; from src.tracking import store_uri, TrackingConfig; print(store_uri(TrackingConfig(), Path('/r')))"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "http://127.0.0.1:5999"
+    env.pop("MLFLOW_TRACKING_URI")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "sqlite:////r/mlflow.db"
+
+
+def test_artifacts_are_served_through_the_proxy(server, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)  # as a user points a job at a team server
-    cfg = TrackingConfig()
+    cfg = TrackingConfig(tracking_uri=server)
     results = tmp_path / "results"
     assert artifact_location(cfg, results) is None  # the server picks the (proxied) artifact root
     t = Tracker(cfg, results)
