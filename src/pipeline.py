@@ -282,21 +282,21 @@ def _explicit(j: Judgment, judging: JudgingConfig) -> str:
 
 
 def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig, seed: int) -> list[TrainExample]:
-    """Judge prompt + kept judgment. Each example also carries an incorrect judgment of the same pair and
-    order when one was sampled (the rejected side for train=dpo; SFT ignores it)."""
+    """Judge prompt + kept judgment. Each example also carries an incorrect or verdict-less judgment of the same
+    pair and order when one was sampled (the rejected side for train=dpo; SFT ignores it)."""
     import hashlib
 
     template = judge.judge_template(judging.prompt, "judging.prompt")
     wrong: dict[tuple[str, str], list[Judgment]] = {}
     for j in all_judgments:
-        if j.verdict is not None and not j.correct:
+        if not j.correct:  # RAM's DPO recipe (prepare_dpo_data.py): a wrong verdict or none at all is a negative
             wrong.setdefault((j.pair_id, j.order), []).append(j)
     out = []
     for j in kept:
         candidates = wrong.get((j.pair_id, j.order), []) if j.correct else []
         bad = min(candidates, key=lambda w: hashlib.sha256(f"{seed}:{w.pair_id}:{w.order}:{w.sample}".encode()).hexdigest()) if candidates else None
         out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, judging.max_response_chars),
-                                _explicit(j, judging), j.verdict, _explicit(bad, judging) if bad else None))
+                                _explicit(j, judging), j.verdict, (_explicit(bad, judging) if bad.verdict else bad.text.rstrip()) if bad else None))
     return out
 
 

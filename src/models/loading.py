@@ -145,6 +145,9 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir: str | Path | None = None) -> Generator:
     preflight(spec)
     model_dir = resolve_model_dir(spec, cache_dir)
+    if adapter is not None and (Path(adapter) / "config.json").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
+        # A full fine-tune's output (train.peft=none) is a whole model directory, not an adapter: it replaces the weights.
+        model_dir, adapter = Path(adapter), None
     if spec.backend == "vllm":
         from .vllm_backend import VLLMGenerator
 

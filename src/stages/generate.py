@@ -2,7 +2,9 @@
 
 chosen = the model's answer to x. rejected = its answer to a modified instruction x' ("highly relevant but
 not semantically identical"), so the label is known without a human. Reads the `negatives` config group.
-Outputs that fail to parse (no x', x' equal to x, an empty answer) are counted and dropped.
+Outputs that fail to parse (no x', x' equal to x, an empty answer) are counted and dropped, each reason under
+its own stat (`dropped/<reason>`, logged as `generate/dropped/<reason>`). Answers cut off at the token limit are
+counted per role (`truncated/chosen`, `truncated/rejected`); `drop_truncated` drops those pairs.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from ..prompts import load_template
 from ..records import Instruction, Pair, from_dict, to_dict
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: format_break drop reason, truncation counts, drop_truncated
 
 
 @dataclass
@@ -31,6 +33,9 @@ class NegativesConfig:
     modify_max_new_tokens: int = 40
     temperature: float = 0.0
     top_p: float = 1.0
+    # Drop a pair whose chosen or rejected answer hit the token limit. A cut-off chosen answer can be worse than the
+    # rejected one, so the known label may be wrong; but on CPU (64 tokens) most answers are cut: off by default.
+    drop_truncated: bool = False
 
     def validate(self, where: str) -> None:
         if self.method not in ("modified_instruction", "worse_rewrite"):
@@ -49,6 +54,13 @@ def templates(cfg: NegativesConfig):
             cfg.single_call_prompt, "worse_response.txt", ("input", "generation"), "negatives.single_call_prompt"
         )
     }
+
+
+# Every reason a pair can be dropped for, so each is logged (as 0 too) and runs compare metric by metric.
+# format_break: the output has no parsable x' (single_call: the worse_response markers are missing or x' is empty;
+# two_step: the x' call wrote nothing usable).
+DROP_REASONS = ("empty_chosen", "format_break", "modified_equals_original", "empty_rejected", "rejected_equals_chosen",
+                "truncated")
 
 
 _LABEL = re.compile(r"^\s*(\*\*)?(modified (instruction|question|user question)|new instruction)\s*:?\s*(\*\*)?\s*:?\s*", re.I)
@@ -72,12 +84,12 @@ _SINGLE = re.compile(
 )
 
 
-def parse_single_call(text: str) -> tuple[str, str] | None:
-    """(x', answer) from the paper's worse_response format, or None when the markers are missing."""
+def parse_single_call(text: str) -> tuple[str, str, bool] | None:
+    """(x', answer, end marker present) from the paper's worse_response format, or None when the markers are missing."""
     m = _SINGLE.search(text)
     if not m:
         return None
-    return m.group("mod").strip(), m.group("ans").strip()
+    return m.group("mod").strip(), m.group("ans").strip(), bool(m.group(3))
 
 
 def _same(a: str, b: str) -> bool:
@@ -109,23 +121,27 @@ def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Gene
             parsed = parse_single_call(o.text)
             mods.append(parsed[0] if parsed else "")
             if parsed and parsed[0] and not _same(parsed[0], chunk[k].text):
-                rejected[k] = type(o)(text=parsed[1], num_tokens=o.num_tokens, finished=o.finished)
+                # Cut off = the output hit the limit before the end marker (a model may stop right after the answer).
+                rejected[k] = type(o)(text=parsed[1], num_tokens=o.num_tokens, finished=o.finished or parsed[2])
                 ok.append(k)
     for k, inst in enumerate(chunk):
+        cut = {"chosen": not chosen[k].finished, "rejected": k in rejected and not rejected[k].finished}
         if not chosen[k].text.strip():
-            rows.append({"id": inst.id, "drop": "empty_chosen"})
+            rows.append({"id": inst.id, "drop": "empty_chosen", "truncated": cut})
         elif k not in rejected:
-            rows.append({"id": inst.id, "drop": "no_modified_instruction" if not mods[k] else "modified_equals_original"})
+            rows.append({"id": inst.id, "drop": "format_break" if not mods[k] else "modified_equals_original", "truncated": cut})
         elif not rejected[k].text.strip():
-            rows.append({"id": inst.id, "drop": "empty_rejected"})
+            rows.append({"id": inst.id, "drop": "empty_rejected", "truncated": cut})
         elif _same(rejected[k].text, chosen[k].text):
-            rows.append({"id": inst.id, "drop": "rejected_equals_chosen"})
+            rows.append({"id": inst.id, "drop": "rejected_equals_chosen", "truncated": cut})
+        elif cfg.drop_truncated and (cut["chosen"] or cut["rejected"]):
+            rows.append({"id": inst.id, "drop": "truncated", "truncated": cut})
         else:
             pair = Pair(
                 id=inst.id, instruction=inst.text, chosen=chosen[k].text.strip(), rejected=rejected[k].text.strip(),
                 modified=mods[k], split=inst.split, tokens=chosen[k].num_tokens + rejected[k].num_tokens,
             )
-            rows.append({"id": inst.id, "pair": to_dict(pair)})
+            rows.append({"id": inst.id, "pair": to_dict(pair), "truncated": cut})
     return rows
 
 
@@ -137,12 +153,17 @@ def run(cfg: NegativesConfig, instructions: list[Instruction], model: Generator,
     rows = {r["id"]: r for r in saved}
     ordered = [rows[i.id] for i in instructions]
     pairs = [from_dict(Pair, r["pair"]) for r in ordered if "pair" in r]
-    drops: dict[str, int] = {}
-    for r in ordered:
-        if "drop" in r:
-            drops[r["drop"]] = drops.get(r["drop"], 0) + 1
-    stats = {"instructions": len(instructions), "pairs": len(pairs), "dropped": drops,
+    drops = {reason: sum(r.get("drop") == reason for r in ordered) for reason in DROP_REASONS}
+    stats = {"instructions": len(instructions), "pairs": len(pairs), "dropped": {k: v for k, v in drops.items() if v},
              "pairs_train": sum(p.split == "train" for p in pairs), "pairs_heldout": sum(p.split == "heldout" for p in pairs),
              "tokens": sum(p.tokens for p in pairs)}
-    log.info("generate: negatives=%s made %d pairs from %d instructions, dropped %s", cfg.method, len(pairs), len(instructions), drops or "none")
+    # Flat numeric stats, so every reason reaches MLflow as its own metric (generate/dropped/<reason>).
+    stats.update({f"dropped/{k}": v for k, v in drops.items()})
+    stats["format_break_rate"] = drops["format_break"] / len(instructions) if instructions else 0.0
+    for role in ("chosen", "rejected"):
+        # Over every instruction that got an answer in that role, kept or dropped; kept pairs only as `*_kept`.
+        stats[f"truncated/{role}"] = sum(bool(r.get("truncated", {}).get(role)) for r in ordered)
+        stats[f"truncated/{role}_kept"] = sum(bool(r.get("truncated", {}).get(role)) for r in ordered if "pair" in r)
+    log.info("generate: negatives=%s made %d pairs from %d instructions, dropped %s; cut off at the token limit: %d chosen, %d rejected",
+             cfg.method, len(pairs), len(instructions), stats["dropped"] or "none", stats["truncated/chosen"], stats["truncated/rejected"])
     return pairs, stats

@@ -1,16 +1,20 @@
-"""Stage 5, train: fine-tune the judge on the kept judgments with TRL + PEFT LoRA. Reads the `train` group.
+"""Stage 5, train: fine-tune the judge on the kept judgments with TRL. Reads the `train` group.
+
+`peft=lora` (CPU / single-GPU default) trains a PEFT LoRA adapter, saved as out_dir/adapter; `peft=none` (the paper)
+fine-tunes every weight, saved as a whole model directory out_dir/model. The stats say which (`produced`).
 
 `sft` (the paper): loss on the judgment tokens only (prompt-completion data; TRL masks the prompt).
 `dpo` (the released model adds it): a kept correct judgment is preferred over an incorrect judgment of the
-same pair and order, plus an optional NLL term on the chosen judgment (`sft_weight`, TRL's "sft" loss). The adapter is the
-stage's output; `init_from` chooses whether iteration k+1 starts from the untrained judge (the paper) or
-continues from iteration k's adapter. Checkpoints go into the stage's partial directory, so a killed run
+same pair and order (RAM: also a verdict-less one), plus an optional NLL term on the chosen judgment (`sft_weight`,
+TRL's "sft" loss); examples with no such judgment are dropped and A/B balance is restored afterwards, as RAM does.
+`init_from` chooses whether iteration k+1 starts from the untrained judge (the paper) or continues from iteration
+k's output. Checkpoints go into the stage's partial directory, so a killed run
 resumes training from the last checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +23,13 @@ from ..config import ConfigError, knob
 from ..records import TrainExample
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: peft=none (full weights), DPO A/B rebalance, train_loss = mean over all steps after resume
 
 
 @dataclass
 class TrainConfig:
     method: str = "sft"
+    peft: str = "lora"  # lora: a LoRA adapter; none: full fine-tuning of every weight (the paper)
     init_from: str = "seed"
     learning_rate: float = knob(1e-3, "peak learning rate", min=0)
     warmup_steps: int = 0
@@ -44,6 +49,8 @@ class TrainConfig:
     def validate(self, where: str) -> None:
         if self.method not in ("sft", "dpo"):
             raise ConfigError(f"{where}.method={self.method!r}: known methods: sft, dpo")
+        if self.peft not in ("lora", "none"):
+            raise ConfigError(f"{where}.peft={self.peft!r}: use lora (adapter) or none (full fine-tuning)")
         if self.init_from not in ("seed", "previous"):
             raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
 
@@ -71,13 +78,19 @@ def run(
     seed: int,
     report_to_mlflow: bool,
 ) -> dict:
-    """Train and save the adapter to out_dir/adapter. Returns stats (losses, steps, seconds)."""
+    """Train and save out_dir/adapter (peft=lora) or out_dir/model (peft=none). `previous_adapter` is what the
+    previous iteration's train stage produced (either kind) for init_from=previous, else None. Returns stats
+    (losses, steps, seconds, `produced`: adapter | full | none)."""
     model, tokenizer = model_and_tokenizer
+    rebalanced = 0
     if cfg.method == "dpo":
         without = sum(e.rejected_completion is None for e in examples)
         if without:
             log.warning("train: method=dpo skips %d/%d examples with no incorrect judgment to prefer against", without, len(examples))
-        examples = [e for e in examples if e.rejected_completion is not None]
+        with_rejected = [e for e in examples if e.rejected_completion is not None]
+        # The filter balanced A/B before this drop; RAM balances among the examples that have a negative.
+        examples = balance_ab(with_rejected, seed)
+        rebalanced = len(with_rejected) - len(examples)
     fitting = [e for e in examples if _length(tokenizer, e) <= cfg.max_length]
     too_long = len(examples) - len(fitting)
     if too_long:
@@ -92,9 +105,17 @@ def run(
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     peft_config = None
-    if previous_adapter is not None:
+    if previous_adapter is not None and is_full_model(previous_adapter):
+        if cfg.peft == "lora":
+            raise ConfigError(f"train.init_from=previous with train.peft=lora: the previous iteration produced full weights ({previous_adapter}), not an adapter")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(previous_adapter), dtype=model.dtype)
+    elif previous_adapter is not None:
+        if cfg.peft == "none":
+            raise ConfigError(f"train.init_from=previous with train.peft=none: the previous iteration produced a LoRA adapter ({previous_adapter})")
         model = PeftModel.from_pretrained(model, str(previous_adapter), is_trainable=True)
-    else:
+    elif cfg.peft == "lora":
         peft_config = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
@@ -124,33 +145,55 @@ def run(
     if cfg.method == "dpo":
         losses = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
         args = DPOConfig(**common, beta=cfg.beta, loss_type=losses[0], loss_weights=losses[1])
-        # With a LoRA model TRL uses the adapter-disabled base as the reference: no second copy in memory.
+        # With a LoRA model TRL uses the adapter-disabled base as the reference: no second copy in memory. A full
+        # fine-tune gets a frozen copy of the starting model as reference (TRL loads it), as RAM's recipe does.
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     else:
         args = SFTConfig(**common, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
     resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights.
-    trainer.save_model(str(out_dir / "adapter"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights. With a
+    # full fine-tune (peft=none) it writes a whole model directory (weights + the tokenizer, TRL's processing_class)
+    # that load_generator and vLLM load like any model.
+    produced = "adapter" if cfg.peft == "lora" else "full"
+    trainer.save_model(str(out_dir / ("adapter" if produced == "adapter" else "model")))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     import shutil
 
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the adapter is the output; checkpoints were only for resume
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the output is saved; checkpoints were only for resume
     return {
         "trained": True,
-        "produced": "adapter",  # what out_dir holds: adapter/ ("adapter"), full weights ("full") or nothing ("none")
+        "produced": produced,  # what out_dir holds: adapter/ ("adapter"), model/ ("full") or nothing ("none")
         "examples": len(examples),
         "steps": trainer.state.global_step,
-        "train_loss": float(result.training_loss) if not math.isnan(result.training_loss) else None,
+        # TRL's result.training_loss after a resume divides the post-resume losses by ALL steps (issue 9). The
+        # restored log_history has one entry per optimizer step (logging_steps=1), before and after the resume.
+        "train_loss": sum(losses) / len(losses) if losses else None,
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
         "seconds": time.time() - t0,
         "resumed": resume,
         "dropped_too_long": too_long,
+        "dropped_unbalanced": rebalanced,
     }
+
+
+def is_full_model(path: Path) -> bool:
+    """A train output that is a whole model directory (peft=none), not a LoRA adapter."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "adapter_config.json").is_file()
+
+
+def balance_ab(examples: list[TrainExample], seed: int) -> list[TrainExample]:
+    """Equal numbers of "A better" and "B better" examples: a seeded random subset of the larger side."""
+    a = [e for e in examples if e.verdict == "A"]
+    b = [e for e in examples if e.verdict == "B"]
+    n = min(len(a), len(b))
+    rng = random.Random(seed)
+    keep = {id(e) for e in rng.sample(a, n) + rng.sample(b, n)}
+    return [e for e in examples if id(e) in keep]
 
 
 def _length(tokenizer, e: TrainExample) -> int:
