@@ -51,6 +51,10 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     for metric in ["rewardbench/overall", "rewardbench/chat_hard", "rewardbench/swap_consistency", "rewardbench/parse_fail",
                    "mtbench/agreement_s1", "mtbench/agreement_s1/turn1"]:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [0, 1], metric
+    # Drops by reason and truncations per role reach MLflow as numbers (issue 7).
+    for metric in ["generate/dropped/format_break", "generate/dropped/modified_equals_original", "generate/truncated/chosen",
+                   "generate/truncated/rejected"]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0], metric
     for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
     acc = run.data.metrics["synthetic/accuracy"]

@@ -33,6 +33,9 @@ class TrainConfig:
     init_from: str = "seed"
     learning_rate: float = knob(1e-3, "peak learning rate", min=0)
     warmup_steps: int = 0
+    lr_scheduler: str = "linear"  # any transformers SchedulerType; RAM: cosine
+    weight_decay: float = 0.0  # AdamW; RAM: 0.1
+    adam_beta2: float = 0.999  # AdamW; RAM: 0.95
     num_epochs: float = 3
     max_steps: int = -1
     per_device_batch_size: int = knob(2, "examples per device per step", min=1)
@@ -51,6 +54,10 @@ class TrainConfig:
             raise ConfigError(f"{where}.method={self.method!r}: known methods: sft, dpo")
         if self.peft not in ("lora", "none"):
             raise ConfigError(f"{where}.peft={self.peft!r}: use lora (adapter) or none (full fine-tuning)")
+        from transformers import SchedulerType
+
+        if self.lr_scheduler not in {t.value for t in SchedulerType}:
+            raise ConfigError(f"{where}.lr_scheduler={self.lr_scheduler!r}: one of {', '.join(t.value for t in SchedulerType)}")
         if self.init_from not in ("seed", "previous"):
             raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
 
@@ -125,6 +132,9 @@ def run(
         output_dir=str(ckpt_dir),
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.per_device_batch_size,
