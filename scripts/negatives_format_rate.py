@@ -1,6 +1,8 @@
 """Format-break and truncation rates of the two negatives modes on the same instructions.
 
-    python -m scripts.negatives_format_rate [N] [hydra overrides...]     (default N=16, the CPU default's seed)
+    python -m scripts.negatives_format_rate [N] [--cache DIR] [hydra overrides...]   (default N=16, the CPU default)
+
+--cache DIR keeps the generate partials there, so a killed measurement resumes where it stopped.
 
 Takes the first N instructions of the CPU default's shuffled pool (no classification: the format is what is
 measured, not the category) and runs the generate stage once with negatives.mode=two_step, once with single_call.
@@ -23,7 +25,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 def main(argv: list[str]) -> None:
     n = int(argv[0]) if argv and argv[0].isdigit() else 16
-    overrides = [a for a in argv if not a.isdigit()]
+    cache = argv[argv.index("--cache") + 1] if "--cache" in argv else None
+    overrides = [a for a in argv if not a.isdigit() and a != "--cache" and a != cache]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         job = Job.from_config(compose("config", overrides=overrides))
     import random
@@ -36,8 +39,9 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("two_step", "single_call"):
             cfg = generate.NegativesConfig(**{**vars(job.negatives), "mode": mode})
-            _, st = generate.run(cfg, insts, model, job.random_seed, StageCache(Path(tmp)).partial("generate", mode), 8)
+            _, st = generate.run(cfg, insts, model, job.random_seed, StageCache(Path(cache or tmp)).partial("generate", mode), 8)
             rows.append((mode, st))
+            print(mode, {k: v for k, v in st.items() if "/" in k or k in ("pairs", "format_break_rate")}, flush=True)
     print(f"seed={job.seed.name} instructions={n} answer_max_new_tokens={job.negatives.answer_max_new_tokens} "
           f"modify_max_new_tokens={job.negatives.modify_max_new_tokens}")
     print("| mode | pairs | format breaks | x' = x | other drops | chosen cut off | rejected cut off |")
