@@ -158,12 +158,12 @@ def test_task_docs_cover_full_data():
     docs = u.rewardbench_process_docs(rb)
     assert len(docs) == 2 * 2985
     assert len({(d["subset"], d["id"], d["order"]) for d in docs}) == 2 * 2985
-    text = u.doc_to_text(docs[1])
-    assert docs[1]["answer_a"] in text and docs[1]["answer_b"] in text and "[[A]]" in text
+    text = u.doc_to_text(docs[1])  # the user turn; the verdict format is in the system turn
+    assert docs[1]["answer_a"] in text and docs[1]["answer_b"] in text and "[[A]]" in docs[1]["judge_system"]
     mt_rows = datasets.Dataset.from_json(str(DATA / "mtbench" / "human_judgments.jsonl.gz"))
     mdocs = u.mtbench_process_docs(mt_rows)
     assert len(mdocs) == 2 * 1633  # keys with an expert vote, both orders
     assert [d["order"] for d in mdocs.select(range(4))] == ["ab", "ba", "ab", "ba"]
     assert [d["turn"] for d in mdocs.select(range(4))] == [1, 1, 2, 2]
-    assert u._parse_verdict("so [[B]]") == "B" and u._parse_verdict("[[A]] or [[B]]") is None
-    assert u._parse_verdict("") is None and u._parse_verdict("[[C]]") is None
+    assert u.rewardbench_verdict("so [[B]]") == "B" and u.rewardbench_verdict("[[A]] or [[B]]") == "A"  # official
+    assert u.fastchat_verdict("[[C]]") == "tie" and u.rewardbench_verdict("[[C]]") is None

@@ -154,6 +154,17 @@ def tiny():
     gen.close()
 
 
+def test_generator_sends_the_system_message(tiny):
+    """A system + user prompt goes through the model's chat template as two turns (counted the same way)."""
+    template = judge_template(None, "eval.prompt")
+    messages = render(template, "Q", "a1", "b1", 100)
+    text = tiny.chat_text(messages)
+    assert tiny.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    assert text.index(template.system) < text.index("[User Question]\nQ")
+    assert "<|system|>" in text and "<|system|>" not in tiny.chat_text(messages[1]["content"])
+    assert tiny.count_tokens([messages]) == [len(tiny._encode(text))]
+
+
 def test_long_inputs_are_clipped_to_the_token_budget(tiny):
     """No stage aborts on a long pair: the responses are cut until prompt + max_new_tokens fits the context."""
     template = judge_template(None, "eval.prompt")
