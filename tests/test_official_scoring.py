@@ -122,8 +122,7 @@ def test_lm_eval_task_renders_the_loops_prompt():
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    tasks = TaskManager(include_path=str(REPO / "lm_eval_tasks")).load_task_or_group(["rewardbench_judge", "mtbench_human_judge"])
-    tasks = {t.config.task: t for t in tasks.values()} if isinstance(tasks, dict) else tasks
+    tasks = TaskManager(include_path=str(REPO / "lm_eval_tasks")).load(["rewardbench_judge", "mtbench_human_judge"])["tasks"]
     template = judge_template(None, "eval.prompt")
     loop = {
         "rewardbench_judge": {(p.extra["subset"], p.extra["id"], p.order): p.parts
@@ -209,6 +208,7 @@ def test_every_eval_preset_logs_majority_vote_to_mlflow(tmp_path, preset):
     """Each eval preset once with MLflow on (SQLite store under tmp_path) and maj_k=2: the run finishes and the
     majority-vote metrics, named in MLflow's alphabet, are logged; the prompt is logged as a param."""
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process exports it; the run must use its own store
     args = ["model=tiny_random", f"eval={preset}", "tracking=mlflow", "eval.max_new_tokens=4", "eval.max_response_chars=150",
             "eval.rewardbench.per_subset=1", "eval.rewardbench.maj_k=2", "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"]
     proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
