@@ -209,7 +209,8 @@ def test_every_eval_preset_logs_majority_vote_to_mlflow(tmp_path, preset, monkey
     majority-vote metrics, named in MLflow's alphabet, are logged; the prompt is logged as a param."""
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process exports it; the run must use its own store
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # and is unset again after this test
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so teardown restores the variable's absence...
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")      # ...after mlflow.set_tracking_uri below exports it again
     args = ["model=tiny_random", f"eval={preset}", "tracking=mlflow", "eval.max_new_tokens=4", "eval.max_response_chars=150",
             "eval.rewardbench.per_subset=1", "eval.rewardbench.maj_k=2", "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"]
     proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
