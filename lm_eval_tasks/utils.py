@@ -10,14 +10,18 @@ the full metric dicts from the logged samples.
 Slicing: docs come interleaved (RewardBench: round-robin over sections and subsets; MT-Bench: turn 1 / turn
 2), each item's two orders adjacent, so `--limit 2N` is N items, roughly stratified.
 
-Judge prompt: the Self-Taught Evaluator `eval_plan` template ({input}, {generation}, {generation2}), read from
-shared/data/selftaught_evaluator_release/prompt_templates.json next to the repo, or from the JSON file named
-by the environment variable STE_JUDGE_PROMPTS (key "eval_plan"), or from a plain-text template file named
-by STE_JUDGE_TEMPLATE.
+Judge prompt: the loop's evaluation prompt, read from the same file (src/prompts/self_taught_eval.json, the
+paper's system + user prompt; src.stages.judge.judge_template), or from the file named by the environment variable
+STE_EVAL_PROMPT (same syntax as the config key eval.prompt, e.g. path/prompt_templates.json:eval_plan). The user
+message is doc_to_text; the system message rides in each doc's "judge_system" field, which the YAMLs name as the
+task `description`: with --apply_chat_template lm-eval sends it as the system turn (without, it is prepended).
+Unlike the loop, responses are not clipped (lm-eval truncates over-long contexts itself).
+
+Verdicts: each benchmark's official parser, as in the loop (src/verdicts.py): RewardBench `process_judgement`,
+FastChat's per-order parse for MT-Bench.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -32,47 +36,24 @@ import datasets  # noqa: E402
 
 from src.benchmarks import mtbench as _mt  # noqa: E402
 from src.benchmarks import rewardbench as _rb  # noqa: E402
+from src.verdicts import fastchat_verdict, rewardbench_verdict  # noqa: E402
 
 SLICE_SEED = int(os.environ.get("STE_LMEVAL_SLICE_SEED", "0"))
-_DEFAULT_PROMPTS = _REPO_ROOT.parent / "shared" / "data" / "selftaught_evaluator_release" / "prompt_templates.json"
-
-
-def _parse_verdict(text: str | None) -> str | None:
-    """Exactly one of the tags "[[A]]" / "[[B]]" occurs in the text -> that letter; both or neither -> None.
-    (A private copy of the project's verdict rule: lm-eval loads this file on its own.)"""
-    if not text:
-        return None
-    has_a, has_b = "[[A]]" in text, "[[B]]" in text
-    if has_a == has_b:
-        return None
-    return "A" if has_a else "B"
 
 
 @lru_cache(maxsize=1)
-def judge_template() -> str:
-    if os.environ.get("STE_JUDGE_TEMPLATE"):
-        return Path(os.environ["STE_JUDGE_TEMPLATE"]).read_text(encoding="utf-8")
-    path = Path(os.environ.get("STE_JUDGE_PROMPTS", _DEFAULT_PROMPTS))
-    if not path.exists():
-        raise FileNotFoundError(
-            f"judge prompt templates not found at {path}; set STE_JUDGE_PROMPTS (JSON with 'eval_plan') or "
-            "STE_JUDGE_TEMPLATE (a text file with {input}, {generation}, {generation2})"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))["eval_plan"]
+def judge_template():
+    from src.stages.judge import judge_template as template_for
 
-
-def _format(question: str, answer_a: str, answer_b: str) -> str:
-    # str.replace, not str.format: answers contain braces (code)
-    return (
-        judge_template()
-        .replace("{input}", question)
-        .replace("{generation}", answer_a)
-        .replace("{generation2}", answer_b)
-    )
+    return template_for(os.environ.get("STE_EVAL_PROMPT") or None, "eval.prompt")
 
 
 def doc_to_text(doc: dict) -> str:
-    return _format(doc["question"], doc["answer_a"], doc["answer_b"])
+    return judge_template().fill(input=doc["question"], generation=doc["answer_a"], generation2=doc["answer_b"])
+
+
+def _system() -> str:
+    return judge_template().system or ""
 
 
 def keep_all(resps, docs):
@@ -80,11 +61,11 @@ def keep_all(resps, docs):
     return [list(r) for r in resps]
 
 
-def _verdicts(results: list) -> tuple[str | None, list[str | None]]:
+def _verdicts(results: list, parse) -> tuple[str | None, list[str | None]]:
     """(first response's verdict, all verdicts when there are several responses else [])."""
     first = results[0]
     texts = list(first) if isinstance(first, (list, tuple)) else [first]
-    verdicts = [_parse_verdict(t) for t in texts]
+    verdicts = [parse(t or "") for t in texts]
     return verdicts[0], (verdicts if len(verdicts) > 1 else [])
 
 
@@ -98,12 +79,13 @@ def rewardbench_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
             docs.append({
                 "id": it.id, "subset": it.subset, "section": it.section, "order": order,
                 "chosen_label": chosen_label, "question": question, "answer_a": answer_a, "answer_b": answer_b,
+                "judge_system": _system(),
             })
     return datasets.Dataset.from_list(docs)
 
 
 def rewardbench_process_results(doc: dict, results: list) -> dict:
-    verdict, verdicts_k = _verdicts(results)
+    verdict, verdicts_k = _verdicts(results, rewardbench_verdict)
     record = {
         "subset": doc["subset"], "section": doc["section"], "id": int(doc["id"]), "order": doc["order"],
         "chosen_label": doc["chosen_label"], "verdict": verdict, "verdicts_k": verdicts_k,
@@ -131,7 +113,7 @@ def mtbench_process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
                 "question_id": int(row["question_id"]), "model_a": row["model_a"], "model_b": row["model_b"],
                 "turn": int(row["turn"]), "category": row.get("category") or "", "order": order,
                 "question": question, "answer_a": answer_a, "answer_b": answer_b,
-                "human_votes": row["human_votes"],
+                "human_votes": row["human_votes"], "judge_system": _system(),
             })
     return datasets.Dataset.from_list(docs)
 
@@ -141,7 +123,7 @@ def mtbench_doc_to_target(doc: dict) -> str:
 
 
 def mtbench_process_results(doc: dict, results: list) -> dict:
-    verdict, verdicts_k = _verdicts(results)
+    verdict, verdicts_k = _verdicts(results, fastchat_verdict)
     record = {
         "question_id": int(doc["question_id"]), "model_a": doc["model_a"], "model_b": doc["model_b"],
         "turn": int(doc["turn"]), "order": doc["order"], "verdict": verdict, "verdicts_k": verdicts_k,

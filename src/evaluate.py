@@ -36,7 +36,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     from .pipeline import PipelineConfig, eval_key, model_id
     from .records import to_dict
     from .stages import evaluate
-    from .stages.judge import judge_template
+    from .stages.judge import judge_template, prompt_params
     from .tracking import Tracker, TrackingConfig, flatten
 
     spec = typed(ModelSpec, cfg.model, "model")
@@ -54,7 +54,8 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     judge_template(ecfg.prompt, "eval.prompt")  # a bad prompt file fails before the model loads
     tracker = Tracker(typed(TrackingConfig, cfg.tracking, "tracking"), results)
     name = spec.name + (f"+{adapter.name}" if adapter else "")
-    tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)})},
+    tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)}),
+                                   **prompt_params(eval=ecfg.prompt)},
                   {"ste.kind": "eval", "choice.model": spec.name}, None)
     # Same key as the loop's for the untrained model (its iteration-0 scores are reused); an adapter is keyed by
     # its bytes here (the loop keys it by the train stage that made it).

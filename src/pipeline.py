@@ -295,7 +295,8 @@ def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs
     for j in kept:
         candidates = wrong.get((j.pair_id, j.order), []) if j.correct else []
         bad = min(candidates, key=lambda w: hashlib.sha256(f"{seed}:{w.pair_id}:{w.order}:{w.sample}".encode()).hexdigest()) if candidates else None
-        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, judging.max_response_chars),
+        # the prompt the judgment was made on (clipped to fit the token budget when the judge stage had to)
+        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, j.clip_chars or judging.max_response_chars),
                                 _explicit(j, judging), j.verdict, (_explicit(bad, judging) if bad.verdict else bad.text.rstrip()) if bad else None))
     return out
 
@@ -507,7 +508,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     tracker = Tracker(job.tracking, job.results_dir)
     name = run_name or "-".join(f"{v}" for k, v in choices.items() if k in ("seed", "judge", "dataset", "filter"))
     tags = {f"choice.{k}": v for k, v in choices.items()}
-    tracker.start(name, job_params(cfg, choices), tags, sweep)
+    tracker.start(name, {**job_params(cfg, choices), **judge.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
     status = "FAILED"
     runner = Runner(job, tracker)
     previous = _end_on_sigterm()

@@ -47,6 +47,7 @@ class Judgment:
     verdict: str | None  # "A", "B" or None
     verdict_source: str | None  # "parsed" (the text states it), "constrained" (read by next-token choice), None
     tokens: int = 0
+    clip_chars: int | None = None  # response character limit the prompt was rendered with to fit the token budget
 
     @property
     def correct(self) -> bool:

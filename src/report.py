@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ from .stats import bootstrap_ci, item_scores, paired_test
 
 log = logging.getLogger(__name__)
 
+# Headline metrics: the judgment text under each benchmark's official rule (README "Benchmarks").
 HEADLINE = ["synthetic/accuracy", "rewardbench/overall", "mtbench/agreement_s1", "mtbench/agreement_s2"]
+# Other readings of the same judgments, shown in their own columns, never as the headline: the constrained-choice
+# reading (eval.verdict=constrained) and majority vote over k samples (rewardbench/overall_maj<k>, found by name).
+CONSTRAINED = ["synthetic/constrained/accuracy", "rewardbench/constrained/overall", "mtbench/constrained/agreement_s1",
+               "mtbench/constrained/agreement_s2"]
+MAJ = re.compile(r"^rewardbench/(constrained/)?overall_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
 PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
 ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall"}
@@ -85,7 +92,7 @@ def load_jobs(client, experiment_id: str, parent_id: str, with_items: bool = Tru
     jobs = []
     for r in runs:
         history = {}
-        for metric in [*HEADLINE, *SECTIONS, *PROCESS]:
+        for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *sorted(m for m in r.data.metrics if MAJ.match(m))]:
             if metric in r.data.metrics:
                 history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
         job = JobResult(
@@ -130,6 +137,11 @@ def label(job: JobResult, axes: list[str]) -> str:
     return " ".join(f"{a}={job.choices.get(a)}" for a in axes) or job.name
 
 
+def other_readings(jobs: list[JobResult]) -> list[str]:
+    """The constrained-choice and majority-vote metrics some job logged."""
+    return [m for m in CONSTRAINED + sorted({m for j in jobs for m in j.history if MAJ.match(m)}) if any(m in j.history for j in jobs)]
+
+
 def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
     axes = differing_choices(jobs)
     base = jobs[0] if jobs else None
@@ -141,6 +153,8 @@ def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
             first, last = j.at(m, 0), j.final(m)
             row[f"{m}@0"], row[f"{m}@final"], row[f"{m}@best"] = first, last, j.best(m)
             row[f"{m} Δ"] = (last - first) if first is not None and last is not None else None
+        for m in other_readings([j]):
+            row[f"{m}@final"] = j.final(m)
         for bench in ITEM_BENCHMARKS:
             scores = list(j.items.get(bench, {}).values())
             if scores:
@@ -164,6 +178,13 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
     lines += ["## Results (iteration 0 = untrained judge; final = last iteration)", "",
               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    other = [f"{m}@final" for m in other_readings(jobs)]
+    if other:
+        lines += ["", "## Other readings of the same judgments (not the headline)", "",
+                  "`constrained/`: a verdict read by next-token choice where the text names none; `_maj<k>`: majority "
+                  "vote over k sampled judgments per item and order.", "",
+                  "| job | " + " | ".join(other) + " |", "|" + "---|" * (len(other) + 1)]
+        lines += ["| " + r["job"] + " | " + " | ".join(_fmt(r.get(c)) for c in other) + " |" for r in rows]
     unc = [c for c in rows[0].keys() | set().union(*map(set, rows)) if " CI" in c or " vs " in c]
     if unc:
         lines += ["", "## Uncertainty (final iteration, per-item scores; paired test against the first job)", "",

@@ -113,7 +113,7 @@ def test_rewardbench_metrics_hand_computed():
     assert m["rewardbench/parse_fail/reasoning"] == 0.0
     assert m["rewardbench/n_items"] == 4 and m["rewardbench/n_records"] == 7
     assert m["rewardbench/sections_missing"] == 2
-    assert "rewardbench/overall_maj@k" not in m  # no verdicts_k
+    assert not any("_maj" in k for k in m)  # no verdicts_k
 
 
 def test_rewardbench_maj_at_k():
@@ -125,12 +125,13 @@ def test_rewardbench_maj_at_k():
         _rec("hep-cpp", 1, "chosen_second", "A", ["B", None, None]),           # chosen 1
     ]
     m = rb.rewardbench_metrics(records)
-    assert m["rewardbench/chat_maj@k"] == pytest.approx(0.75)
-    assert m["rewardbench/chat_hard_maj@k"] == 0.0
-    assert m["rewardbench/safety_maj@k"] == 0.5
-    assert m["rewardbench/reasoning_maj@k"] == 1.0
-    assert m["rewardbench/overall_maj@k"] == pytest.approx((0.75 + 0 + 0.5 + 1) / 4)
+    assert m["rewardbench/chat_maj3"] == pytest.approx(0.75)
+    assert m["rewardbench/chat_hard_maj3"] == 0.0
+    assert m["rewardbench/safety_maj3"] == 0.5
+    assert m["rewardbench/reasoning_maj3"] == 1.0
+    assert m["rewardbench/overall_maj3"] == pytest.approx((0.75 + 0 + 0.5 + 1) / 4)
     assert m["rewardbench/maj_k"] == 3
+    assert m["rewardbench/parse_fail_maj3"] == pytest.approx(6 / 15)  # sampled verdicts that are None
     # greedy: chat item (B: rejected 0, B: chosen 1) = 0.5; chat_hard 1; safety 1; reasoning 0
     assert m["rewardbench/overall"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
 
@@ -208,11 +209,14 @@ def test_stratified_slice_every_subset_and_deterministic():
 def test_combine_orders():
     assert mt.combine_orders("A", "B") == "model_a"  # model_a first -> A; swapped -> B (= model_a)
     assert mt.combine_orders("B", "A") == "model_b"
-    assert mt.combine_orders("A", "A") == "tie"  # position bias: inconsistent
-    assert mt.combine_orders("B", "B") == "tie"
-    assert mt.combine_orders(None, "B") == "tie"
-    assert mt.combine_orders("A", None) == "tie"
-    assert mt.combine_orders(None, None) == "tie"
+    assert mt.combine_orders("A", "A") == "tie (inconsistent)"  # position bias
+    assert mt.combine_orders("B", "B") == "tie (inconsistent)"
+    assert mt.combine_orders(None, "B") == "tie (inconsistent)"  # an error and a vote disagree
+    assert mt.combine_orders("A", None) == "tie (inconsistent)"
+    assert mt.combine_orders("tie", "tie") == "tie"  # [[C]] in both orders
+    assert mt.combine_orders("tie", "A") == "tie (inconsistent)"
+    assert mt.combine_orders(None, None) == "error"  # FastChat: g1 == g2 == "error"
+    assert not mt.is_tie("error") and not mt.equal_vote("error", "tie")
 
 
 def test_normalize_vote_sorts_pair_like_fastchat():
@@ -261,17 +265,18 @@ def test_mtbench_metrics_from_records_hand_computed():
         _h(1, "a", "b", 1, "model_a", "expert_1"), _h(1, "a", "b", 1, "tie", "expert_2"),
         _h(1, "a", "b", 1, "model_b", "author_1"),
         _h(1, "b", "a", 2, "model_a", "expert_1"),  # normalised: model_b
-        _h(2, "a", "b", 1, "tie", "expert_3"),      # judge: single order with no verdict -> tie: agree in S1
-    ]
+        _h(2, "a", "b", 1, "tie", "expert_3"),      # judge: one order, no verdict (+ the missing order) -> "error":
+    ]                                               # no tie, so it disagrees in S1 and is not dropped in S2
     m = mt.mtbench_metrics(records, humans)
-    assert m["mtbench/n_s1/turn1"] == 3 and m["mtbench/agreement_s1/turn1"] == pytest.approx(2 / 3)
+    assert m["mtbench/n_s1/turn1"] == 3 and m["mtbench/agreement_s1/turn1"] == pytest.approx(1 / 3)
     assert m["mtbench/agreement_s1/turn2"] == 0.0
-    assert m["mtbench/agreement_s1"] == pytest.approx(2 / 4)
+    assert m["mtbench/agreement_s1"] == pytest.approx(1 / 4)
     assert m["mtbench/agreement_s2"] == 1.0 and m["mtbench/n_s2"] == 1
     assert "mtbench/agreement_s2/turn2" not in m and m["mtbench/n_s2/turn2"] == 0
     assert m["mtbench/swap_consistency"] == pytest.approx(1 / 2)
     assert m["mtbench/parse_fail"] == pytest.approx(1 / 5)
-    assert m["mtbench/judge_tie_rate"] == pytest.approx(2 / 3)
+    assert m["mtbench/judge_tie_rate"] == pytest.approx(1 / 3)
+    assert m["mtbench/judge_error_rate"] == pytest.approx(1 / 3)
     assert m["mtbench/n_keys"] == 3
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import DATA_ROOT, REPO, TINY, model_cache
 
-TRACKED = [o for o in TINY if not o.startswith("tracking=")]
+# MLflow on, and majority vote (maj_k=2), whose metric names MLflow must accept.
+TRACKED = [o for o in TINY if not o.startswith("tracking=")] + ["eval.rewardbench.maj_k=2"]
 
 
 def cli(results, *args, check=True):
@@ -45,17 +46,20 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["choice.filter"] == "correct" and run.data.params["choice.seed"] == "tiny_random"
     assert run.data.params["judging.n"] == "2"
+    assert run.data.params["prompt.judging"].startswith("eval_plan.txt@")
+    assert run.data.params["prompt.eval"].startswith("self_taught_eval.json@")
     for metric in ["synthetic/accuracy", "synthetic/parse_fail", "synthetic/swap_consistency"]:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
         assert steps == [0, 1], metric
     for metric in ["rewardbench/overall", "rewardbench/chat_hard", "rewardbench/swap_consistency", "rewardbench/parse_fail",
-                   "mtbench/agreement_s1", "mtbench/agreement_s1/turn1"]:
+                   "mtbench/agreement_s1", "mtbench/agreement_s1/turn1", "rewardbench/overall_maj2",
+                   "rewardbench/constrained/overall", "rewardbench/clipped"]:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [0, 1], metric
     # Drops by reason and truncations per role reach MLflow as numbers (issue 7).
     for metric in ["generate/dropped/format_break", "generate/dropped/modified_equals_original", "generate/truncated/chosen",
                    "generate/truncated/rejected"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0], metric
-    for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples"]:
+    for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples", "judge/clipped", "judge/clipped_to_fit"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
     acc = run.data.metrics["synthetic/accuracy"]
     assert 0.0 <= acc <= 1.0

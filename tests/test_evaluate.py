@@ -26,7 +26,7 @@ def test_rewardbench_majority_vote_at_k(tiny, tmp_path):
     items, metrics = evaluate.run("rewardbench", cfg, [], str(DATA_ROOT), tiny, StageCache(tmp_path).partial("rewardbench", "k"), 16)
     assert len(items) == 23  # one item per subset, one order each
     assert all(len(i.extra["verdicts_k"]) == 3 for i in items)
-    assert 0.0 <= metrics["rewardbench/overall_maj@k"] <= 1.0 and metrics["rewardbench/maj_k"] == 3
+    assert 0.0 <= metrics["rewardbench/overall_maj3"] <= 1.0 and metrics["rewardbench/maj_k"] == 3
     assert metrics["rewardbench/n_items"] == 23 and metrics["rewardbench/sections_missing"] == 0
 
 

@@ -22,6 +22,8 @@ def _fake_sweep(store_dir):
             client.log_metric(rid, "synthetic/accuracy", acc, step=step)
             client.log_metric(rid, "rewardbench/overall", acc - 0.1, step=step)
             client.log_metric(rid, "rewardbench/chat", acc, step=step)
+            client.log_metric(rid, "rewardbench/constrained/overall", 0.9, step=step)  # another reading
+            client.log_metric(rid, "rewardbench/overall_maj32", 0.55, step=step)
         final = len(accs) - 1
         rows = [{"item_id": f"i{k}", "order": o, "verdict": "A" if (k < 10 * accs[-1]) == (o == "chosen_first") else "B",
                  "chosen_label": "A" if o == "chosen_first" else "B"} for k in range(10) for o in ("chosen_first", "chosen_second")]
@@ -42,6 +44,10 @@ def test_report_from_store_lists_failed_jobs_and_compares(tmp_path):
     assert "filter=correct | FINISHED" in md and "filter=consistent | FAILED" in md
     assert "| 0.500 | 0.700 | 0.200 |" in md  # correct: iteration 0, final, delta
     assert "synthetic vs first job" in md and "p=" in md
+    # the constrained and majority-vote readings have their own table, after the headline one
+    headline, other = md.split("## Other readings")
+    assert "0.900" not in headline and "constrained" not in headline.split("## Results")[1]
+    assert "rewardbench/constrained/overall@final | rewardbench/overall_maj32@final" in other and "| 0.900 | 0.550 |" in other
     assert {"metrics_vs_iteration.png", "rewardbench_sections.png", "keep_rate_and_parse_failures.png", "report.csv"} <= {p.name for p in out.iterdir()}
     # Rebuilding gives the same report; the sweep's parent run carries it and is closed as FAILED (one job failed).
     again = build(f"sqlite:///{tmp_path / 'mlflow.db'}", pid, tmp_path / "report2")

@@ -32,6 +32,9 @@ class Counting:
     def choose(self, prompts, prefixes, options):
         return self.inner.choose(prompts, prefixes, options)
 
+    def count_tokens(self, prompts):
+        return self.inner.count_tokens(prompts)
+
     def close(self):
         pass
 

@@ -11,9 +11,10 @@ Agreement follows lm-sys/FastChat fastchat/llm_judge/compute_agreement.py:
   comparison when either side is a tie;
 * FastChat prints per turn; the overall figure pools both turns' counts (what the paper's 66% / 85% are).
 
-The judge is run in both presentation orders; `combine_orders` turns the two verdicts into one vote the
-FastChat way: the same model in both orders -> that model, otherwise a tie (inconsistent), and a missing
-verdict makes it a tie as well.
+The judge is run in both presentation orders; each judgment text is read with FastChat's parser
+(`verdicts.fastchat_verdict`: [[A]], [[B]], [[C]] = tie, else "error") and `combine_orders` turns the two into
+one vote the FastChat way: the same vote in both orders -> that vote, otherwise "tie (inconsistent)"; two
+errors stay "error", which agrees with no human vote.
 """
 from __future__ import annotations
 
@@ -169,14 +170,14 @@ def build_judge_inputs(row: Mapping, swap: bool = False) -> tuple[str, str, str]
 
 
 def combine_orders(v_ab: str | None, v_ba: str | None) -> str:
-    """One vote from the two presentation orders. `v_ab`: verdict ("A"/"B"/None; "tie" or "C" accepted)
-    with model_a shown as Assistant A; `v_ba`: verdict with the answers swapped (model_b shown as A).
-    Same model in both -> "model_a"/"model_b"; inconsistent, a tie, or a missing verdict -> "tie"."""
-    g1 = {"A": "model_a", "B": "model_b"}.get(v_ab) if v_ab is not None else None
-    g2 = {"A": "model_b", "B": "model_a"}.get(v_ba) if v_ba is not None else None
-    if g1 is not None and g1 == g2:
-        return g1
-    return "tie"
+    """One vote from the two presentation orders, as FastChat combines g1/g2 (common.py `play_a_match_pair`, the
+    released gpt4_pair labels). `v_ab`: per-order verdict ("A"/"B"/"tie"/None = FastChat's "error") with model_a
+    shown as Assistant A; `v_ba`: with the answers swapped. Both orders agree -> that vote ("model_a", "model_b",
+    "tie", or "error" when both are errors, which is no tie and agrees with nobody); they disagree ->
+    "tie (inconsistent)". An order that was not judged counts as an error."""
+    g1 = {"A": "model_a", "B": "model_b", "tie": "tie"}.get(v_ab, "error")
+    g2 = {"A": "model_b", "B": "model_a", "tie": "tie"}.get(v_ba, "error")
+    return g1 if g1 == g2 else "tie (inconsistent)"
 
 
 # ----------------------------------------------------------------------------------------------- agreement
@@ -246,12 +247,14 @@ def mtbench_metrics(
     """Agreement of a position-swapped judge with human votes, from per-(key, order) judge records.
 
     A record: {"question_id": int, "model_a": str, "model_b": str, "turn": 1|2, "order": "ab"|"ba",
-    "verdict": "A"|"B"|None}; "ab" means model_a was shown as Assistant A. The pair may be in either model
-    order (it is normalised here). A key judged in only one order is combined with a missing verdict (tie).
+    "verdict": "A"|"B"|"tie"|None} (`verdicts.fastchat_verdict` of the judgment text; None is FastChat's
+    "error"); "ab" means model_a was shown as Assistant A. The pair may be in either model order (it is
+    normalised here). Orders are combined by `combine_orders`.
 
     Keys: everything from `agreement_metrics`, plus mtbench/swap_consistency (keys judged in both orders whose
-    two verdicts name the same model), mtbench/parse_fail (records with verdict None), mtbench/n_keys,
-    mtbench/n_records, mtbench/judge_tie_rate (combined votes that are ties).
+    two verdicts name the same model), mtbench/parse_fail (records whose text names no verdict: "error"),
+    mtbench/n_keys, mtbench/n_records, mtbench/judge_tie_rate (combined votes that are ties, inconsistent
+    ones included), mtbench/judge_error_rate (combined votes that are "error": both orders unparsed).
     """
     per_key: dict[Key, dict[str, str | None]] = defaultdict(dict)
     n_records = n_fail = 0
@@ -259,8 +262,8 @@ def mtbench_metrics(
         if r["order"] not in MT_ORDERS:
             raise ValueError(f"order must be one of {MT_ORDERS}, got {r['order']!r}")
         verdict = r["verdict"]
-        if verdict not in ("A", "B", None):
-            raise ValueError(f"verdict must be 'A', 'B' or None, got {verdict!r}")
+        if verdict not in ("A", "B", "tie", None):
+            raise ValueError(f"verdict must be 'A', 'B', 'tie' or None, got {verdict!r}")
         a, b = r["model_a"], r["model_b"]
         order = r["order"]
         if a > b:  # normalise: the pair flips, so "model_a shown first" becomes "model_2 shown first"
@@ -279,10 +282,11 @@ def mtbench_metrics(
     both = [v for v in per_key.values() if len(v) == 2]
     if both:
         out["mtbench/swap_consistency"] = sum(
-            1 for v in both if combine_orders(v["ab"], v["ba"]) != "tie"
+            1 for v in both if combine_orders(v["ab"], v["ba"]) in ("model_a", "model_b")
         ) / len(both)
     out["mtbench/parse_fail"] = n_fail / n_records
-    out["mtbench/judge_tie_rate"] = sum(1 for w in judge_votes.values() if w == "tie") / len(judge_votes)
+    out["mtbench/judge_tie_rate"] = sum(1 for w in judge_votes.values() if is_tie(w)) / len(judge_votes)
+    out["mtbench/judge_error_rate"] = sum(1 for w in judge_votes.values() if w == "error") / len(judge_votes)
     out["mtbench/n_keys"] = float(len(per_key))
     out["mtbench/n_records"] = float(n_records)
     return out

@@ -314,9 +314,10 @@ def rewardbench_metrics(records: Iterable[Mapping]) -> dict[str, float]:
     "verdict": "A" | "B" | None (the greedy verdict), "verdicts_k": list of "A"/"B"/None (sampled, may be
     empty or absent)}.
 
-    Keys: rewardbench/{overall,chat,chat_hard,safety,reasoning}; rewardbench/overall_maj@k and
-    rewardbench/<section>_maj@k (only when every record carries a non-empty verdicts_k; k = the longest list,
-    also reported as rewardbench/maj_k); rewardbench/swap_consistency[/<section>] (over items judged in both
+    Keys: rewardbench/{overall,chat,chat_hard,safety,reasoning}; rewardbench/overall_maj<k> and
+    rewardbench/<section>_maj<k>, e.g. overall_maj32 (MLflow accepts no '@' in names), with
+    rewardbench/parse_fail_maj<k> (share of sampled verdicts that are None), only when every record carries a
+    non-empty verdicts_k; k = the longest list, also reported as rewardbench/maj_k; rewardbench/swap_consistency[/<section>] (over items judged in both
     orders: both greedy verdicts name the same underlying response; a missing verdict counts as
     inconsistent); rewardbench/parse_fail[/<section>] (fraction of records with verdict None);
     rewardbench/subset/<subset> (subset accuracies); rewardbench/n_items, rewardbench/n_records,
@@ -358,10 +359,12 @@ def rewardbench_metrics(records: Iterable[Mapping]) -> dict[str, float]:
         out[f"rewardbench/subset/{subset}"] = acc
     if has_k:
         _, sections_k, ov_k = _scores_from_outcomes(sampled)
-        out["rewardbench/overall_maj@k"] = ov_k
+        out[f"rewardbench/overall_maj{max_k}"] = ov_k
         for sec in SECTIONS:
-            out[f"rewardbench/{section_slug(sec)}_maj@k"] = float(sections_k[sec])
+            out[f"rewardbench/{section_slug(sec)}_maj{max_k}"] = float(sections_k[sec])
         out["rewardbench/maj_k"] = float(max_k)
+        n_k = sum(len(r.get("verdicts_k") or []) for r in records)
+        out[f"rewardbench/parse_fail_maj{max_k}"] = sum(v is None for r in records for v in r["verdicts_k"]) / n_k
 
     # swap consistency and parse failures, overall and per section
     both = {k: v for k, v in greedy.items() if len(v) == 2}

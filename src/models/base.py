@@ -7,7 +7,15 @@ generation is tested on CPU and the GPU code differs only behind this line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, Union
+
+# A prompt is one user message, or chat messages ([system,] user) for prompts with a system part. The
+# backends apply the model's chat template to `chat_messages(prompt)`.
+Prompt = Union[str, Sequence[Mapping[str, str]]]
+
+
+def chat_messages(prompt: Prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,15 @@ class ModelSpec:
 class Generator(Protocol):
     spec: ModelSpec
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[list[Completion]]:
-        """For each prompt (a user message; the chat template is applied here), `sampling.n` completions."""
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        """For each prompt (a user message or chat messages; the chat template is applied here), `sampling.n` completions."""
         ...
 
-    def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        """Each prompt's length in tokens with the chat template applied (what counts against max_model_len)."""
+        ...
+
+    def choose(self, prompts: Sequence[Prompt], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
         """Constrained choice: for each chat prompt, with `prefixes[i]` already written by the assistant,
         the option whose tokens are most likely next. Used to classify instructions into categories and to
         read a verdict ([[A]] vs [[B]]) after a reasoning chain that did not state one."""

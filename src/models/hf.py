@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .base import Completion, ModelSpec, SamplingConfig
+from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +171,11 @@ class HFGenerator:
         log.info("loaded %s from %s%s in %.1f s", spec.name, model_dir, f" + adapter {adapter}" if adapter else "", self.load_seconds)
 
     # ---------------------------------------------------------------- helpers
-    def chat_text(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+    def chat_text(self, prompt: Prompt) -> str:
+        return self.tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def count_tokens(self, prompts: Sequence[Prompt]) -> list[int]:
+        return [len(self._encode(self.chat_text(p))) for p in prompts]
 
     def _encode(self, text: str) -> list[int]:
         # the chat template already wrote the special tokens (BOS included, for templates that have one)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .base import Completion, ModelSpec, SamplingConfig
+from .base import Completion, ModelSpec, SamplingConfig, chat_messages
 from .hf import _move_trailing_spaces  # pure string helper; importing hf does not import torch
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,12 @@ class VLLMGenerator:
 
     def _chat_ids(self, prompt: str, prefix: str = "") -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            chat_messages(prompt), add_generation_prompt=True, tokenize=False
         )
         return self.tokenizer.encode(text + prefix, add_special_tokens=False)
+
+    def count_tokens(self, prompts: Sequence) -> list[int]:
+        return [len(self._chat_ids(p)) for p in prompts]
 
     def _run(self, token_lists: list[list[int]], params):
         prompts = [{"prompt_token_ids": ids} for ids in token_lists]
@@ -128,7 +131,7 @@ class VLLMGenerator:
         plans = []
         for p, pre in zip(prompts, prefixes):
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                chat_messages(p), add_generation_prompt=True, tokenize=False
             ) + pre
             text, opt_texts = _move_trailing_spaces(text, options)
             ctx = self.tokenizer.encode(text, add_special_tokens=False)

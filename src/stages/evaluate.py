@@ -3,10 +3,16 @@
 Iteration 0 is the untrained judge; iteration k the judge trained in iteration k. Each benchmark is its own
 cached unit with its own key (a RewardBench score is shared by every run that evaluates the same model):
 `synthetic` (held-out synthetic pairs), `rewardbench` and `mtbench`. Adding a benchmark means adding an
-entry to BENCHMARKS: a function from config and data to judge prompts, and one from judged items to metrics.
+entry to BENCHMARKS: a function from config and data to judge inputs, and one from judged items to metrics.
+
+Headline metrics (`synthetic/*`, `rewardbench/*`, `mtbench/*`) are the judgment TEXT read by each benchmark's
+official parser (src/verdicts.py): RewardBench `process_judgement`, FastChat for MT-Bench, the paper's rule for
+the synthetic pairs. With `eval.verdict=constrained`, the same judgments are also scored with a verdict read by
+next-token choice where the text names none, under `<benchmark>/constrained/*`: never the headline.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,10 +26,16 @@ from ..data import resolve
 from ..metrics import synthetic_metrics
 from ..models.base import Generator, SamplingConfig
 from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
-from .judge import judge_prompts, judge_template, orders_for, pair_prompt, render
+from ..verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
+from .judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget
 
 log = logging.getLogger(__name__)
-VERSION = 1
+# 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's
+# evaluation prompt; maj metrics named overall_maj<k>; responses clipped to the token budget.
+VERSION = 2
+
+# Each benchmark's official reading of a judgment text.
+PARSERS = {"synthetic": parse_verdict, "rewardbench": rewardbench_verdict, "mtbench": fastchat_verdict}
 
 
 @dataclass
@@ -71,7 +83,7 @@ class EvalConfig:
 class Prompted:
     item_id: str
     order: str
-    prompt: str
+    parts: tuple[str, str, str]  # (instruction, response A, response B), rendered at judging time to fit the budget
     chosen_label: str
     extra: dict
 
@@ -93,9 +105,8 @@ def source_fingerprint(source: str, revision: str | None, data_root: str) -> str
 
 # ------------------------------------------------------------------------------------------ benchmarks
 def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
-    template = judge_template(cfg.prompt, "eval.prompt")
     return [
-        Prompted(p.id, o, pair_prompt(template, p, o, cfg.max_response_chars), chosen_label(o), {})
+        Prompted(p.id, o, pair_parts(p, o), chosen_label(o), {})
         for p in pairs
         if p.split == "heldout"
         for o in ORDERS
@@ -105,32 +116,61 @@ def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
 def rewardbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
     rb = cfg.rewardbench
     seed = rb.slice_seed
-    template = judge_template(cfg.prompt, "eval.prompt")
     items = rewardbench.stratified_slice(rewardbench.load_rewardbench(_source(rb.source, data_root), rb.revision), rb.per_subset, seed)
     out = []
     for it in items:
         for order in orders_for(f"{it.subset}/{it.id}", rb.orders == "both", seed):
             x, a, b, label = rewardbench.judge_inputs(it, order)
-            out.append(Prompted(f"{it.subset}/{it.id}", order, render(template, x, a, b, cfg.max_response_chars), label,
+            out.append(Prompted(f"{it.subset}/{it.id}", order, (x, a, b), label,
                                 {"subset": it.subset, "section": it.section, "id": it.id}))
     return out
 
 
+def constrained(i: EvalItem) -> str | None:
+    """The constrained-choice reading: the text's verdict, else the next-token choice (when one was made)."""
+    return i.verdict if i.verdict is not None else i.extra.get("constrained")
+
+
+def has_constrained(items: list[EvalItem]) -> bool:
+    return any("constrained" in i.extra for i in items)
+
+
+def clip_stats(name: str, items: list[EvalItem]) -> dict[str, float]:
+    return {f"{name}/clipped": float(sum(bool(i.extra.get("clipped")) for i in items)),
+            f"{name}/clipped_to_fit": float(sum(i.extra.get("clip_chars") is not None for i in items))}
+
+
+def _renamed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """rewardbench/overall -> rewardbench/constrained/overall (counts and per-subset rows are not repeated)."""
+    keep = lambda k: not any(s in k for s in ("/n_", "/subset/", "sections_missing", "maj_k"))  # noqa: E731
+    return {k.replace(f"{prefix}/", f"{prefix}/constrained/", 1): v for k, v in metrics.items() if keep(k)}
+
+
+def synthetic_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
+    out = {**synthetic_metrics(items), **clip_stats("synthetic", items)}
+    if has_constrained(items):
+        read = [dataclasses.replace(i, verdict=constrained(i)) for i in items]
+        out.update(_renamed(synthetic_metrics(read), "synthetic"))
+    return out
+
+
 def rewardbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
-    records = [
-        {"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
-         "chosen_label": i.chosen_label, "verdict": i.verdict, **({"verdicts_k": i.extra["verdicts_k"]} if "verdicts_k" in i.extra else {})}
-        for i in items
-    ]
-    out = rewardbench.rewardbench_metrics(records)
-    out["rewardbench/text_parse_fail"] = sum(i.verdict_source != "parsed" for i in items) / len(items)
+    def records(verdict_of, k_key):
+        return [
+            {"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
+             "chosen_label": i.chosen_label, "verdict": verdict_of(i), **({"verdicts_k": i.extra[k_key]} if k_key in i.extra else {})}
+            for i in items
+        ]
+
+    out = {**rewardbench.rewardbench_metrics(records(lambda i: i.verdict, "verdicts_k")), **clip_stats("rewardbench", items)}
+    if has_constrained(items):
+        out.update(_renamed(rewardbench.rewardbench_metrics(records(constrained, "verdicts_k_constrained")), "rewardbench"))
     return out
 
 
 def mtbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
     mt = cfg.mtbench
     seed = mt.slice_seed
-    template = judge_template(cfg.prompt, "eval.prompt")
     rows = mtbench.load_mtbench_human(_source(mt.source, data_root), mt.revision)
     keyed = mtbench.stratified_slice(rows, mt.max_keys, seed, tuple(mt.human_prefixes))
     out = []
@@ -139,17 +179,24 @@ def mtbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
         for order, swap in (("ab", False), ("ba", True)):
             x, a, b = mtbench.build_judge_inputs(r, swap=swap)
             meta = {k: r[k] for k in ("question_id", "model_a", "model_b", "turn")}
-            out.append(Prompted(key, order, render(template, x, a, b, cfg.max_response_chars), "", {**meta, "human_votes": r["human_votes"]}))
+            out.append(Prompted(key, order, (x, a, b), "", {**meta, "human_votes": r["human_votes"]}))
     return out
 
 
 def mtbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
-    records = [{**{k: i.extra[k] for k in ("question_id", "model_a", "model_b", "turn")}, "order": i.order, "verdict": i.verdict} for i in items]
+    meta = ("question_id", "model_a", "model_b", "turn")
     humans = mtbench.human_rows_from_keyed(
-        {**{k: i.extra[k] for k in ("question_id", "model_a", "model_b", "turn")}, "human_votes": i.extra["human_votes"]}
-        for i in items if i.order == "ab"
+        {**{k: i.extra[k] for k in meta}, "human_votes": i.extra["human_votes"]} for i in items if i.order == "ab"
     )
-    return mtbench.mtbench_metrics(records, humans, tuple(cfg.mtbench.human_prefixes))
+
+    def metrics(verdict_of):
+        records = [{**{k: i.extra[k] for k in meta}, "order": i.order, "verdict": verdict_of(i)} for i in items]
+        return mtbench.mtbench_metrics(records, humans, tuple(cfg.mtbench.human_prefixes))
+
+    out = {**metrics(lambda i: i.verdict), **clip_stats("mtbench", items)}
+    if has_constrained(items):
+        out.update(_renamed(metrics(constrained), "mtbench"))
+    return out
 
 
 @dataclass
@@ -162,7 +209,7 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "synthetic": Benchmark(lambda c: c.synthetic, lambda c: {}, lambda c, root: None, lambda c: 1, lambda items, c: synthetic_metrics(items)),
+    "synthetic": Benchmark(lambda c: c.synthetic, lambda c: {}, lambda c, root: None, lambda c: 1, synthetic_score),
     "rewardbench": Benchmark(
         lambda c: c.rewardbench.enabled, lambda c: as_dict(c.rewardbench),
         lambda c, root: source_fingerprint(c.rewardbench.source, c.rewardbench.revision, root), lambda c: c.rewardbench.maj_k, rewardbench_score,
@@ -176,11 +223,17 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 # ------------------------------------------------------------------------------------------ running
 def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Generator, partial: Partial, chunk_size: int, maj_k: int = 1) -> list[EvalItem]:
-    """Greedy judgments of every item (plus k sampled ones for majority vote), saved chunk by chunk."""
+    """Greedy judgments of every item (plus k sampled ones for majority vote), saved chunk by chunk. Each item's
+    verdict is its text read by the benchmark's official parser; extra["constrained"] holds the next-token
+    choice where the text named no verdict (eval.verdict=constrained)."""
     greedy = SamplingConfig(cfg.max_new_tokens, 0.0, 1.0, 1, 0)
+    template = judge_template(cfg.prompt, "eval.prompt")
+    budget = token_budget(model, cfg.max_new_tokens, cfg.verdict)
+    parse = PARSERS[name]
 
     def process(chunk: list[Prompted]) -> list[dict]:
-        prompts = [c.prompt for c in chunk]
+        fitted = fit_prompts(template, [c.parts for c in chunk], cfg.max_response_chars, model, budget)
+        prompts = [f[0] for f in fitted]
         outs = judge_prompts(model, prompts, greedy, cfg.verdict, cfg.verdict_prefix)
         extra = [{} for _ in chunk]
         if maj_k > 1:
@@ -189,11 +242,20 @@ def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Genera
             seed = int(hashlib.sha256(f"{chunk[0].item_id}:{chunk[0].order}".encode()).hexdigest()[:8], 16)
             sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, seed),
                                     cfg.verdict, cfg.verdict_prefix)
-            extra = [{"verdicts_k": [v for _, v, _, _ in s]} for s in sampled]
-        return [
-            to_dict(EvalItem(name, c.item_id, c.order, o[0][1], o[0][2], c.chosen_label, {**c.extra, **e, "text": o[0][0], "tokens": o[0][3]}))
-            for c, o, e in zip(chunk, outs, extra)
-        ]
+            for e, s in zip(extra, sampled):
+                e["verdicts_k"] = [parse(t) for t, _, _, _ in s]
+                if cfg.verdict == "constrained":
+                    e["verdicts_k_constrained"] = [parse(t) or (v if src == "constrained" else None) for t, v, src, _ in s]
+        rows = []
+        for c, o, e, (_, clip_chars) in zip(chunk, outs, extra, fitted):
+            text, v, src, tokens = o[0]
+            verdict = parse(text)
+            e.update(text=text, tokens=tokens, clipped=clip_chars is not None or is_clipped(*c.parts, cfg.max_response_chars),
+                     clip_chars=clip_chars)
+            if verdict is None and src == "constrained":
+                e["constrained"] = v
+            rows.append(to_dict(EvalItem(name, c.item_id, c.order, verdict, "parsed" if verdict else None, c.chosen_label, {**c.extra, **e})))
+        return rows
 
     saved = run_chunked(partial, items, lambda it: (it.item_id, it.order), lambda r: (r["item_id"], r["order"]), process,
                         chunk_size, f"evaluate: {name}", "judgment")

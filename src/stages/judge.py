@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 from ..cache import Partial, run_chunked
 from ..config import ConfigError, knob
-from ..models.base import Generator, SamplingConfig
-from ..prompts import Template, load_template
+from ..models.base import Generator, Prompt, SamplingConfig
+from ..prompts import Template, load_template, text_fingerprint
 from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
 from ..verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: sampling seeded per pair and order (was per chunk)
+VERSION = 3  # 2: sampling seeded per pair and order (was per chunk); 3: the paper's eval_plan prompt by default, one-pass
+# rendering, responses clipped to the token budget
 
 
 @dataclass
@@ -40,8 +41,30 @@ class JudgingConfig:
             raise ConfigError(f"{where}.n must be >= 1")
 
 
+# One template per role. Training judgments: the paper's `eval_plan` (prompt_templates.json, verbatim, typo
+# included). Benchmark evaluation: the system + user prompt the paper's code scores RewardBench with
+# (facebookresearch/RAM projects/self_taught_evaluator/src/utils.py SELF_TAUGHT_WITH_SYSTEM_PROMPT).
+DEFAULT_PROMPTS = {"judging.prompt": "eval_plan.txt", "eval.prompt": "self_taught_eval.json"}
+PLACEHOLDERS = ("input", "generation", "generation2")
+
+
 def judge_template(path: str | None, key: str) -> Template:
-    return load_template(path, "judge.txt", ("input", "generation", "generation2"), key)
+    """The template for role `key` ("judging.prompt" or "eval.prompt"): the file at `path`, or the role's default."""
+    template = load_template(path, DEFAULT_PROMPTS[key], PLACEHOLDERS, key)
+    if key == "judging.prompt" and template.system is not None:
+        # training examples are (user prompt, judgment) pairs; the train stage has no system turn
+        raise ConfigError(f"{key}: {template.origin} has a system message; a training prompt must be one user message")
+    return template
+
+
+def prompt_params(**paths: str | None) -> dict[str, str]:
+    """MLflow params naming the prompt of each role: prompt_params(judging=..., eval=...) ->
+    {"prompt.judging": "<file name>@<content hash>", ...}."""
+    out = {}
+    for role, path in paths.items():
+        t = judge_template(path, f"{role}.prompt")
+        out[f"prompt.{role}"] = f"{t.name}@{text_fingerprint(t)}"
+    return out
 
 
 def _clip(text: str, limit: int) -> str:
@@ -56,14 +79,57 @@ def _clip_middle(text: str, limit: int) -> str:
     return text[:head] + " [...] " + text[len(text) - (limit - head) :]
 
 
-def render(template: Template, instruction: str, a: str, b: str, max_chars: int) -> str:
-    """The judge prompt; each part clipped to `max_chars` characters (the CPU models' context budget)."""
+def render(template: Template, instruction: str, a: str, b: str, max_chars: int) -> Prompt:
+    """The judge prompt; each response clipped to `max_chars` characters, the instruction to twice that."""
     return template.render(input=_clip_middle(instruction, 2 * max_chars), generation=_clip(a, max_chars), generation2=_clip(b, max_chars))
 
 
-def pair_prompt(template: Template, pair: Pair, order: str, max_chars: int) -> str:
+def is_clipped(instruction: str, a: str, b: str, max_chars: int) -> bool:
+    return len(instruction) > 2 * max_chars or len(a) > max_chars or len(b) > max_chars
+
+
+def token_budget(model: Generator, max_new_tokens: int, verdict_mode: str) -> int:
+    """Prompt tokens allowed: the model's context minus the generation, minus (constrained mode) room for the
+    re-encoded judgment, the verdict prefix and the option scored after it."""
+    return model.spec.max_model_len - max_new_tokens - (32 if verdict_mode == "constrained" else 0)
+
+
+def fit_prompts(template: Template, parts: list[tuple[str, str, str]], max_chars: int, model: Generator, budget: int) -> list[tuple[Prompt, int | None]]:
+    """Render each (instruction, a, b) so its chat-templated length fits `budget` tokens: first with `max_chars`,
+    then, for prompts still too long, with a smaller character limit (cutting the longest parts first) until it
+    fits. Returns (prompt, the smaller limit or None when `max_chars` fitted); the same (template, parts, limit)
+    renders the same prompt again (`render`). A stage never aborts on a long input; only a template that does
+    not fit even with empty responses raises."""
+    limits: list[int | None] = [None] * len(parts)
+    prompts = [render(template, *p, max_chars) for p in parts]
+    todo = list(range(len(parts)))
+    for _ in range(20):
+        if not todo:
+            return list(zip(prompts, limits))
+        counts = model.count_tokens([prompts[i] for i in todo])
+        over = [(i, n) for i, n in zip(todo, counts) if n > budget]
+        for i, n in over:
+            x, a, b = parts[i]
+            shown = min(limits[i] or max_chars, max(len(a), len(b), (len(x) + 1) // 2))
+            limit = int(shown * budget / n * 0.9)  # ~chars per token of what is shown; 0.9: converge from below
+            if limit < 1:
+                raise ValueError(
+                    f"judge prompt {template.name} does not fit {model.spec.name}'s budget of {budget} prompt tokens "
+                    f"(max_model_len {model.spec.max_model_len}) even with empty responses ({n} tokens)"
+                )
+            limits[i] = limit
+            prompts[i] = render(template, x, a, b, limit)
+        todo = [i for i, _ in over]
+    raise ValueError(f"fit_prompts: {len(todo)} prompts still over {budget} tokens after 20 rounds of clipping")
+
+
+def pair_parts(pair: Pair, order: str) -> tuple[str, str, str]:
     a, b = (pair.chosen, pair.rejected) if order == "chosen_first" else (pair.rejected, pair.chosen)
-    return render(template, pair.instruction, a, b, max_chars)
+    return pair.instruction, a, b
+
+
+def pair_prompt(template: Template, pair: Pair, order: str, max_chars: int) -> Prompt:
+    return render(template, *pair_parts(pair, order), max_chars)
 
 
 def orders_for(pair_id: str, both: bool, seed: int) -> tuple[str, ...]:
@@ -74,7 +140,7 @@ def orders_for(pair_id: str, both: bool, seed: int) -> tuple[str, ...]:
 
 
 def judge_prompts(
-    model: Generator, prompts: list[str], sampling: SamplingConfig, verdict_mode: str, verdict_prefix: str
+    model: Generator, prompts: list[Prompt], sampling: SamplingConfig, verdict_mode: str, verdict_prefix: str
 ) -> list[list[tuple[str, str | None, str | None, int]]]:
     """For each prompt, n (text, verdict, verdict_source, tokens). In `constrained` mode a chain that states
     no verdict gets one read by next-token choice between A and B after `verdict_prefix`."""
@@ -96,15 +162,17 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     template = judge_template(cfg.prompt, "judging.prompt")
     work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
     sampling = lambda seeds: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, seeds=seeds)  # noqa: E731
+    budget = token_budget(model, cfg.max_new_tokens, cfg.verdict)
 
     def process(chunk: list[tuple[Pair, str]]) -> list[dict]:
-        prompts = [pair_prompt(template, p, o, cfg.max_response_chars) for p, o in chunk]
+        fitted = fit_prompts(template, [pair_parts(p, o) for p, o in chunk], cfg.max_response_chars, model, budget)
+        prompts = [f[0] for f in fitted]
         # One seed per pair and order (its n samples are rows of one seeded call): the judgments do not depend
         # on the chunk size, the batch size or where a killed run resumed.
         outs = judge_prompts(model, prompts, sampling(tuple(item_seed(seed, p.id, o) for p, o in chunk)), cfg.verdict, cfg.verdict_prefix)
         return [
-            to_dict(Judgment(pair_id=p.id, order=o, sample=j, text=t, verdict=v, verdict_source=s, tokens=n))
-            for (p, o), samples in zip(chunk, outs)
+            to_dict(Judgment(pair_id=p.id, order=o, sample=j, text=t, verdict=v, verdict_source=s, tokens=n, clip_chars=f[1]))
+            for (p, o), samples, f in zip(chunk, outs, fitted)
             for j, (t, v, s, n) in enumerate(samples)
         ]
 
@@ -113,7 +181,12 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     judgments = [from_dict(Judgment, r) for r in saved]
     index = {(p.id, o): k for k, (p, o) in enumerate(work)}
     judgments.sort(key=lambda j: (index.get((j.pair_id, j.order), 1 << 30), j.sample))
-    return judgments, judgment_stats(judgments)
+    stats = judgment_stats(judgments)
+    # prompts shown with a part cut: by judging.max_response_chars, or further to fit the token budget
+    fit = {(j.pair_id, j.order) for j in judgments if j.clip_chars is not None}
+    stats["clipped"] = sum((p.id, o) in fit or is_clipped(*pair_parts(p, o), cfg.max_response_chars) for p, o in work)
+    stats["clipped_to_fit"] = len(fit)
+    return judgments, stats
 
 
 def item_seed(seed: int, item_id: str, order: str) -> int:
