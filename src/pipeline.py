@@ -86,8 +86,10 @@ class Job:
             raise ConfigError(f"config has no `{missing[0]}` group")
         if int(cfg.iterations) < 0:
             raise ConfigError("iterations must be >= 0")
+        typed_groups = {g: typed(t, cfg[g], g) for g, t in groups.items()}
+        _check_lengths(typed_groups)
         return cls(
-            **{g: typed(t, cfg[g], g) for g, t in groups.items()},
+            **typed_groups,
             iterations=int(cfg.iterations),
             random_seed=int(cfg.random_seed),
             data_root=str(cfg.data_root),
@@ -97,6 +99,21 @@ class Job:
     @property
     def cache_dir(self) -> Path:
         return Path(self.pipeline.cache_dir).expanduser().resolve() if self.pipeline.cache_dir else self.results_dir / "cache"
+
+
+def _check_lengths(g: dict) -> None:
+    """Every generation a config asks for must fit its model's max_model_len (what vLLM would reject later)."""
+    from .models.base import check_fits
+
+    n = g["negatives"]
+    for spec, tokens, where in [
+        (g["seed"], n.answer_max_new_tokens + n.modify_max_new_tokens, "negatives.answer_max_new_tokens+modify_max_new_tokens"),
+        (g["judge"], g["judging"].max_new_tokens, "judging.max_new_tokens"),
+        (g["judge"], g["eval"].max_new_tokens, "eval.max_new_tokens"),
+    ]:
+        msg = check_fits(spec, tokens, where)
+        if msg:
+            raise ConfigError(msg)
 
 
 @dataclass
