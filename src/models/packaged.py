@@ -230,6 +230,11 @@ def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
         if why is None:
             return out
         log.warning("%s is not a verified conversion of %r (%s); set aside as %s, converting again", out, name, why, set_aside(out))
+    return _convert(name, cache_dir)
+
+
+def _convert(name: str, cache_dir: str | Path | None) -> Path:
+    out = materialized_dir(name, cache_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
