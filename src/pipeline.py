@@ -86,10 +86,8 @@ class Job:
             raise ConfigError(f"config has no `{missing[0]}` group")
         if int(cfg.iterations) < 0:
             raise ConfigError("iterations must be >= 0")
-        typed_groups = {g: typed(t, cfg[g], g) for g, t in groups.items()}
-        _check_lengths(typed_groups)
         return cls(
-            **typed_groups,
+            **{g: typed(t, cfg[g], g) for g, t in groups.items()},
             iterations=int(cfg.iterations),
             random_seed=int(cfg.random_seed),
             data_root=str(cfg.data_root),
@@ -101,15 +99,16 @@ class Job:
         return Path(self.pipeline.cache_dir).expanduser().resolve() if self.pipeline.cache_dir else self.results_dir / "cache"
 
 
-def _check_lengths(g: dict) -> None:
-    """Every generation a config asks for must fit its model's max_model_len (what vLLM would reject later)."""
+def check_lengths(job: Job) -> None:
+    """Every generation the job asks for must fit its model's max_model_len (what vLLM would reject later).
+    Checked on the composed job (not per group: a group option alone may pair with another model)."""
     from .models.base import check_fits
 
-    n = g["negatives"]
+    n = job.negatives
     for spec, tokens, where in [
-        (g["seed"], n.answer_max_new_tokens + n.modify_max_new_tokens, "negatives.answer_max_new_tokens+modify_max_new_tokens"),
-        (g["judge"], g["judging"].max_new_tokens, "judging.max_new_tokens"),
-        (g["judge"], g["eval"].max_new_tokens, "eval.max_new_tokens"),
+        (job.seed, n.answer_max_new_tokens + n.modify_max_new_tokens, "negatives.answer_max_new_tokens+modify_max_new_tokens"),
+        (job.judge, job.judging.max_new_tokens, "judging.max_new_tokens"),
+        (job.judge, job.eval.max_new_tokens, "eval.max_new_tokens"),
     ]:
         msg = check_fits(spec, tokens, where)
         if msg:
@@ -509,6 +508,7 @@ def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
 def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | None = None, run_name: str | None = None) -> dict[str, float]:
     """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
     job = Job.from_config(cfg)
+    check_lengths(job)
     steps = plan(job)
     problems = preflight(job)
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None

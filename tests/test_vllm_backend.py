@@ -167,6 +167,7 @@ def test_small_loop_on_vllm(tmp_path):
 
     overrides = [
         "seed=smollm2_135m", "judge=smollm2_135m", "seed.backend=vllm", "judge.backend=vllm",
+        "judging=cpu", "eval=cpu",  # a vllm model with CPU-scale settings must be asked for by name
         "dataset=reasoning", "dataset.limit=4", "dataset.categories=[reasoning]", "dataset.max_scan=8",
         "dataset.heldout_fraction=0.25", "negatives.answer_max_new_tokens=24", "negatives.modify_max_new_tokens=24",
         "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.per_subset=1",

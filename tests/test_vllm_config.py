@@ -6,7 +6,7 @@ import pytest
 
 from src.config import ConfigError
 from src.models.base import SamplingConfig
-from src.pipeline import Job
+from src.pipeline import Job, check_lengths
 from tests.conftest import TINY
 
 
@@ -33,7 +33,8 @@ def test_greedy_majority_vote_is_rejected(make_cfg):
 def test_generation_longer_than_the_model_window_is_rejected(make_cfg, override, key):
     # the tiny model's max_model_len is 1024 (conf/model/tiny_random.yaml)
     with pytest.raises(ConfigError, match=key + r".*max_model_len 1024"):
-        job(make_cfg, override)
+        check_lengths(job(make_cfg, override))
+    check_lengths(job(make_cfg))  # the defaults fit
 
 
 def test_sampling_config_mirrors_vllm_sampling_params():
