@@ -179,8 +179,9 @@ def test_small_loop_on_vllm(tmp_path):
                           timeout=1500)
     assert proc.returncode == 0, proc.stderr[-6000:]
     cache = tmp_path / "results" / "cache"
-    stages = {p.parent.name for p in cache.glob("*/*/meta.json")}
-    assert {"generate", "judge", "train", "evaluate"} <= stages, stages
-    assert "vLLM loaded" in proc.stderr or "vllm" in proc.stderr.lower()
-    for meta in cache.glob("judge/*/meta.json"):
-        assert json.loads(meta.read_text())
+    done = {}
+    for meta in cache.glob("*/*/meta.json"):
+        done.setdefault(meta.parent.parent.name, []).append(json.loads(meta.read_text()))
+    assert {"generate", "judge", "train", "synthetic", "rewardbench", "mtbench"} <= set(done), sorted(done)
+    # iteration 0 (the seed judge) and iteration 1 (the trained adapter, served through LoRARequest)
+    assert len(done["rewardbench"]) == 2, done["rewardbench"]
