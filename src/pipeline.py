@@ -99,6 +99,22 @@ class Job:
         return Path(self.pipeline.cache_dir).expanduser().resolve() if self.pipeline.cache_dir else self.results_dir / "cache"
 
 
+def check_lengths(job: Job) -> None:
+    """Every generation the job asks for must fit its model's max_model_len (what vLLM would reject later).
+    Checked on the composed job (not per group: a group option alone may pair with another model)."""
+    from .models.base import check_fits
+
+    n = job.negatives
+    for spec, tokens, where in [
+        (job.seed, n.answer_max_new_tokens + n.modify_max_new_tokens, "negatives.answer_max_new_tokens+modify_max_new_tokens"),
+        (job.judge, job.judging.max_new_tokens, "judging.max_new_tokens"),
+        (job.judge, job.eval.max_new_tokens, "eval.max_new_tokens"),
+    ]:
+        msg = check_fits(spec, tokens, where)
+        if msg:
+            raise ConfigError(msg)
+
+
 @dataclass
 class Step:
     stage: str
@@ -493,6 +509,7 @@ def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
 def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | None = None, run_name: str | None = None) -> dict[str, float]:
     """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
     job = Job.from_config(cfg)
+    check_lengths(job)
     steps = plan(job)
     problems = preflight(job)
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None

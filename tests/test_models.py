@@ -10,6 +10,7 @@ import torch
 
 from src.models.base import ModelSpec, SamplingConfig
 from src.models.hf import HFGenerator
+from src.models.prompts import option_ids
 
 PROMPTS = [
     "Why does ice float on water?",
@@ -194,7 +195,7 @@ def test_choose_shared_first_token_and_full_fallback(gen):
         ctx_ids = gen._encode(ctx)
         totals = []
         for o in options:
-            o_ids = gen._option_ids(ctx, ctx_ids, o)
+            o_ids = option_ids(gen._encode, ctx, ctx_ids, o)
             with torch.no_grad():
                 logits = gen.model(input_ids=torch.tensor([ctx_ids + o_ids])).logits[0]
             lp = torch.log_softmax(logits.float(), -1)

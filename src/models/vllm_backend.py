@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, SamplingConfig, chat_messages
-from .hf import _move_trailing_spaces  # pure string helper; importing hf does not import torch
+from .prompts import check_prompt_length, plan_choices
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class VLLMGenerator:
             tensor_parallel_size=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             max_model_len=spec.max_model_len,
-            dtype=spec.dtype if spec.dtype != "float32" else "auto",
+            dtype=spec.dtype,  # as the HF backend: the same weights in the same precision
             enable_lora=adapter is not None,
             seed=0,
         )
@@ -59,14 +59,18 @@ class VLLMGenerator:
         self.load_seconds = time.time() - t0
         log.info("vLLM loaded %s in %.1f s", spec.name, self.load_seconds)
 
-    def _chat_ids(self, prompt: str, prefix: str = "") -> list[int]:
-        text = self.tokenizer.apply_chat_template(
+    def chat_text(self, prompt) -> str:
+        """The chat-templated text of a prompt (a user message, or system + user messages)."""
+        return self.tokenizer.apply_chat_template(
             chat_messages(prompt), add_generation_prompt=True, tokenize=False
         )
-        return self.tokenizer.encode(text + prefix, add_special_tokens=False)
+
+    def _encode(self, text: str) -> list[int]:
+        # the chat template already wrote the special tokens, as in HFGenerator._encode
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def count_tokens(self, prompts: Sequence) -> list[int]:
-        return [len(self._chat_ids(p)) for p in prompts]
+        return [len(self._encode(self.chat_text(p))) for p in prompts]
 
     def _run(self, token_lists: list[list[int]], params):
         prompts = [{"prompt_token_ids": ids} for ids in token_lists]
@@ -77,15 +81,10 @@ class VLLMGenerator:
 
         if not prompts:
             return []
-        limit = self.spec.max_model_len - sampling.max_new_tokens
         ids = []
         for i, p in enumerate(prompts):
-            x = self._chat_ids(p)
-            if len(x) > limit:
-                raise ValueError(
-                    f"prompt {i} is {len(x)} tokens with the chat template; {self.spec.name} allows "
-                    f"max_model_len {self.spec.max_model_len} - max_new_tokens {sampling.max_new_tokens} = {limit}"
-                )
+            x = self._encode(self.chat_text(p))
+            check_prompt_length(i, len(x), self.spec.name, self.spec.max_model_len, sampling.max_new_tokens)
             ids.append(x)
         greedy = sampling.temperature <= 0
         # one SamplingParams per prompt: a per-request seed makes each prompt's samples independent of batching
@@ -111,12 +110,6 @@ class VLLMGenerator:
             results.append(comps)
         return results
 
-    def _option_ids(self, context: str, ctx_ids: list[int], option: str) -> list[int]:
-        full = self.tokenizer.encode(context + option, add_special_tokens=False)
-        if full[: len(ctx_ids)] == ctx_ids and len(full) > len(ctx_ids):
-            return full[len(ctx_ids):]
-        return self.tokenizer.encode(option, add_special_tokens=False)
-
     def choose(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[str]:
         """First-distinguishing-token comparison from the top-20 log-probs of a 1-token generation (the
         options' shared token prefix is appended to the context first, as in HFGenerator.choose). Prompts where
@@ -124,43 +117,25 @@ class VLLMGenerator:
         sequences with prompt_logprobs."""
         from vllm import SamplingParams
 
-        if len(prompts) != len(prefixes):
-            raise ValueError("prompts and prefixes must have the same length")
-        if len(set(options)) != len(options) or len(options) < 2:
-            raise ValueError(f"need at least two distinct options, got {list(options)}")
-        plans = []
-        for p, pre in zip(prompts, prefixes):
-            text = self.tokenizer.apply_chat_template(
-                chat_messages(p), add_generation_prompt=True, tokenize=False
-            ) + pre
-            text, opt_texts = _move_trailing_spaces(text, options)
-            ctx = self.tokenizer.encode(text, add_special_tokens=False)
-            opts = [self._option_ids(text, ctx, o) for o in opt_texts]
-            k = 0
-            while all(len(o) > k for o in opts) and len({o[k] for o in opts}) == 1:
-                k += 1
-            firsts = [o[k] if len(o) > k else None for o in opts]
-            ok = None not in firsts and len(set(firsts)) == len(firsts)
-            plans.append((ctx, opts, k, firsts if ok else None))
-
+        plans = plan_choices(self.chat_text, self._encode, prompts, prefixes, options, self.spec.name, self.spec.max_model_len)
         chosen: list[str | None] = [None] * len(prompts)
-        first_idx = [i for i, pl in enumerate(plans) if pl[3] is not None]
+        first_idx = [i for i, pl in enumerate(plans) if pl.first is not None]
         if first_idx:
             params = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=_TOP_LOGPROBS)
-            outs = self._run([plans[i][0] + plans[i][1][0][: plans[i][2]] for i in first_idx], params)
+            outs = self._run([plans[i].first_context for i in first_idx], params)
             for i, out in zip(first_idx, outs):
                 top = out.outputs[0].logprobs[0]  # dict token_id -> Logprob
-                scores = [top[t].logprob if t in top else float("-inf") for t in plans[i][3]]
+                scores = [top[t].logprob if t in top else float("-inf") for t in plans[i].first]
                 if max(scores) > float("-inf"):
                     chosen[i] = options[max(range(len(options)), key=lambda j: scores[j])]
         full_idx = [i for i in range(len(prompts)) if chosen[i] is None]
         if full_idx:
             params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
             rows = [(i, j) for i in full_idx for j in range(len(options))]
-            outs = self._run([plans[i][0] + plans[i][1][j] for i, j in rows], params)
+            outs = self._run([plans[i].full_rows()[j] for i, j in rows], params)
             totals: dict[tuple[int, int], float] = {}
             for (i, j), out in zip(rows, outs):
-                opt = plans[i][1][j]
+                opt = plans[i].options[j]
                 lps = out.prompt_logprobs[-len(opt):]  # one dict per prompt token (first entry is None)
                 totals[(i, j)] = sum(d[t].logprob for d, t in zip(lps, opt))
             for i in full_idx:

@@ -75,6 +75,8 @@ class EvalConfig:
     def validate(self, where: str) -> None:
         if self.verdict not in ("parse", "constrained"):
             raise ConfigError(f"{where}.verdict={self.verdict!r}: use parse or constrained")
+        if self.rewardbench.maj_k > 1 and self.rewardbench.maj_temperature <= 0:
+            raise ConfigError(f"{where}.rewardbench.maj_k={self.rewardbench.maj_k} with maj_temperature={self.rewardbench.maj_temperature}: greedy samples are identical (vLLM rejects it)")
         if self.rewardbench.orders not in ("both", "one"):
             raise ConfigError(f"{where}.rewardbench.orders={self.rewardbench.orders!r}: use both or one")
 

