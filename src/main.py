@@ -36,8 +36,8 @@ def _expected() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, CacheError, NotRunnableHere
 
 
-def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
-    """(group choices, (sweep id, sweep name) when in a multirun, run name) from Hydra's runtime config."""
+def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:
+    """(group choices, (sweep id, sweep name) when in a multirun, the job's overrides) from Hydra's runtime config."""
     hc = HydraConfig.get()
     order = ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "pipeline"]
     raw = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None and k != "local"}
@@ -48,10 +48,13 @@ def job_context() -> tuple[dict[str, str], tuple[str, str] | None, str | None]:
         # Name: the sweeps/ preset (if any) and the sweep's timestamp, e.g. filters-2026-11-27_22-10-00.
         stamp = f"{Path(hc.sweep.dir).parent.name}_{Path(hc.sweep.dir).name}"
         sweep = (sweep_dir, f"{hc.runtime.choices.get('sweeps') or 'sweep'}-{stamp}")
-    # Run name: the group choices that differ from the defaults plus the sweep's own overrides, kept short.
-    overrides = [o for o in hc.overrides.task if "=" in o and not o.startswith(("pipeline.", "tracking.", "data_root", "results_dir"))]
-    name = " ".join(o for o in overrides if "." not in o.split("=")[0]) or "default"
-    return choices, sweep, name[:200]
+    return choices, sweep, overrides(hc)
+
+
+def overrides(hc) -> list[str]:
+    """The command-line overrides that can change a result (not where outputs go or whether it is a dry run)."""
+    skip = ("pipeline.dry_run", "pipeline.cache_dir", "pipeline.model_cache_dir", "tracking.", "data_root", "results_dir", "hydra")
+    return [o for o in hc.overrides.task if "=" in o and not o.lstrip("+~").startswith(skip)]
 
 
 def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str], argv: list[str]) -> str | None:
@@ -86,7 +89,8 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
 def main(cfg: DictConfig) -> None:
     from .pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
 
-    choices, sweep, run_name = job_context()
+    choices, sweep, task_overrides = job_context()
+    run_name = " ".join(task_overrides) or "defaults"
     try:
         task = HydraConfig.get().overrides.task
         mismatch = scale_mismatch(cfg, choices, {o.split("=")[0].lstrip("+~") for o in task}, sys.argv[1:])
@@ -94,7 +98,7 @@ def main(cfg: DictConfig) -> None:
             from .config import ConfigError
 
             raise ConfigError(mismatch)
-        result = run_job(cfg, choices, sweep, run_name)
+        result = run_job(cfg, choices, sweep, task_overrides)
     except _expected() as e:
         # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.
         raise JobError(f"job {run_name!r} failed: {e}") from None

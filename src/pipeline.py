@@ -506,7 +506,14 @@ def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     return {**{f"choice.{k}": v for k, v in choices.items()}, **flatten(resolved)}
 
 
-def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | None = None, run_name: str | None = None) -> dict[str, float]:
+def run_name(job: Job, choices: dict[str, str], overrides: list[str]) -> str:
+    """What tells this run apart in the UI: models, dataset, filter, iterations, then the overrides given."""
+    base = f"{job.seed.name}>{job.judge.name} {choices.get('dataset', job.dataset.name)}/{job.filter.name} K={job.iterations}"
+    extra = [o for o in overrides if o.split("=")[0].lstrip("+~") not in ("seed", "judge", "dataset", "filter", "iterations")]
+    return " ".join([base, *extra])[:250]
+
+
+def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | None = None, overrides: list[str] | None = None) -> dict[str, float]:
     """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
     job = Job.from_config(cfg)
     check_lengths(job)
@@ -523,8 +530,10 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
         raise NotRunnableHere("cannot run this job here: " + "; ".join(problems))
     job.results_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(job.tracking, job.results_dir)
-    name = run_name or "-".join(f"{v}" for k, v in choices.items() if k in ("seed", "judge", "dataset", "filter"))
-    tags = {f"choice.{k}": v for k, v in choices.items()}
+    overrides = list(overrides or [])
+    # The overrides as a tag: the report labels a sweep's jobs by every override that differs between them.
+    tags = {**{f"choice.{k}": v for k, v in choices.items()}, "ste.overrides": json.dumps(overrides)}
+    name = run_name(job, choices, overrides)
     tracker.start(name, {**job_params(cfg, choices), **judge.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
     status = "FAILED"
     runner = Runner(job, tracker)

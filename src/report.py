@@ -3,7 +3,9 @@
     python -m src.report                      # the latest sweep in results/mlflow.db
     python -m src.report <sweep dir | parent run id> [--store sqlite:///...] [--out DIR]
 
-Writes report.md (one row per job: the choices that differ, status, iteration-0 / final / best metrics,
+    python -m src.report --tag choice.filter=all  # any set of runs chosen by tag; no sweep in the store: the latest run
+
+Writes report.md (one row per job: the overrides that differ, status, iteration-0 / final metrics,
 delta vs iteration 0, bootstrap intervals, a paired test against the first job), report.csv and PNG plots, and
 logs them to the sweep's parent run. Failed or unfinished jobs are listed with their status; a killed sweep
 still reports. The Hydra callback `ReportCallback` runs this at the end of every multirun.
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stats import bootstrap_ci, item_scores, paired_test
+from .stats import bootstrap_ci, item_scores, paired_stratified_test, paired_test, stratified_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,8 @@ class JobResult:
     status: str
     choices: dict[str, str]
     history: dict[str, dict[int, float]]  # metric -> {iteration: value}
-    items: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark -> per-item score, final iteration
+    items: dict[str, dict] = field(default_factory=dict)  # benchmark -> {item key: score}, final iteration
+    overrides: dict[str, str] | None = None  # the job's command-line overrides (tag ste.overrides), when logged
 
     @property
     def final_iteration(self) -> int | None:
@@ -57,9 +60,11 @@ class JobResult:
         h = self.history.get(metric, {})
         return h[max(h)] if h else None
 
-    def best(self, metric: str) -> float | None:
-        h = self.history.get(metric, {})
-        return max(h.values()) if h else None
+    def selected_iteration(self) -> int | None:
+        """The iteration a researcher would ship, chosen on validation data: the best held-out synthetic accuracy
+        (latest on ties). Never on a benchmark score, which would make the benchmark a selection set."""
+        h = self.history.get("synthetic/accuracy", {})
+        return max(h, key=lambda s: (h[s], s)) if h else None
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -71,33 +76,48 @@ def _client(store: str):
 
 
 def find_sweep(client, experiment: str, sweep: str | None):
-    """The sweep parent run: by run id, by sweep directory (tag ste.sweep_id), or the latest one."""
+    """The sweep parent run: by run id, by sweep directory (tag ste.sweep_id), or the latest one (None when the
+    store holds no sweep)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
     runs = client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'sweep'", order_by=["attributes.start_time DESC"])
     if sweep is None:
-        if not runs:
-            raise SystemExit("no sweep in this store: run one with python -m src.main -m ...")
-        return exp, runs[0]
+        return exp, (runs[0] if runs else None)
     for r in runs:
         if sweep in (r.info.run_id, r.data.tags.get("ste.sweep_id")) or str(Path(sweep).resolve()) == r.data.tags.get("ste.sweep_id"):
             return exp, r
     raise SystemExit(f"no sweep {sweep!r} (known: {', '.join(r.data.tags.get('ste.sweep_id', r.info.run_id) for r in runs[:10])})")
 
 
-def load_jobs(client, experiment_id: str, parent_id: str, with_items: bool = True) -> list[JobResult]:
-    runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`ste.kind` = 'job'",
-                              order_by=["attributes.start_time ASC"])
+def job_runs(client, experiment_id: str, parent_id: str | None = None, tag: str | None = None) -> list:
+    """Job runs: a sweep's (its parent's children), those carrying tag KEY=VALUE, or else the latest single run."""
+    query = "tags.`ste.kind` = 'job'"
+    if parent_id is not None:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_id}'"
+    elif tag is not None:
+        if "=" not in tag:
+            raise SystemExit(f"--tag {tag!r}: use KEY=VALUE")
+        key, value = tag.split("=", 1)
+        query += f" and tags.`{key}` = '{value}'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000)
+    if parent_id is None and tag is None:
+        runs = runs[-1:]  # no sweep in the store: the latest run (what the quick start produces)
+    return runs
+
+
+def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
     jobs = []
     for r in runs:
         history = {}
         for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *sorted(m for m in r.data.metrics if MAJ.match(m))]:
             if metric in r.data.metrics:
                 history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
+        overrides = r.data.tags.get("ste.overrides")
         job = JobResult(
             run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8], status=r.info.status,
             choices={k[len("choice."):]: v for k, v in r.data.params.items() if k.startswith("choice.")}, history=history,
+            overrides=dict(o.lstrip("+~").split("=", 1) for o in json.loads(overrides)) if overrides else None,
         )
         if with_items and job.final_iteration is not None:
             job.items = _items(client, r.info.run_id, job.final_iteration)
@@ -105,8 +125,9 @@ def load_jobs(client, experiment_id: str, parent_id: str, with_items: bool = Tru
     return jobs
 
 
-def _items(client, run_id: str, iteration: int) -> dict[str, dict[str, float]]:
-    """Per-item scores of the final iteration, from the evaluation data logged as artifacts."""
+def _items(client, run_id: str, iteration: int) -> dict[str, dict]:
+    """Per-item scores of the final iteration, from the evaluation data logged as artifacts. RewardBench items are
+    keyed (subset, item), so the official section-weighted overall can be recomputed on resamples."""
     import mlflow
 
     out = {}
@@ -116,8 +137,40 @@ def _items(client, run_id: str, iteration: int) -> dict[str, dict[str, float]]:
         except Exception:  # not logged (benchmark disabled, or the job died before it)
             continue
         with open(path) as f:
-            out[bench] = item_scores([json.loads(line) for line in f if line.strip()])
+            rows = [json.loads(line) for line in f if line.strip()]
+        if bench == "rewardbench":
+            out[bench] = item_scores(rows, key=lambda r: (r["extra"]["subset"], r["item_id"]))
+        else:
+            out[bench] = item_scores(rows)
     return out
+
+
+def _official_overall(subset_means):
+    from .benchmarks.rewardbench import overall, section_scores
+
+    return overall(section_scores(subset_means))
+
+
+def interval(bench: str, items: dict) -> tuple[float, float] | None:
+    """95% interval of the benchmark's reported number: the official RewardBench overall (items resampled within
+    their subsets, the official weighting recomputed), or the plain mean (synthetic accuracy)."""
+    if bench == "rewardbench":
+        try:
+            _, lo, hi = stratified_bootstrap(items, _official_overall)
+        except ValueError:  # a section with no subset in this slice: the official overall is undefined
+            return None
+        return lo, hi
+    _, lo, hi = bootstrap_ci(list(items.values()))
+    return lo, hi
+
+
+def paired(bench: str, a: dict, b: dict) -> dict[str, float] | None:
+    if bench == "rewardbench":
+        try:
+            return paired_stratified_test(a, b, _official_overall)
+        except ValueError:
+            return None
+    return paired_test(a, b)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -126,15 +179,33 @@ def differing_choices(jobs: list[JobResult]) -> list[str]:
     return [k for k in keys if len({j.choices.get(k) for j in jobs}) > 1] or keys[:1]
 
 
+def axes(jobs: list[JobResult]) -> list[str]:
+    """What tells a sweep's jobs apart: every override that differs between them (`iterations=1,3`,
+    `random_seed=0,1,2`, `train.init_from=...` as much as a group choice), from the `ste.overrides` tag; runs
+    logged before that tag existed fall back to the group choices."""
+    if jobs and all(j.overrides is not None for j in jobs):
+        keys = sorted({k for j in jobs for k in j.overrides})  # type: ignore[union-attr]
+        differ = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]  # type: ignore[union-attr]
+        if differ or len(jobs) == 1:
+            return differ
+    return differing_choices(jobs)
+
+
+def value_of(job: JobResult, axis: str) -> str | None:
+    if job.overrides is not None and (axis in job.overrides or axis not in job.choices):
+        return job.overrides.get(axis, "(default)")
+    return job.choices.get(axis)
+
+
 def _fmt(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def label(job: JobResult, axes: list[str]) -> str:
-    """A job named by the choices that differ across the sweep (run names hold every override)."""
-    return " ".join(f"{a}={job.choices.get(a)}" for a in axes) or job.name
+def label(job: JobResult, names: list[str]) -> str:
+    """A job named by the overrides that differ across the sweep (its run name holds every override)."""
+    return " ".join(f"{a}={value_of(job, a)}" for a in names) or job.name
 
 
 def other_readings(jobs: list[JobResult]) -> list[str]:
@@ -143,26 +214,28 @@ def other_readings(jobs: list[JobResult]) -> list[str]:
 
 
 def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
-    axes = differing_choices(jobs)
+    names = axes(jobs)
     base = jobs[0] if jobs else None
     rows = []
     for j in jobs:
-        row: dict[str, Any] = {"job": label(j, axes), "run_id": j.run_id, "status": j.status, **{a: j.choices.get(a) for a in axes},
-                               "iterations": j.final_iteration}
+        sel = j.selected_iteration()
+        row: dict[str, Any] = {"job": label(j, names), "run_id": j.run_id, "status": j.status, **{a: value_of(j, a) for a in names},
+                               "iterations": j.final_iteration, "selected_iteration": sel}
         for m in HEADLINE:
             first, last = j.at(m, 0), j.final(m)
-            row[f"{m}@0"], row[f"{m}@final"], row[f"{m}@best"] = first, last, j.best(m)
+            row[f"{m}@0"], row[f"{m}@final"], row[f"{m}@selected"] = first, last, j.at(m, sel)
             row[f"{m} Δ"] = (last - first) if first is not None and last is not None else None
         for m in other_readings([j]):
             row[f"{m}@final"] = j.final(m)
         for bench in ITEM_BENCHMARKS:
-            scores = list(j.items.get(bench, {}).values())
-            if scores:
-                _, lo, hi = bootstrap_ci(scores)
-                row[f"{bench} 95% CI"] = f"[{lo:.3f}, {hi:.3f}]"
+            if j.items.get(bench):
+                ci = interval(bench, j.items[bench])
+                if ci is not None:
+                    row[f"{bench} 95% CI"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]"
             if base is not None and j is not base and bench in j.items and bench in base.items:
-                t = paired_test(base.items[bench], j.items[bench])
-                row[f"{bench} vs first job"] = f"{t['delta']:+.3f} [{t['lower']:+.3f}, {t['upper']:+.3f}] p={t['p_value']:.3f} (n={int(t['n_items'])})"
+                t = paired(bench, base.items[bench], j.items[bench])
+                if t is not None:
+                    row[f"{bench} vs first job"] = f"{t['delta']:+.3f} [{t['lower']:+.3f}, {t['upper']:+.3f}] p={t['p_value']:.3f} (n={int(t['n_items'])})"
         rows.append(row)
     return rows
 
@@ -171,8 +244,7 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
     lines = [f"# Sweep report: {title}", ""]
     if not rows:
         return "\n".join(lines + ["No jobs were logged for this sweep."])
-    axes = differing_choices(jobs)
-    cols = ["job", "status", *axes, "iterations"]
+    cols = ["job", "status", *axes(jobs), "iterations"]
     for m in HEADLINE:
         cols += [f"{m}@0", f"{m}@final", f"{m} Δ"]
     lines += ["## Results (iteration 0 = untrained judge; final = last iteration)", "",
@@ -190,14 +262,16 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
         lines += ["", "## Uncertainty (final iteration, per-item scores; paired test against the first job)", "",
                   "| job | " + " | ".join(sorted(unc)) + " |", "|" + "---|" * (len(unc) + 1)]
         lines += ["| " + r["job"] + " | " + " | ".join(_fmt(r.get(c)) for c in sorted(unc)) + " |" for r in rows]
-        lines += ["", "CI: 95% percentile bootstrap over items. Paired: mean per-item difference vs the first job with a "
-                      "paired-bootstrap 95% interval and a sign-flip permutation p-value."]
+        lines += ["", "Final iteration, never a selected one. CI: 95% percentile bootstrap of the reported number itself: "
+                      "for RewardBench the official overall, items resampled within their subsets and the section weighting "
+                      "recomputed; for synthetic pairs the mean over items. Paired: the same number's difference vs the first "
+                      "job on the same resampled items, with a p-value from swapping the two jobs' scores item by item."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
 def plot(jobs: list[JobResult], out: Path) -> list[str]:
-    axes_names = differing_choices(jobs)
+    axes_names = axes(jobs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,27 +319,40 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
     return files
 
 
-def build(store: str, sweep: str | None = None, out: Path | None = None, experiment: str = "ste", results_dir: Path = Path("results")) -> Path:
-    """Write the report of one sweep from the store alone; return its directory."""
+def build(store: str, sweep: str | None = None, out: Path | None = None, experiment: str = "ste", results_dir: Path = Path("results"),
+          tag: str | None = None) -> Path:
+    """Write the report of one sweep, of the runs carrying `tag` (KEY=VALUE), or (a store with no sweep) of the
+    latest run, from the store alone; return its directory."""
     client = _client(store)
-    exp, parent = find_sweep(client, experiment, sweep)
-    jobs = load_jobs(client, exp.experiment_id, parent.info.run_id)
-    sweep_id = parent.data.tags.get("ste.sweep_id", parent.info.run_id)
-    name = parent.data.tags.get("ste.sweep_name") or "-".join(Path(sweep_id).parts[-2:])
+    exp, parent = find_sweep(client, experiment, sweep) if tag is None else (client.get_experiment_by_name(experiment), None)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment {experiment!r} in this store")
+    runs = job_runs(client, exp.experiment_id, parent.info.run_id if parent else None, tag)
+    if not runs and parent is None:
+        raise SystemExit(f"no job run{' tagged ' + tag if tag else ''} in this store: run one with python -m src.main")
+    jobs = load_jobs(client, runs)
+    if parent is not None:
+        sweep_id = parent.data.tags.get("ste.sweep_id", parent.info.run_id)
+        name = parent.data.tags.get("ste.sweep_name") or "-".join(Path(sweep_id).parts[-2:])
+        title = f"{name} ({len(jobs)} jobs, sweep {sweep_id})"
+    else:
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", tag) if tag else f"run-{runs[0].info.run_id[:8]}"
+        title = f"{'runs tagged ' + tag if tag else 'run ' + runs[0].info.run_name} ({len(jobs)} jobs)"
     out = Path(out) if out else results_dir / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(jobs)
     plots = plot(jobs, out) if jobs else []
-    (out / "report.md").write_text(markdown(f"{name} ({len(jobs)} jobs, sweep {sweep_id})", jobs, rows, plots))
+    (out / "report.md").write_text(markdown(title, jobs, rows, plots))
     with open(out / "report.csv", "w", newline="") as f:
         cols = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    client.log_artifacts(parent.info.run_id, str(out), "report")
-    # Close the parent run: the sweep is over once its report exists (a killed sweep stays RUNNING until then).
-    statuses = {j.status for j in jobs}
-    client.set_terminated(parent.info.run_id, "FINISHED" if statuses <= {"FINISHED"} else "FAILED")
+    if parent is not None:
+        client.log_artifacts(parent.info.run_id, str(out), "report")
+        # Close the parent run: the sweep is over once its report exists (a killed sweep stays RUNNING until then).
+        statuses = {j.status for j in jobs}
+        client.set_terminated(parent.info.run_id, "FINISHED" if statuses <= {"FINISHED"} else "FAILED")
     log.info("report: %s (%d jobs)", out / "report.md", len(jobs))
     return out
 
@@ -298,7 +385,9 @@ class ReportCallback(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", nargs="?", help="sweep directory (hydra.sweep.dir) or parent run id; default: the latest sweep")
+    p.add_argument("sweep", nargs="?", help="sweep directory (hydra.sweep.dir) or parent run id; default: the latest sweep, "
+                   "or the latest run when the store holds no sweep")
+    p.add_argument("--tag", default=None, help="report the job runs carrying this tag, KEY=VALUE (e.g. choice.filter=all)")
     p.add_argument("--results-dir", default="results", help="where mlflow.db lives and reports/ is written")
     p.add_argument("--store", default=None, help="MLflow tracking URI (default: sqlite:///<results-dir>/mlflow.db)")
     p.add_argument("--experiment", default="ste")
@@ -307,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = Path(a.results_dir).expanduser().resolve()
     store = a.store or f"sqlite:///{results / 'mlflow.db'}"
-    print(build(store, a.sweep, Path(a.out) if a.out else None, a.experiment, results) / "report.md")
+    print(build(store, a.sweep, Path(a.out) if a.out else None, a.experiment, results, a.tag) / "report.md")
 
 
 if __name__ == "__main__":

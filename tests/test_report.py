@@ -57,3 +57,90 @@ def test_report_from_store_lists_failed_jobs_and_compares(tmp_path):
     client = mlflow.tracking.MlflowClient()
     assert client.get_run(pid).info.status == "FAILED"
     assert "report" in {a.path for a in client.list_artifacts(pid)}
+
+
+def _job(client, exp, name, overrides, accs, parent=None, rb_scores=None, tmp=None):
+    """A job run as the pipeline logs it: choices as params, overrides as the ste.overrides tag, metrics per step,
+    and optionally RewardBench per-item rows (subset in `extra`) for its final iteration."""
+    tags = {"ste.kind": "job", "ste.overrides": json.dumps(overrides)}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    rid = client.create_run(exp, run_name=name, tags=tags).info.run_id
+    client.log_param(rid, "choice.filter", "correct")
+    for step, acc in enumerate(accs):
+        client.log_metric(rid, "synthetic/accuracy", acc, step=step)
+        client.log_metric(rid, "rewardbench/overall", 1 - acc, step=step)
+    if rb_scores is not None:
+        d = tmp / rid
+        d.mkdir()
+        rows = [{"item_id": f"{s}-{k}", "order": "chosen_first", "verdict": "A" if ok else "B", "chosen_label": "A",
+                 "extra": {"subset": s}} for s, oks in rb_scores.items() for k, ok in enumerate(oks)]
+        (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        client.log_artifact(rid, str(d / "data.jsonl"), f"data/rewardbench_iter{len(accs) - 1}")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def test_jobs_are_labelled_by_every_differing_override(tmp_path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    pid = client.create_run(exp, run_name="s", tags={"ste.kind": "sweep", "ste.sweep_id": "/s", "ste.sweep_name": "s"}).info.run_id
+    # a sweep over non-group axes: iterations x random_seed (the group choices are identical)
+    for it in (1, 3):
+        for seed in (0, 1):
+            _job(client, exp, f"it{it}-s{seed}", [f"iterations={it}", f"random_seed={seed}", "dataset.limit=6"],
+                 [0.5] * (it + 1), parent=pid)
+    md = (build(f"sqlite:///{tmp_path / 'mlflow.db'}", "/s", tmp_path / "r") / "report.md").read_text()
+    labels = {line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| iterations=")}
+    assert labels == {"iterations=1 random_seed=0", "iterations=1 random_seed=1", "iterations=3 random_seed=0", "iterations=3 random_seed=1"}
+    assert "dataset.limit" not in md  # the same in every job: not an axis
+
+
+def test_selection_is_on_synthetic_never_on_the_benchmark(tmp_path):
+    import mlflow
+
+    from src.report import load_jobs, table_rows
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    # synthetic accuracy peaks at iteration 1, the benchmark (1 - acc) at iteration 0
+    rid = _job(client, exp, "one", [], [0.5, 0.9, 0.6])
+    (row,) = table_rows(load_jobs(client, [client.get_run(rid)], with_items=False))
+    assert row["selected_iteration"] == 1
+    assert abs(row["rewardbench/overall@selected"] - 0.1) < 1e-9 and abs(row["rewardbench/overall@final"] - 0.4) < 1e-9
+    assert not any(k.endswith("@best") for k in row)
+
+
+def test_single_run_store_and_tag_selection(tmp_path):
+    """No sweep in the store (the quick start): the latest run is reported; --tag picks any set of runs. RewardBench
+    intervals are on the official section-weighted overall."""
+    import mlflow
+
+    from src.benchmarks.rewardbench import overall, section_scores
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    subsets = {"alpacaeval-easy": [1, 1, 0, 1], "llmbar-natural": [0, 1, 0, 0], "donotanswer": [1, 1, 1, 0],
+               "math-prm": [1, 0, 1, 1], "hep-python": [0, 0, 1, 0]}
+    first = _job(client, exp, "first", [], [0.5, 0.6], rb_scores=subsets, tmp=tmp_path)
+    flipped = {s: [1 - x for x in v] for s, v in subsets.items()}
+    last = _job(client, exp, "last", ["filter=all"], [0.5, 0.7], rb_scores=flipped, tmp=tmp_path)
+    client.set_tag(first, "team", "a")
+    client.set_tag(last, "team", "a")
+
+    md = (build(store, None, tmp_path / "single") / "report.md").read_text()
+    assert "run last (1 jobs)" in md
+    row = md.split("## Uncertainty")[1]
+    lo, hi = [float(x) for x in row.split("[", 1)[1].split("]", 1)[0].split(",")]
+    official = overall(section_scores({s: sum(v) / len(v) for s, v in flipped.items()}))
+    plain = sum(sum(v) for v in flipped.values()) / 20
+    assert lo <= official <= hi and abs(official - plain) > 0.05  # the interval is around the official number
+
+    md = (build(store, None, tmp_path / "tagged", tag="team=a") / "report.md").read_text()
+    assert "runs tagged team=a (2 jobs)" in md and "rewardbench vs first job" in md
