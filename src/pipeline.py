@@ -8,6 +8,7 @@ function of the config alone, so `pipeline.dry_run=true` shows what a run would 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -146,7 +147,7 @@ def eval_key(bench: str, cfg: EvalConfig, data_root: str, model: dict, pairs_key
         bench, evaluate.VERSION, {"judging": evaluate.judging_part(cfg), "bench": spec.config(cfg)},
         {"pairs": pairs_key} if bench == "synthetic" else {"data": spec.data(cfg, data_root)},
         model=model, prompt=text_fingerprint(judge.judge_template(cfg.prompt, "eval.prompt")),
-        chunk_size=chunk_size,  # maj@k sampling is seeded per chunk
+        chunk_size=chunk_size,  # a chunk bounds its batches, and padded batched arithmetic is not bit-invariant
     )
 
 
@@ -473,10 +474,35 @@ class Runner:
                 {"judging": evaluate.judging_part(job.eval), "bench": evaluate.BENCHMARKS[st.stage].config(job.eval)},
             )
             self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
+            self.tracker.metrics(self._drift(steps, st, rows or []), iteration)
             headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
             value = meta["stats"].get(headline)
             log.info("%s[iter %d]: %s %s = %s", st.stage, iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
             out.update({f"{k}@iter{iteration}": v for k, v in meta["stats"].items()})
+        return out
+
+
+    def _drift(self, steps: list[Step], st: Step, rows: list[dict]) -> dict[str, float]:
+        """Position bias and verdict flips of one benchmark at this iteration: `<bench>/position/frac_A` (share of
+        stated verdicts that say A; both orders are judged, so 0.5 is no preference) and, against the previous
+        iteration's verdicts on the same (item, order), `<bench>/position/flips` split into flips to the correct
+        verdict and to a wrong one (MT-Bench has no correct verdict: flips only). Meta-Rewarding (Wu et al. 2024)
+        saw position bias grow as a judge trained on itself; these show whether ours does."""
+        from .analysis import verdict_flips
+
+        stated = [r["verdict"] for r in rows if r["verdict"] is not None]
+        out = {f"{st.stage}/position/frac_A": sum(v == "A" for v in stated) / len(stated) if stated else None}
+        prev = next((s for s in steps if s.stage == st.stage and s.iteration == st.iteration - 1), None)
+        if prev is None or not rows or not self.cache.valid(prev.stage, prev.key):
+            return out
+        before = {(r["item_id"], r["order"]): r["verdict"] for r in self.cache.rows(prev.stage, prev.key)}
+        after = {(r["item_id"], r["order"]): r["verdict"] for r in rows}
+        correct = {(r["item_id"], r["order"]): r["chosen_label"] for r in rows}
+        f = verdict_flips(before, after, correct)
+        out[f"{st.stage}/position/flips"] = f["flips"]
+        if st.stage != "mtbench":
+            out[f"{st.stage}/position/flips_to_correct"] = f["flips_to_correct"]
+            out[f"{st.stage}/position/flips_to_wrong"] = f["flips_to_wrong"]
         return out
 
 

@@ -36,6 +36,9 @@ MAJ = re.compile(r"^rewardbench/(constrained/)?overall_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
 PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
 ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall"}
+# Per iteration: position bias and verdict flips since the previous iteration; vote-k curves (final iteration).
+DRIFT = re.compile(r"^(synthetic|rewardbench|mtbench)/position/(frac_A|flips|flips_to_correct|flips_to_wrong)$")
+VOTE_K = re.compile(r"^rewardbench/vote_k/(overall|tokens)_k(\d+)$")
 
 
 @dataclass
@@ -110,7 +113,8 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
     jobs = []
     for r in runs:
         history = {}
-        for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *sorted(m for m in r.data.metrics if MAJ.match(m))]:
+        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m))
+        for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *extra]:
             if metric in r.data.metrics:
                 history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
         overrides = r.data.tags.get("ste.overrides")
@@ -316,6 +320,30 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
     files.append("rewardbench_sections.png")
 
     files.append(curves(["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail"], "keep_rate_and_parse_failures.png", (-0.05, 1.05)))
+    drift = [m for m in ("synthetic/position/frac_A", "rewardbench/position/frac_A", "synthetic/position/flips", "rewardbench/position/flips")
+             if any(m in j.history for j in jobs)]
+    if drift:
+        files.append(curves(drift, "position_bias_and_flips.png", (-0.05, 1.05)))
+    if any(VOTE_K.match(m) for j in jobs for m in j.history):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for j in jobs:
+            last = j.final_iteration
+            ks = sorted(int(VOTE_K.match(m).group(2)) for m in j.history if VOTE_K.match(m) and "/overall_k" in m)
+            acc = [j.at(f"rewardbench/vote_k/overall_k{k}", last) for k in ks]
+            tok = [j.at(f"rewardbench/vote_k/tokens_k{k}", last) for k in ks]
+            if ks and None not in acc:
+                ax.plot(ks, acc, marker="o", label=label(j, axes_names))
+                for k, a, t in zip(ks, acc, tok):
+                    ax.annotate(f"{t:.0f} tok" if t is not None else "", (k, a), fontsize=6, textcoords="offset points", xytext=(0, 5))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (majority vote over the first k samples)")
+        ax.set_title("RewardBench overall vs votes (final iteration; tokens per judgment)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "vote_k.png", dpi=110)
+        plt.close(fig)
+        files.append("vote_k.png")
     return files
 
 

@@ -61,6 +61,20 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0], metric
     for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples", "judge/clipped", "judge/clipped_to_fit"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
+    # Vote-k curve (k = 1, 2 from the one set of 2 samples) with its token cost; position bias and flips per iteration.
+    for metric in ["rewardbench/vote_k/overall_k1", "rewardbench/vote_k/overall_k2", "rewardbench/vote_k/tokens_k2"]:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [0, 1], metric
+    # P(verdict = A) among stated verdicts: undefined (not logged) at an iteration where the tiny model stated none
+    for metric in ["synthetic/position/frac_A", "rewardbench/position/frac_A", "mtbench/position/frac_A"]:
+        assert all(0 <= h.value <= 1 and h.step in (0, 1) for h in client.get_metric_history(run.info.run_id, metric)), metric
+    m = run.data.metrics
+    assert m["rewardbench/vote_k/overall_k2"] == m["rewardbench/overall_maj2"]
+    assert m["rewardbench/vote_k/tokens_k2"] >= m["rewardbench/vote_k/tokens_k1"] > 0
+    for metric in ["synthetic/position/flips", "synthetic/position/flips_to_correct", "rewardbench/position/flips", "mtbench/position/flips"]:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
+    assert abs(m["synthetic/position/flips"] - m["synthetic/position/flips_to_correct"] - m["synthetic/position/flips_to_wrong"]) < 1e-9
+    # Provenance: the code and the packages that made the numbers.
+    assert run.data.tags["git.commit"] and run.data.tags["version.torch"]
     acc = run.data.metrics["synthetic/accuracy"]
     assert 0.0 <= acc <= 1.0
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -13,12 +13,12 @@ next-token choice where the text names none, under `<benchmark>/constrained/*`: 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..analysis import vote_ks
 from ..benchmarks import mtbench, rewardbench
 from ..cache import Partial, file_fingerprint, run_chunked
 from ..config import ConfigError, as_dict, knob
@@ -27,12 +27,12 @@ from ..metrics import synthetic_metrics
 from ..models.base import Generator, SamplingConfig
 from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from ..verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from .judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget
+from .judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
 
 log = logging.getLogger(__name__)
 # 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's
 # evaluation prompt; maj metrics named overall_maj<k>; responses clipped to the token budget.
-VERSION = 2
+VERSION = 3  # 3: maj@k samples seeded per item and order, their token counts kept (vote-k curves)
 
 # Each benchmark's official reading of a judgment text.
 PARSERS = {"synthetic": parse_verdict, "rewardbench": rewardbench_verdict, "mtbench": fastchat_verdict}
@@ -164,9 +164,27 @@ def rewardbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float
             for i in items
         ]
 
-    out = {**rewardbench.rewardbench_metrics(records(lambda i: i.verdict, "verdicts_k")), **clip_stats("rewardbench", items)}
+    out = {**rewardbench.rewardbench_metrics(records(lambda i: i.verdict, "verdicts_k")), **clip_stats("rewardbench", items),
+           **vote_k_curve(items)}
     if has_constrained(items):
         out.update(_renamed(rewardbench.rewardbench_metrics(records(constrained, "verdicts_k_constrained")), "rewardbench"))
+    return out
+
+
+def vote_k_curve(items: list[EvalItem]) -> dict[str, float]:
+    """The official overall of a majority vote over the FIRST k samples, k = 1, 2, 4, ..., maj_k, from the one set of
+    maj_k samples per item and order (no resampling per k), with the generated tokens per judgment each k costs:
+    `rewardbench/vote_k/overall_k<k>`, `rewardbench/vote_k/tokens_k<k>`."""
+    with_k = [i for i in items if "verdicts_k" in i.extra and "tokens_k" in i.extra]
+    if not with_k or len(with_k) < len(items):
+        return {}
+    out = {}
+    for k in vote_ks(min(len(i.extra["verdicts_k"]) for i in with_k)):
+        records = [{"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
+                    "chosen_label": i.chosen_label, "verdict": i.verdict, "verdicts_k": i.extra["verdicts_k"][:k]} for i in with_k]
+        m = rewardbench.rewardbench_metrics(records)
+        out[f"rewardbench/vote_k/overall_k{k}"] = m[f"rewardbench/overall_maj{k}"]  # k = 1: the first sample alone
+        out[f"rewardbench/vote_k/tokens_k{k}"] = sum(sum(i.extra["tokens_k"][:k]) for i in with_k) / len(with_k)
     return out
 
 
@@ -240,12 +258,13 @@ def judge_items(cfg: EvalConfig, name: str, items: list[Prompted], model: Genera
         extra = [{} for _ in chunk]
         if maj_k > 1:
             rb = cfg.rewardbench
-            # Seeded by the chunk's first item, not its position, so a resumed evaluation samples the same.
-            seed = int(hashlib.sha256(f"{chunk[0].item_id}:{chunk[0].order}".encode()).hexdigest()[:8], 16)
-            sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, seed),
+            # One seed per item and order: the samples do not depend on the chunk size or where a resume started.
+            seeds = tuple(item_seed(0, c.item_id, c.order) for c in chunk)
+            sampled = judge_prompts(model, prompts, SamplingConfig(cfg.max_new_tokens, rb.maj_temperature, rb.maj_top_p, maj_k, seeds=seeds),
                                     cfg.verdict, cfg.verdict_prefix)
             for e, s in zip(extra, sampled):
                 e["verdicts_k"] = [parse(t) for t, _, _, _ in s]
+                e["tokens_k"] = [n for _, _, _, n in s]  # what each extra vote costs (vote-k curves)
                 if cfg.verdict == "constrained":
                     e["verdicts_k_constrained"] = [parse(t) or (v if src == "constrained" else None) for t, v, src, _ in s]
         rows = []
