@@ -19,7 +19,7 @@ from ..models.base import Generator
 from ..prompts import Template
 
 VERSION = 1
-CHUNK = 32  # pool instructions per cache unit
+CHUNK = 20  # pool instructions per cache unit (max_scan: 40 = two units)
 PREFIX = "Category: "  # the assistant's answer starts here; the labels continue it
 
 
