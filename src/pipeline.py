@@ -28,7 +28,7 @@ from .launch import LaunchConfig
 from .models.base import Generator, ModelSpec
 from .prompts import text_fingerprint
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from .stages import evaluate, generate, judge, select, train
+from .stages import classify, evaluate, generate, judge, select, train
 from .stages.evaluate import EvalConfig
 from .stages.generate import NegativesConfig
 from .stages.judge import JudgingConfig, pair_prompt
@@ -157,10 +157,13 @@ def plan(job: Job) -> list[Step]:
     seed_id = model_id(job.seed, None)
     judge_tpl = text_fingerprint(judge.judge_template(job.judging.prompt, "judging.prompt"))
     steps: list[Step] = []
-    sel = make_key(
-        "select", select.VERSION, as_dict(job.dataset), {"pool": select.source_fingerprints(job.dataset, job.data_root)},
+    # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
+    cls = make_key(
+        "classify", classify.VERSION, select.classify_config(job.dataset), {"pool": select.source_fingerprints(job.dataset, job.data_root)},
         model=seed_id, random_seed=job.random_seed, prompt=text_fingerprint(select.classify_template(job.dataset)),
     )
+    steps.append(Step("classify", 0, cls, job.seed.name, role="seed"))
+    sel = make_key("select", select.VERSION, as_dict(job.dataset), {"classify": cls}, random_seed=job.random_seed)
     steps.append(Step("select", 0, sel, job.seed.name, role="seed"))
     gen = make_key(
         "generate", generate.VERSION, as_dict(job.negatives), {"select": sel}, model=seed_id, random_seed=job.random_seed,
@@ -212,7 +215,14 @@ def plan(job: Job) -> list[Step]:
             s.status = "cached" if check(path) is None else "damaged"
         else:
             s.status = "partial" if cache.has_partial(s.stage, s.key) else "todo"
+    steps[0].status = f"{len(classified_units(cache, cls))} chunk(s) cached"
     return steps
+
+
+def classified_units(cache: StageCache, cls_key: str) -> list[str]:
+    """The committed classification chunks of a classify key (the prior unit excluded)."""
+    root = cache.root / "classify"
+    return sorted(p.name for p in root.glob(f"{cls_key}-[0-9]*") if (p / "meta.json").exists()) if root.exists() else []
 
 
 def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: list[str]) -> str:
@@ -228,6 +238,9 @@ def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: lis
         f"  {'iter':>4}  {'stage':<11} {'model':<28} {'key':<20}  status",
     ]
     lines += [f"  {s.iteration:>4}  {s.stage:<11} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
+    cache, cls = StageCache(job.cache_dir), steps[0].key
+    labels = [r["category"] for u in classified_units(cache, cls) for r in cache.rows("classify", u)]
+    lines.append(f"  select: {select.expected_scan(d, labels)}")
     lines += [f"  NOT RUNNABLE HERE: {p}" for p in problems]
     return "\n".join(lines)
 
@@ -367,9 +380,11 @@ class Runner:
         chunk = job.pipeline.chunk_size
 
         # select
-        st = by[("select", 0)]
+        st, cls = by[("select", 0)], by[("classify", 0)]
+        classified = select.cached_units(self.cache, cls.key, cls.model)
         rows, meta, cached = self.stage(
-            st, lambda p: _records(select.run(job.dataset, job.data_root, seed, self.pool.get(job.seed, None), p)), as_dict(job.dataset)
+            st, lambda p: _records(select.run(job.dataset, job.data_root, seed, lambda: self.pool.get(job.seed, None), classified)),
+            as_dict(job.dataset),
         )
         instructions = [from_dict(Instruction, r) for r in rows]
         self._log_stage(st, meta, cached, rows, "select/")

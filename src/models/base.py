@@ -96,6 +96,12 @@ class Generator(Protocol):
         read a verdict ([[A]] vs [[B]]) after a reasoning chain that did not state one."""
         ...
 
+    def score_options(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """For each chat prompt, with `prefixes[i]` already written by the assistant, the log-probability of
+        each option's full token sequence as the continuation. Used to classify instructions as a scored,
+        calibrated choice over a label set."""
+        ...
+
     def close(self) -> None:
         """Free the weights (GPU memory is not returned otherwise)."""
         ...

@@ -341,6 +341,51 @@ class HFGenerator:
                     bar.update(1)
         return chosen  # type: ignore[return-value]
 
+    def score_options(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """For each prompt, log P(option | chat(prompt)+prefix) for every option: the sum of the option tokens'
+        log-probs. One batched forward over the contexts; the continuations of options longer than one token
+        ("roleplay" -> " role" "play") go through a second batched forward, one row per (prompt, long option).
+        Unlike `choose`, the scores are comparable across prompts (classification calibrates on them)."""
+        import torch
+
+        if len(prompts) != len(prefixes):
+            raise ValueError("prompts and prefixes must have the same length")
+        if len(set(options)) != len(options) or not options:
+            raise ValueError(f"need distinct options, got {list(options)}")
+        plans = []
+        for i, (p, pre) in enumerate(zip(prompts, prefixes)):
+            ctx_text, opt_texts = _move_trailing_spaces(self.chat_text(p) + pre, options)
+            ctx = self._encode(ctx_text)
+            opts = [self._option_ids(ctx_text, ctx, o) for o in opt_texts]
+            if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
+                raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
+            plans.append((ctx, opts))
+        scores = [[0.0] * len(options) for _ in prompts]
+        bs = max(1, self.spec.batch_size)
+        with self._progress(len(prompts), "score") as bar, torch.inference_mode():
+            order = sorted(range(len(prompts)), key=lambda i: -len(plans[i][0]))
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                logp = self._last_logprobs([plans[i][0] for i in idx], keep=1)[:, -1, :]
+                for row, i in enumerate(idx):
+                    for j, o in enumerate(plans[i][1]):
+                        scores[i][j] = float(logp[row, o[0]])
+                bar.update(len(idx))
+            # the rest of multi-token options: context + option, log-probs of tokens 2..L
+            rows = [(i, j) for i, (_, opts) in enumerate(plans) for j, o in enumerate(opts) if len(o) > 1]
+            rows.sort(key=lambda r: -(len(plans[r[0]][0]) + len(plans[r[0]][1][r[1]])))
+            for start in range(0, len(rows), bs):
+                chunk = rows[start:start + bs]
+                m = max(len(plans[i][1][j]) for i, j in chunk) - 1
+                logp = self._last_logprobs([plans[i][0] + plans[i][1][j] for i, j in chunk], keep=m + 1)
+                for row, (i, j) in enumerate(chunk):
+                    rest = plans[i][1][j][1:]
+                    L = len(rest)
+                    # the last L tokens of the row are `rest`; their predictions sit at positions -L-1 .. -2
+                    pred = logp[row, m - L: m, :]
+                    scores[i][j] += float(pred.gather(1, torch.tensor(rest, device=pred.device)[:, None]).sum())
+        return scores
+
     def _last_logprobs(self, seqs: list[list[int]], keep: int):
         import torch
 

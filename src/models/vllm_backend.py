@@ -142,6 +142,33 @@ class VLLMGenerator:
                 chosen[i] = options[max(range(len(options)), key=lambda j: totals[(i, j)])]
         return chosen  # type: ignore[return-value]
 
+    def score_options(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """log P(option | chat(prompt)+prefix) per option from prompt_logprobs: one row per (prompt, option),
+        whose shared context vLLM's prefix cache computes once. Untested here (no GPU on the CPU machine)."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(prefixes):
+            raise ValueError("prompts and prefixes must have the same length")
+        if len(set(options)) != len(options) or not options:
+            raise ValueError(f"need distinct options, got {list(options)}")
+        plans = []
+        for p, pre in zip(prompts, prefixes):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            ) + pre
+            text, opt_texts = _move_trailing_spaces(text, options)
+            ctx = self.tokenizer.encode(text, add_special_tokens=False)
+            plans.append((ctx, [self._option_ids(text, ctx, o) for o in opt_texts]))
+        rows = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outs = self._run([plans[i][0] + plans[i][1][j] for i, j in rows], params)
+        scores = [[0.0] * len(options) for _ in prompts]
+        for (i, j), out in zip(rows, outs):
+            opt = plans[i][1][j]
+            lps = out.prompt_logprobs[-len(opt):]  # one dict per prompt token; the sampled token is always in it
+            scores[i][j] = sum(d[t].logprob for d, t in zip(lps, opt))
+        return scores
+
     def close(self) -> None:
         if getattr(self, "llm", None) is None:
             return

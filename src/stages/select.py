@@ -1,4 +1,4 @@
-"""Stage 1, select: classify pool instructions with the seed model, keep the configured category.
+"""Stage 1, select: keep the configured category from the pool, labelled by the shared classification (classify.py).
 
 Reads the `dataset` config group.
 """
@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from ..cache import Partial, file_fingerprint
-from ..config import ConfigError
+from ..cache import StageCache, file_fingerprint
+from ..config import ConfigError, as_dict
 from ..data import DataError, read_hub, read_records, require, resolve
 from ..models.base import Generator
 from ..prompts import Template, load_template
 from ..records import Instruction
+from . import classify
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # v2: labels from the shared, calibrated `classify` units
 
 
 @dataclass
@@ -39,6 +42,9 @@ class DatasetConfig:
     category: str
     categories: list[str] = field(default_factory=list)
     classify_prompt: str | None = None
+    # Content-free inputs whose mean label distribution is the model's prior, divided out of every
+    # classification (contextual calibration, Zhao et al. 2021); [] = no calibration.
+    content_free: list[str] = field(default_factory=lambda: ["N/A", "", "[MASK]"])
     sources: list[SourceConfig] = field(default_factory=list)
     limit: int = 12
     max_scan: int = 40
@@ -123,43 +129,106 @@ def split_of(instruction_id: str, heldout_fraction: float, random_seed: int) -> 
     return "heldout" if h < heldout_fraction else "train"
 
 
-def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Generator, partial: Partial) -> tuple[list[Instruction], dict]:
-    template = classify_template(cfg)
+# cached(unit, compute) -> rows: the caller's cache for the shared classification units ("prior", "0000", ...).
+Cached = Callable[[str, Callable[[], tuple[list[dict], dict]]], list[dict]]
+
+
+def cached_units(cache: StageCache, cls_key: str, model_name: str) -> Cached:
+    """Classification units in the stage cache as classify/<cls_key>-<unit>: each computed once under a lock
+    (parallel sweep jobs wait for each other) and read back by every later job."""
+
+    def get(unit: str, compute: Callable[[], tuple[list[dict], dict]]) -> list[dict]:
+        cache.compute_once("classify", f"{cls_key}-{unit}", lambda partial: compute(), {"model": model_name, "unit": unit})
+        return cache.rows("classify", f"{cls_key}-{unit}")
+
+    return get
+
+
+def classify_config(cfg: DatasetConfig) -> dict:
+    """What the classification depends on (its cache key): not the category, limit or max_scan, so every
+    category of a sweep over the same pool reads the same labels."""
+    return {
+        "categories": list(cfg.categories), "content_free": list(cfg.content_free), "sources": [as_dict(s) for s in cfg.sources],
+        "max_chars": cfg.max_chars, "min_chars": cfg.min_chars, "shuffle": cfg.shuffle, "chunk": classify.CHUNK,
+    }
+
+
+def scan_order(cfg: DatasetConfig, data_root: str, random_seed: int) -> list[tuple[str, str, str]]:
     pool = load_pool(cfg, data_root)
     if cfg.shuffle:
         random.Random(random_seed).shuffle(pool)
-    scan = pool[: cfg.max_scan]
-    labels = {row["id"]: row["category"] for row in partial.done()}  # saved by a killed attempt
-    wanted = lambda label: cfg.category == "any" or label == cfg.category  # noqa: E731
-    kept = lambda: sum(1 for rid, _, _ in scan if rid in labels and wanted(labels[rid]))  # noqa: E731
-    chunk = 16
-    bar = tqdm(total=len(scan), initial=len(labels), desc=f"select: classify (dataset={cfg.name})", unit="instr")
-    for start in range(0, len(scan), chunk):
-        if kept() >= cfg.limit:
-            break  # stream the pool: classify only as much as it takes to fill the category
-        todo = [r for r in scan[start : start + chunk] if r[0] not in labels]
-        if not todo:
-            continue
-        prompts = [template.render(input=text, categories=", ".join(cfg.categories)) for _, text, _ in todo]
-        if len(cfg.categories) == 1:
-            # A pool of known category (GSM8K, HumanEval, ...) lists one label: nothing to classify.
-            choices = list(cfg.categories) * len(prompts)
-        else:
-            choices = model.choose(prompts, ["Category: "] * len(prompts), cfg.categories)
-        rows = [{"id": rid, "category": c} for (rid, _, _), c in zip(todo, choices)]
-        partial.append(rows)
-        labels.update({r["id"]: r["category"] for r in rows})
-        bar.update(len(todo))
-    bar.close()
-    scanned = [r for r in scan if r[0] in labels]
+    return pool
+
+
+def label_counts(labels: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for rid, _, _ in scanned:
-        counts[labels[rid]] = counts.get(labels[rid], 0) + 1
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: round(v / total, 3) for k, v in counts.items()} if total else {}
+
+
+def expected_scan(cfg: DatasetConfig, cached_labels: list[str]) -> str:
+    """The dry run's estimate from labels already classified (any category's job may have made them)."""
+    if cfg.category == "any":
+        return f"scan {min(cfg.limit, cfg.max_scan)}"
+    if not cached_labels:
+        return "no cached labels yet: scan until found, at most max_scan"
+    share = sum(c == cfg.category for c in cached_labels) / len(cached_labels)
+    if share == 0:
+        return f"{cfg.category!r} is 0/{len(cached_labels)} of the cached labels: expect to scan max_scan={cfg.max_scan}"
+    need = math.ceil(cfg.limit / share)
+    return (f"{cfg.category!r} share {share:.2f} of {len(cached_labels)} cached labels: expect to scan ~{min(need, cfg.max_scan)}"
+            + (f" (limit {cfg.limit} needs ~{need} > max_scan {cfg.max_scan})" if need > cfg.max_scan else ""))
+
+
+def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[], Generator], cached: Cached) -> tuple[list[Instruction], dict]:
+    """Scan the shuffled pool chunk by chunk (each chunk classified once, shared by every category) until `limit`
+    instructions of the category are found or `max_scan` instructions were scanned. `model()` loads the seed
+    only when a chunk is not cached."""
+    template = classify_template(cfg)
+    pool = scan_order(cfg, data_root, random_seed)
+    scan = pool[: cfg.max_scan]
+    wanted = lambda label: cfg.category == "any" or label == cfg.category  # noqa: E731
+    prior_rows = None
+
+    def prior() -> list[float] | None:
+        nonlocal prior_rows
+        if prior_rows is None:
+            prior_rows = cached("prior", lambda: _prior(model(), template, cfg))
+        return prior_rows[0]["log_prior"] if prior_rows else None
+
+    labels: dict[str, str] = {}
+    model_calls = 0
+    n_chunks = math.ceil(len(scan) / classify.CHUNK)
+    with tqdm(total=len(scan), desc=f"select: classify (dataset={cfg.name})", unit="instr") as bar:
+        for c in range(n_chunks):
+            if sum(wanted(labels[rid]) for rid, _, _ in scan if rid in labels) >= cfg.limit:
+                break  # stream the pool: classify only as much as it takes to fill the category
+            rows = pool[c * classify.CHUNK : (c + 1) * classify.CHUNK]  # whole chunks: shareable whatever max_scan is
+
+            def compute(rows=rows):
+                nonlocal model_calls
+                model_calls += 1
+                p = prior() if len(cfg.categories) > 1 else None
+                out = classify.classify(model() if len(cfg.categories) > 1 else None, template, cfg.categories, [t for _, t, _ in rows], p)
+                done = [{"id": rid, **o} for (rid, _, _), o in zip(rows, out)]
+                return done, {"n": len(done), "label_counts": label_counts(r["category"] for r in done)}
+
+            labels.update({r["id"]: r["category"] for r in cached(f"{c:04d}", compute)})
+            bar.update(min(len(rows), len(scan) - c * classify.CHUNK))
+    scanned = [r for r in scan if r[0] in labels]
+    # instructions past the first `limit` of the category are scanned too when they share its chunk
+    counts = label_counts(labels[rid] for rid, _, _ in scanned)
     chosen = [r for r in scanned if wanted(labels[r[0]])][: cfg.limit]
     if not chosen:
         raise DataError(
             f"dataset={cfg.name}: none of the {len(scanned)} scanned instructions was classified as "
-            f"{cfg.category!r} (labels: {counts}); raise dataset.max_scan or pick another dataset.category"
+            f"{cfg.category!r} (label shares: {shares(counts)}); raise dataset.max_scan or pick another dataset.category"
         )
     out = [
         Instruction(id=rid, text=text, source=where, category=labels[rid], split=split_of(rid, cfg.heldout_fraction, random_seed))
@@ -170,7 +239,17 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Generator, 
         "scanned": len(scanned),
         "kept": len(out),
         "heldout": sum(i.split == "heldout" for i in out),
+        "new_chunks": model_calls,
         "label_counts": counts,
+        **{f"share/{k}": v for k, v in shares(counts).items()},
     }
-    log.info("select: dataset=%s kept %d/%d scanned as %r (labels %s)", cfg.name, len(out), len(scanned), cfg.category, counts)
+    log.info("select: dataset=%s kept %d/%d scanned as %r; label shares %s (%d chunk(s) classified now, rest shared)",
+             cfg.name, len(out), len(scanned), cfg.category, shares(counts), model_calls)
     return out, stats
+
+
+def _prior(model: Generator, template, cfg: DatasetConfig) -> tuple[list[dict], dict]:
+    p = classify.prior_for(model, template, cfg.categories, cfg.content_free)
+    if p is None:
+        return [], {}
+    return [{"log_prior": p}], {f"prior/{c}": round(math.exp(x), 4) for c, x in zip(cfg.categories, p)}

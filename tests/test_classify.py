@@ -1,0 +1,124 @@
+"""Classification: label scoring (HFGenerator.score_options), contextual calibration, and one shared
+classification per (pool, model, prompt, label set) that every category's select reads."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from src.cache import StageCache
+from src.data import DataError
+from src.models.base import ModelSpec
+from src.pipeline import Job, plan
+from src.stages import classify, select
+
+from tests.conftest import TINY, model_cache
+
+LABELS = ["reasoning", "code", "math", "writing", "persona", "extraction", "knowledge", "other"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from src.models.loading import load_generator
+
+    return load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=3), cache_dir=model_cache())
+
+
+def test_score_options_is_the_sum_of_the_option_token_logprobs(tiny):
+    """Against a plain forward pass over context + option, token by token (multi-token options included)."""
+    import torch
+
+    prompts = ["Explain why the sky is blue.", "Write a function that returns the sum of a list."]
+    options = ["reasoning", "code", "roleplay", "x"]
+    got = tiny.score_options(prompts, ["Category: "] * 2, options)
+    for p, row in zip(prompts, got):
+        ctx_text = tiny.chat_text(p) + "Category:"
+        ctx = tiny._encode(ctx_text)
+        for o, score in zip(options, row):
+            opt = tiny._option_ids(ctx_text, ctx, " " + o)
+            ids = torch.tensor([ctx + opt])
+            with torch.inference_mode():
+                logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0].float(), -1)
+            want = sum(float(logp[len(ctx) - 1 + t, tok]) for t, tok in enumerate(opt))
+            assert score == pytest.approx(want, abs=1e-3)
+    # the argmax agrees with the constrained choice when it compares first tokens of distinct options
+    assert len({len(r) for r in got}) == 1
+
+
+def test_calibration_divides_out_the_content_free_prior():
+    # the model says "writing" to everything, a little less so when the input is a puzzle
+    cats = ["reasoning", "writing"]
+    content_free = [[math.log(0.1), math.log(0.9)], [math.log(0.2), math.log(0.8)]]
+    prior = classify.label_prior(content_free)
+    assert [math.exp(p) for p in prior] == pytest.approx([0.15, 0.85])
+    puzzle = [math.log(0.4), math.log(0.6)]
+    assert classify.pick(puzzle, None, cats) == "writing"
+    assert classify.pick(puzzle, prior, cats) == "reasoning"  # 0.4/0.15 > 0.6/0.85
+    poem = [math.log(0.05), math.log(0.95)]
+    assert classify.pick(poem, prior, cats) == "writing"
+
+
+def _job(make_cfg, category: str, *extra: str) -> Job:
+    base = [o for o in TINY if not o.startswith(("dataset.categories", "dataset.max_scan", "dataset.limit"))]
+    return Job.from_config(make_cfg(*base, f"dataset.category={category}", f"dataset.categories=[{','.join(LABELS)}]",
+                                    "dataset.max_scan=40", "dataset.limit=2", *extra))
+
+
+class Counting:
+    """Wraps the tiny model and counts label-scoring calls."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def score_options(self, *a):
+        self.calls += 1
+        return self.inner.score_options(*a)
+
+
+def _select(job: Job, model) -> tuple[list, dict]:
+    steps = {s.stage: s for s in plan(job)}
+    cached = select.cached_units(StageCache(job.cache_dir), steps["classify"].key, "tiny_random")
+    return select.run(job.dataset, job.data_root, job.random_seed, lambda: model, cached)
+
+
+def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
+    first = _job(make_cfg, "any")
+    model = Counting(tiny)
+    out, stats = _select(first, model)
+    assert model.calls >= 2 and stats["new_chunks"] >= 1  # the prior, then at least one chunk of labels
+    assert sum(v for k, v in stats.items() if k.startswith("share/")) == pytest.approx(1.0, abs=0.01)
+    labels = stats["label_counts"]
+
+    # another category over the same pool, model, prompt and label set: same classify key, another select key
+    present = max(labels, key=labels.get)
+    second = _job(make_cfg, present)
+    s1, s2 = ({s.stage: s for s in plan(j)} for j in (first, second))
+    assert s1["classify"].key == s2["classify"].key and s1["select"].key != s2["select"].key
+    assert "cached labels" in __import__("src.pipeline", fromlist=["describe"]).describe(second, plan(second), {}, [])
+
+    again = Counting(tiny)
+    out2, stats2 = _select(second, again)
+    assert again.calls == 0 and stats2["new_chunks"] == 0  # no model call for labels
+    assert out2 and all(i.category == present for i in out2)
+
+    # a category the shared labels never gave: the error names the shares found, still without a model call
+    absent = [c for c in LABELS if c not in labels]
+    if absent:
+        with pytest.raises(DataError, match=r"label shares: \{"):
+            _select(_job(make_cfg, absent[0], "dataset.max_scan=32"), again)
+        assert again.calls == 0
+
+    # a different label set is a different classification
+    other = _job(make_cfg, "code", "dataset.categories=[code,writing]")
+    assert {s.stage: s for s in plan(other)}["classify"].key != s1["classify"].key
+
+
+def test_scan_stops_at_limit_and_extends_shared_chunks(make_cfg, tiny):
+    """A job with a larger max_scan classifies only the chunks past those already cached."""
+    job = _job(make_cfg, "any", "dataset.limit=1", "dataset.max_scan=200")
+    model = Counting(tiny)
+    _, stats = _select(job, model)
+    assert stats["scanned"] == classify.CHUNK  # one chunk fills limit=1 for `any`
+    job2 = _job(make_cfg, "any", "dataset.limit=40", "dataset.max_scan=200")
+    _, stats2 = _select(job2, model)
+    assert stats2["new_chunks"] == 1 and stats2["scanned"] == 2 * classify.CHUNK
