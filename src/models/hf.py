@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, plan_choices
+from .prompts import check_prompt_length, move_trailing_spaces, option_ids, plan_choices
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +354,9 @@ class HFGenerator:
             raise ValueError(f"need distinct options, got {list(options)}")
         plans = []
         for i, (p, pre) in enumerate(zip(prompts, prefixes)):
-            ctx_text, opt_texts = _move_trailing_spaces(self.chat_text(p) + pre, options)
+            ctx_text, opt_texts = move_trailing_spaces(self.chat_text(p) + pre, options)
             ctx = self._encode(ctx_text)
-            opts = [self._option_ids(ctx_text, ctx, o) for o in opt_texts]
+            opts = [option_ids(self._encode, ctx_text, ctx, o) for o in opt_texts]
             if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
                 raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
             plans.append((ctx, opts))

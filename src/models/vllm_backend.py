@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, plan_choices
+from .prompts import check_prompt_length, move_trailing_spaces, option_ids, plan_choices
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,9 @@ class VLLMGenerator:
             raise ValueError(f"need distinct options, got {list(options)}")
         plans = []
         for p, pre in zip(prompts, prefixes):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-            ) + pre
-            text, opt_texts = _move_trailing_spaces(text, options)
-            ctx = self.tokenizer.encode(text, add_special_tokens=False)
-            plans.append((ctx, [self._option_ids(text, ctx, o) for o in opt_texts]))
+            text, opt_texts = move_trailing_spaces(self.chat_text(p) + pre, options)
+            ctx = self._encode(text)
+            plans.append((ctx, [option_ids(self._encode, text, ctx, o) for o in opt_texts]))
         rows = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
         outs = self._run([plans[i][0] + plans[i][1][j] for i, j in rows], params)
