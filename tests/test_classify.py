@@ -105,7 +105,7 @@ def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
     absent = [c for c in LABELS if c not in labels]
     if absent:
         with pytest.raises(DataError, match=r"label shares: \{"):
-            _select(_job(make_cfg, absent[0], "dataset.max_scan=32"), again)
+            _select(_job(make_cfg, absent[0], f"dataset.max_scan={classify.CHUNK}"), again)  # the cached chunk only
         assert again.calls == 0
 
     # a different label set is a different classification
