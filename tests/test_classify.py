@@ -9,6 +9,7 @@ import pytest
 from src.cache import StageCache
 from src.data import DataError
 from src.models.base import ModelSpec
+from src.models.prompts import option_ids
 from src.pipeline import Job, plan
 from src.stages import classify, select
 
@@ -35,7 +36,7 @@ def test_score_options_is_the_sum_of_the_option_token_logprobs(tiny):
         ctx_text = tiny.chat_text(p) + "Category:"
         ctx = tiny._encode(ctx_text)
         for o, score in zip(options, row):
-            opt = tiny._option_ids(ctx_text, ctx, " " + o)
+            opt = option_ids(tiny._encode, ctx_text, ctx, " " + o)
             ids = torch.tensor([ctx + opt])
             with torch.inference_mode():
                 logp = torch.log_softmax(tiny.model(input_ids=ids).logits[0].float(), -1)
