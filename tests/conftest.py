@@ -79,3 +79,13 @@ def pytest_runtest_makereport(item, call):
     if rep.skipped and item.get_closest_marker("vllm") is not None:
         rep.outcome = "failed"
         rep.longrepr = f"vllm test skipped (counts as a failure): {rep.longrepr}"
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into this process's environment, and a job started as a
+    subprocess reads that variable as the user's choice of store (src/tracking.py): without this, a test's CLI job
+    would log into whichever store an earlier test used last. CI itself sets no such variable."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
