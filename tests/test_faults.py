@@ -23,7 +23,7 @@ from tests.conftest import DATA_ROOT, REPO, TINY, model_cache
 # Small chunks, so that every chunked stage can be killed with some chunks saved and some not.
 RUN = [o for o in TINY if not o.startswith("tracking=")] + ["pipeline.chunk_size=4", "eval.rewardbench.per_subset=1",
                                                               "eval.rewardbench.orders=one"]
-KILL_POINTS = ["select:chunk", "generate:chunk", "synthetic:chunk", "rewardbench:chunk", "mtbench:chunk",
+KILL_POINTS = ["select:commit", "generate:chunk", "synthetic:chunk", "rewardbench:chunk", "mtbench:chunk",
                "judge:chunk", "filter:commit", "train:commit"]
 SMALL = [*RUN, "iterations=0", "eval.rewardbench.enabled=false"]  # where the stages themselves are not under test
 VOLATILE = ("time/", "cache_hit/", "cache/")  # wall-clock and cache-hit metrics differ by design

@@ -168,7 +168,12 @@ def run(
     # full fine-tune (peft=none) it writes a whole model directory (weights + the tokenizer, TRL's processing_class)
     # that load_generator and vLLM load like any model.
     produced = "adapter" if cfg.peft == "lora" else "full"
-    trainer.save_model(str(out_dir / ("adapter" if produced == "adapter" else "model")))
+    saved = out_dir / ("adapter" if produced == "adapter" else "model")
+    trainer.save_model(str(saved))
+    # save_model also pickles the TrainingArguments, paths of this attempt included: not needed to load the
+    # weights, and it would make a retrained output differ byte for byte from the first (the cache compares them).
+    if trainer.is_world_process_zero():
+        (saved / "training_args.bin").unlink(missing_ok=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     import shutil
 
