@@ -211,6 +211,18 @@ def run_chunked(
     return saved
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes on this machine (flock on `path`), held for the `with` block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class StageCache:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -253,17 +265,9 @@ class StageCache:
     def partial(self, stage: str, key: str) -> Partial:
         return Partial(self.path(stage, key), stage)
 
-    @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
+    def lock(self, stage: str, key: str):
         """Exclusive while one process computes (stage, key): parallel sweep jobs wait instead of racing."""
-        lock_path = self.root / stage / f"{key}.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return file_lock(self.root / stage / f"{key}.lock")
 
     def compute_once(self, stage: str, key: str, compute: Callable[[Partial], tuple[Iterable[dict] | None, dict]], meta: dict) -> bool:
         """Run `compute(partial)` -> (rows, stats) and commit it as (stage, key), unless that output exists.

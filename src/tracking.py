@@ -12,7 +12,6 @@ starts on that store.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -75,17 +74,11 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def store_lock(results_dir: Path) -> Iterator[None]:
+def store_lock(results_dir: Path):
     """Exclusive across processes on this machine: held while shared tracking state is created."""
-    path = Path(results_dir) / ".mlflow.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    from .cache import file_lock
+
+    return file_lock(Path(results_dir) / ".mlflow.lock")
 
 
 def ensure_experiment(cfg: TrackingConfig, results_dir: Path) -> str:
