@@ -1,4 +1,4 @@
-from src.analysis import majority, verdict_flips, vote_k_curve, vote_ks
+from src.analysis import verdict_flips, vote_ks
 
 
 def test_vote_ks():
@@ -8,31 +8,26 @@ def test_vote_ks():
     assert vote_ks(5) == [1, 2, 4, 5]
 
 
-def test_majority_ties_and_missing():
-    assert majority(["A", "B", "A"]) == "A"
-    assert majority(["A", "B"]) is None
-    assert majority([None, None, "B"]) == "B"
-    assert majority([None]) is None
-
-
-def test_vote_k_curve_uses_the_first_k_samples():
-    samples = {
-        # right at k=1, then outvoted
-        "i1": (["A", "B", "B", "B"], [10, 10, 10, 10], "A"),
-        # wrong at k=1, a tie at k=2 (0.5), right at 4
-        "i2": (["B", "A", "A", "A"], [5, 5, 5, 5], "A"),
-    }
-    curve = vote_k_curve(samples, 4)
-    assert curve[1] == {"accuracy": 0.5, "tokens_per_item": 7.5}
-    assert curve[2] == {"accuracy": 0.5, "tokens_per_item": 15.0}  # i1 tie 0.5, i2 tie 0.5
-    assert curve[4] == {"accuracy": 0.5, "tokens_per_item": 30.0}  # i1 wrong, i2 right
-    samples["i1"] = (["A", "A", "B", "B"], [10] * 4, "A")
-    assert vote_k_curve(samples, 4)[2]["accuracy"] == 0.75
-
-
 def test_verdict_flips():
     before = {"a": "A", "b": "B", "c": None, "d": "A"}
     after = {"a": "B", "b": "B", "c": "A", "d": "B"}
     correct = {"a": "B", "b": "B", "c": "B", "d": "A"}
     f = verdict_flips(before, after, correct)
     assert f == {"flips": 0.75, "flips_to_correct": 0.25, "flips_to_wrong": 0.5, "n": 4.0}
+
+
+def test_vote_k_curve_uses_the_first_k_samples():
+    """The evaluate stage's curve: the official overall of a majority over the first k of one set of samples."""
+    from src.records import EvalItem
+    from src.stages.evaluate import vote_k_curve
+
+    subsets = [("alpacaeval-easy", "Chat"), ("llmbar-natural", "Chat Hard"), ("donotanswer", "Safety"), ("math-prm", "Reasoning")]
+    items = [EvalItem("rewardbench", f"i{n}", "chosen_first", "A", "parsed", "A",
+                      {"subset": s, "section": sec, "id": n, "verdicts_k": ["A", "B", "B", "B"], "tokens_k": [3, 4, 5, 6]})
+             for n, (s, sec) in enumerate(subsets)]
+    curve = vote_k_curve(items)
+    assert curve["rewardbench/vote_k/overall_k1"] == 1.0  # the first sample alone: right
+    assert curve["rewardbench/vote_k/overall_k2"] == 0.5  # A vs B: a tie, no verdict, 0.5
+    assert curve["rewardbench/vote_k/overall_k4"] == 0.0  # outvoted
+    assert [curve[f"rewardbench/vote_k/tokens_k{k}"] for k in (1, 2, 4)] == [3.0, 7.0, 18.0]
+    assert vote_k_curve([EvalItem("rewardbench", "x", "chosen_first", "A", "parsed", "A", {"subset": "math-prm"})]) == {}
