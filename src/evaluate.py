@@ -28,12 +28,38 @@ def adapter_fingerprint(adapter: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def adapter_key(adapter: Path | None, cache) -> str | None:
+    """What the benchmark keys call the weights an adapter directory holds: the loop's train key when it is an
+    intact adapter output of this cache's train stage (`<cache>/train/<key>/adapter`; then the loop's evaluations
+    of it are reused), otherwise a hash of its bytes."""
+    from .cache import check
+    from .stages import train
+
+    if adapter is None:
+        return None
+    out = adapter.parent
+    if (out.parent == cache.root / "train" and adapter.name == train.PRODUCED["adapter"] and check(out) is None
+            and cache.meta("train", out.name).get("stats", {}).get("produced") == "adapter"):
+        return out.name
+    return adapter_fingerprint(adapter)
+
+
+def scorer_keys(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_size: int) -> dict[str, str]:
+    """Each enabled benchmark's key (synthetic excluded: it needs a run's pairs), by the stage's own key function,
+    the one the loop's plan calls."""
+    from .stages import evaluate
+
+    a = adapter_key(adapter, cache)
+    return {b: evaluate.key(b, ecfg, data_root, spec, a, None, chunk_size)
+            for b in ("rewardbench", "mtbench") if evaluate.BENCHMARKS[b].enabled(ecfg)}
+
+
 def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     from .cache import StageCache
     from .config import ConfigError, typed
     from .models.base import ModelSpec
     from .models.loading import load_generator, preflight
-    from .pipeline import PipelineConfig, eval_key, model_id
+    from .pipeline import PipelineConfig
     from .records import to_dict
     from .stages import evaluate
     from .stages.judge import judge_template, prompt_params
@@ -46,28 +72,22 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     adapter = Path(str(cfg.adapter)).expanduser().resolve() if cfg.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"adapter={adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    benches = [b for b in ("rewardbench", "mtbench") if evaluate.BENCHMARKS[b].enabled(ecfg)]
-    if not benches:
+    cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
+    keys = scorer_keys(spec, ecfg, str(cfg.data_root), adapter, cache, pcfg.chunk_size)
+    if not keys:
         raise ConfigError("eval.rewardbench.enabled and eval.mtbench.enabled are both false: nothing to evaluate")
     preflight(spec)
-    cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
     judge_template(ecfg.prompt, "eval.prompt")  # a bad prompt file fails before the model loads
     tracker = Tracker(typed(TrackingConfig, cfg.tracking, "tracking"), results)
     name = spec.name + (f"+{adapter.name}" if adapter else "")
     tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)}),
                                    **prompt_params(eval=ecfg.prompt)},
                   {"ste.kind": "eval", "choice.model": spec.name}, None)
-    # Same key as the loop's for the untrained model (its iteration-0 scores are reused); an adapter is keyed by
-    # its bytes here (the loop keys it by the train stage that made it).
-    mid = model_id(spec, adapter_fingerprint(adapter) if adapter else None)
     model = None
     out: dict[str, float] = {}
     status = "FAILED"
     try:
-        for b in benches:
-            bench = evaluate.BENCHMARKS[b]
-            conf = {"judging": evaluate.judging_part(ecfg), "bench": bench.config(ecfg)}
-            key = eval_key(b, ecfg, str(cfg.data_root), mid, None, pcfg.chunk_size)  # the loop's key function
+        for b, key in keys.items():
 
             def compute(partial, b=b):
                 nonlocal model
@@ -77,7 +97,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
                 items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_size)
                 return [to_dict(it) for it in items], stats
 
-            if cache.compute_once(b, key, compute, {"model": name, "config": conf}):
+            if cache.compute_once(b, key, compute, {"model": name, "config": evaluate.config_part(b, ecfg)}):
                 log.info("%s: cached (key %s)", b, key)
             stats = cache.meta(b, key)["stats"]
             tracker.metrics(stats, 0)

@@ -14,9 +14,6 @@ from typing import Callable
 from .config import ConfigError
 from .records import Judgment, Pair
 
-VERSION = 3  # 2: examples carry an incorrect judgment of the same pair and order (for DPO); 3: or a verdict-less one (RAM)
-
-
 @dataclass
 class FilterConfig:
     name: str = "correct"

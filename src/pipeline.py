@@ -19,27 +19,23 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import filters, launch
-from .cache import CacheError, Partial, StageCache, check, make_key
+from . import launch
+from .cache import Partial, StageCache, check
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
 from .filters import FilterConfig
 from .launch import LaunchConfig
 from .models.base import Generator, ModelSpec
-from .prompts import text_fingerprint
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from .stages import classify, evaluate, generate, judge, select, train
+from .stages import evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
 from .stages.evaluate import EvalConfig
 from .stages.generate import NegativesConfig
-from .stages.judge import JudgingConfig, pair_prompt
+from .stages.judge import JudgingConfig
 from .stages.select import DatasetConfig
 from .stages.train import TrainConfig
 from .tracking import Tracker, TrackingConfig
-from .verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
-# What a train stage's meta records as `stats.produced`, and the directory in its output that holds it.
-PRODUCED = {"adapter": "adapter", "full": "model", "none": None}
 
 
 @dataclass
@@ -118,95 +114,68 @@ def check_lengths(job: Job) -> None:
 
 @dataclass
 class Step:
+    """One stage of the plan with everything that runs it: the Runner executes steps as planned and decides nothing.
+    `inputs` names the outputs the stage reads as name -> (stage, key); `adapter` is the train key whose output the
+    model wears, `init` (train) the one training starts from; `previous` (benchmarks) is the same benchmark's key one
+    iteration earlier, for verdict flips."""
+
     stage: str
     iteration: int
     key: str
-    model: str
+    model: str  # what the log and the plan call the model: its name, + "+iter<k>" for the weights it wears
+    config: Any = None  # the stage's typed config, its key's source; filter: (filter, judging), train: (train, launch)
+    spec: ModelSpec | None = None  # the model that runs it; None: no model (filter)
+    adapter: str | None = None
+    init: str | None = None
+    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    seed: int = 0  # its sampling / selection seed
+    previous: str | None = None
     status: str = "todo"  # cached | damaged (fails its check: moved aside and recomputed) | partial | todo
-    role: str = "judge"  # which model spec runs it: "seed" or "judge"
-    adapter_of: str | None = None  # the train key whose adapter the model wears
-    init_of: str | None = None  # train: the train key whose adapter training starts from (decided by plan only)
-
-
-def engine_versions(backend: str) -> dict[str, str]:
-    """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
-    from .provenance import package_versions
-
-    return package_versions(("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()))
-
-
-def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
-    return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}
-
-
-def eval_key(bench: str, cfg: EvalConfig, data_root: str, model: dict, pairs_key: str | None, chunk_size: int) -> str:
-    """One benchmark's key, for the loop and the standalone scorer (src/evaluate.py) alike: the model, the judging
-    part of `eval`, the benchmark's own config and data (the synthetic one: the pairs), the prompt's text."""
-    spec = evaluate.BENCHMARKS[bench]
-    return make_key(
-        bench, evaluate.VERSION, {"judging": evaluate.judging_part(cfg), "bench": spec.config(cfg)},
-        {"pairs": pairs_key} if bench == "synthetic" else {"data": spec.data(cfg, data_root)},
-        model=model, prompt=text_fingerprint(judge.judge_template(cfg.prompt, "eval.prompt")),
-        chunk_size=chunk_size,  # a chunk bounds its batches, and padded batched arithmetic is not bit-invariant
-    )
 
 
 def plan(job: Job) -> list[Step]:
-    """Every stage of the job with its cache key. Pure in the config (plus data-file hashes)."""
+    """Every stage of the job, in running order, with its key (each from its stage module's `key()`), its model,
+    the weights it wears and starts from, and its inputs. Pure in the config (plus data-file hashes)."""
     cache = StageCache(job.cache_dir)
-    seed_id = model_id(job.seed, None)
-    judge_tpl = text_fingerprint(judge.judge_template(job.judging.prompt, "judging.prompt"))
+    rs, chunk = job.random_seed, job.pipeline.chunk_size
     steps: list[Step] = []
     # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
-    cls = make_key(
-        "classify", classify.VERSION, select.classify_config(job.dataset), {"pool": select.source_fingerprints(job.dataset, job.data_root)},
-        model=seed_id, random_seed=job.random_seed, prompt=text_fingerprint(select.classify_template(job.dataset)),
-    )
-    steps.append(Step("classify", 0, cls, job.seed.name, role="seed"))
-    sel = make_key("select", select.VERSION, as_dict(job.dataset), {"classify": cls}, random_seed=job.random_seed)
-    steps.append(Step("select", 0, sel, job.seed.name, role="seed"))
-    gen = make_key(
-        "generate", generate.VERSION, as_dict(job.negatives), {"select": sel}, model=seed_id, random_seed=job.random_seed,
-        chunk_size=job.pipeline.chunk_size,  # its sampling is seeded per chunk
-        prompts={k: text_fingerprint(t) for k, t in generate.templates(job.negatives).items()},
-    )
-    steps.append(Step("generate", 0, gen, job.seed.name, role="seed"))
+    cls = select.classify_key(job.dataset, job.data_root, job.seed, rs)
+    steps.append(Step("classify", 0, cls, job.seed.name, job.dataset, job.seed, seed=rs))
+    sel = select.key(job.dataset, cls, rs)
+    steps.append(Step("select", 0, sel, job.seed.name, job.dataset, job.seed, inputs={"classify": ("classify", cls)}, seed=rs))
+    gen = generate.key(job.negatives, sel, job.seed, rs, chunk)
+    steps.append(Step("generate", 0, gen, job.seed.name, job.negatives, job.seed, inputs={"instructions": ("select", sel)}, seed=rs))
+    pairs = {"pairs": ("generate", gen)}
 
     benches = [b for b, spec in evaluate.BENCHMARKS.items() if spec.enabled(job.eval)]
+    previous: dict[str, str] = {}
 
-    def eval_steps(iteration: int, adapter_key: str | None) -> list[Step]:
+    def eval_steps(iteration: int, adapter: str | None) -> list[Step]:
         out = []
         for b in benches:
-            key = eval_key(b, job.eval, job.data_root, model_id(job.judge, adapter_key), gen, job.pipeline.chunk_size)
-            out.append(Step(b, iteration, key, job.judge.name + (f"+iter{iteration}" if adapter_key else ""), adapter_of=adapter_key))
+            key = evaluate.key(b, job.eval, job.data_root, job.judge, adapter, gen, chunk)
+            name = job.judge.name + (f"+iter{iteration}" if adapter else "")
+            out.append(Step(b, iteration, key, name, job.eval, job.judge, adapter, inputs=pairs if b == "synthetic" else {},
+                            previous=previous.get(b)))
+            previous[b] = key
         return out
 
     steps.extend(eval_steps(0, None))
     prev_train: str | None = None
     for k in range(1, job.iterations + 1):
         if k == 1 and job.pipeline.first_judge == "seed":
-            role, jspec, jadapter, jname = "seed", job.seed, None, job.seed.name
+            jspec, jadapter, jname = job.seed, None, job.seed.name
         else:
-            role, jspec, jadapter = "judge", job.judge, prev_train
+            jspec, jadapter = job.judge, prev_train
             jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
-        jud = make_key(
-            "judge", judge.VERSION, as_dict(job.judging), {"pairs": gen}, model=model_id(jspec, jadapter),
-            iteration=k, random_seed=job.random_seed, prompt=judge_tpl,
-        )
-        steps.append(Step("judge", k, jud, jname, adapter_of=jadapter, role=role))
-        fil = make_key(
-            "filter", filters.VERSION, as_dict(job.filter), {"judgments": jud, "pairs": gen},
-            judging=as_dict(job.judging), prompt=judge_tpl, random_seed=job.random_seed, iteration=k,
-        )
-        steps.append(Step("filter", k, fil, "-", role="-"))
+        jud = judge.key(job.judging, gen, jspec, jadapter, k, rs)
+        steps.append(Step("judge", k, jud, jname, job.judging, jspec, jadapter, inputs=pairs, seed=rs + k))
+        fil = filter.key(job.filter, job.judging, jud, gen, k, rs)
+        steps.append(Step("filter", k, fil, "-", (job.filter, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
         init = prev_train if job.train.init_from == "previous" else None
-        # More processes = a larger global batch: a different result (one process keeps the keys it always had).
-        world = {"world_size": job.launch.world_size} if job.launch.world_size > 1 else {}
-        trn = make_key(
-            "train", train.VERSION, as_dict(job.train), {"examples": fil, "init": init},
-            model=model_id(job.judge, None), random_seed=job.random_seed, iteration=k, **world,
-        )
-        steps.append(Step("train", k, trn, job.judge.name, init_of=init))
+        trn = train.key(job.train, fil, init, job.judge, k, rs, job.launch.world_size)
+        steps.append(Step("train", k, trn, job.judge.name, (job.train, job.launch), job.judge, init=init, inputs={"examples": ("filter", fil)}, seed=rs + k))
         steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
@@ -304,35 +273,13 @@ def preflight(job: Job) -> list[str]:
     return problems
 
 
-def _explicit(j: Judgment, judging: JudgingConfig) -> str:
-    """The judgment text with its verdict stated: a verdict read by constrained choice is written out, so the
-    trained judge learns to state [[A]]/[[B]] itself."""
-    text = j.text.rstrip()
-    return text if parse_verdict(text) == j.verdict else f"{text}{judging.verdict_prefix}{j.verdict}]]"
-
-
-def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig, seed: int) -> list[TrainExample]:
-    """Judge prompt + kept judgment. Each example also carries an incorrect or verdict-less judgment of the same
-    pair and order when one was sampled (the rejected side for train=dpo; SFT ignores it)."""
-    import hashlib
-
-    template = judge.judge_template(judging.prompt, "judging.prompt")
-    wrong: dict[tuple[str, str], list[Judgment]] = {}
-    for j in all_judgments:
-        if not j.correct:  # RAM's DPO recipe (prepare_dpo_data.py): a wrong verdict or none at all is a negative
-            wrong.setdefault((j.pair_id, j.order), []).append(j)
-    out = []
-    for j in kept:
-        candidates = wrong.get((j.pair_id, j.order), []) if j.correct else []
-        bad = min(candidates, key=lambda w: hashlib.sha256(f"{seed}:{w.pair_id}:{w.order}:{w.sample}".encode()).hexdigest()) if candidates else None
-        # the prompt the judgment was made on (clipped to fit the token budget when the judge stage had to)
-        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, j.clip_chars or judging.max_response_chars),
-                                _explicit(j, judging), j.verdict, (_explicit(bad, judging) if bad.verdict else bad.text.rstrip()) if bad else None))
-    return out
+# The record type of each stage output that another stage reads.
+RECORDS = {"select": Instruction, "generate": Pair, "judge": Judgment, "filter": TrainExample}
 
 
 class Runner:
-    """Executes a plan: each stage is loaded from the cache or computed under a lock and committed."""
+    """Executes a plan step by step: each is loaded from the cache or computed under a lock and committed, with
+    the model, weights and inputs its step names."""
 
     def __init__(self, job: Job, tracker: Tracker):
         self.job, self.tracker = job, tracker
@@ -374,130 +321,104 @@ class Runner:
         self.tracker.metrics(metrics, step.iteration)
 
     def run(self, steps: list[Step]) -> dict[str, float]:
-        job = self.job
-        by = {(s.stage, s.iteration): s for s in steps}
-        seed = job.random_seed
-        chunk = job.pipeline.chunk_size
-
-        # select
-        st, cls = by[("select", 0)], by[("classify", 0)]
-        classified = select.cached_units(self.cache, cls.key, cls.model)
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(select.run(job.dataset, job.data_root, seed, lambda: self.pool.get(job.seed, None), classified)),
-            as_dict(job.dataset),
-        )
-        instructions = [from_dict(Instruction, r) for r in rows]
-        self._log_stage(st, meta, cached, rows, "select/")
-
-        # generate
-        st = by[("generate", 0)]
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(generate.run(job.negatives, instructions, self.pool.get(job.seed, None), seed, p, chunk)), as_dict(job.negatives)
-        )
-        pairs = [from_dict(Pair, r) for r in rows]
-        pair_index = {p.id: p for p in pairs}
-        self._log_stage(st, meta, cached, rows, "generate/")
-        if not any(p.split == "train" for p in pairs):
-            raise RuntimeError(f"generate: no training pairs out of {len(instructions)} instructions (dropped: {meta['stats'].get('dropped')})")
-
+        """Every step in plan order; returns each benchmark's stats as `<metric>@iter<k>`."""
         final: dict[str, float] = {}
-        final.update(self._evaluate(steps, 0, pairs))
-        for k in range(1, job.iterations + 1):
-            st = by[("judge", k)]
-            jspec = job.seed if st.role == "seed" else job.judge
-            rows, meta, cached = self.stage(
-                st, lambda p: _records(judge.run(job.judging, pairs, self.pool.get(jspec, self._adapter(st.adapter_of)), seed + k, p, chunk)),
-                as_dict(job.judging),
-            )
-            judgments = [from_dict(Judgment, r) for r in rows]
-            self._log_stage(st, meta, cached, rows, "judge/")
-
-            st = by[("filter", k)]
-
-            def do_filter(p: Partial):
-                kept = filters.apply(job.filter, judgments, pair_index, seed + k)
-                examples = training_examples(kept, judgments, pair_index, job.judging, seed + k)
-                n_ok = sum(j.verdict is not None for j in judgments)
-                stats = {"kept": len(examples), "judgments": len(judgments), "keep_rate": len(examples) / max(len(judgments), 1),
-                         "kept_A": sum(e.verdict == "A" for e in examples), "kept_B": sum(e.verdict == "B" for e in examples),
-                         "with_verdict": n_ok, "with_rejected": sum(e.rejected_completion is not None for e in examples)}
-                log.info("filter[iter %d]: filter=%s kept %d/%d judgments (A %d / B %d)", k, job.filter.name, len(examples),
-                         len(judgments), stats["kept_A"], stats["kept_B"])
-                return [to_dict(e) for e in examples], stats
-
-            rows, meta, cached = self.stage(st, do_filter, as_dict(job.filter))
-            examples = [from_dict(TrainExample, r) for r in rows]
-            self._log_stage(st, meta, cached, rows, "filter/")
-
-            st = by[("train", k)]
-
-            def do_train(p: Partial):
-                # Training starts on an empty GPU: the generation engines (vLLM holds 90% of it) are closed first.
-                self.pool.close()
-                with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
-                    stats = launch.run_train(job.launch, job.train, examples, job.judge, self.pool.cache_dir, self._adapter(st.init_of),
-                                             p.dir, seed + k, report_to_mlflow=active)
-                produced = stats.get("produced")
-                if produced not in PRODUCED:
-                    raise RuntimeError(f"train[iter {k}]: stats['produced']={produced!r}, expected one of {', '.join(PRODUCED)}")
-                if PRODUCED[produced] and not (p.dir / PRODUCED[produced]).exists():
-                    raise RuntimeError(f"train[iter {k}]: reports produced={produced} but wrote no {p.dir / PRODUCED[produced]}")
-                _canonical_adapter_config(p.dir / "adapter" / "adapter_config.json")
-                return None, stats
-
-            _, meta, cached = self.stage(st, do_train, as_dict(job.train))
-            self._log_stage(st, meta, cached, None, None)
-            tstats = meta["stats"]
-            self.tracker.metrics(
-                {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
-                 "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
-                 "train/dropped_too_long": tstats.get("dropped_too_long"), "train/dropped_unbalanced": tstats.get("dropped_unbalanced")}, k)
-            final.update(self._evaluate(steps, k, pairs))
+        for st in steps:
+            if st.stage == "classify":
+                continue  # its units are computed by select as it scans the pool (select's input, by key)
+            if st.stage in evaluate.BENCHMARKS:
+                final.update(self._benchmark(st))
+            else:
+                getattr(self, f"_{st.stage}")(st)
         self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
-        self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, job.iterations)
+        self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, self.job.iterations)
         return final
 
+    def _inputs(self, st: Step) -> dict[str, Any]:
+        """The outputs a step reads, by the (stage, key) its plan names: records, or for select the classification
+        units (read and extended by key as it scans)."""
+        return {name: select.cached_units(self.cache, key, st.model) if stage == "classify"
+                else [from_dict(RECORDS[stage], r) for r in self.cache.rows(stage, key)]
+                for name, (stage, key) in st.inputs.items()}
+
+    def _model(self, st: Step) -> Generator:
+        return self.pool.get(st.spec, self._adapter(st.adapter))
+
     def _adapter(self, train_key: str | None) -> Path | None:
-        """What a train stage produced, as its meta records it: the adapter (or full weights) directory, or None
-        for the untrained model (no train key, or a train stage that recorded `produced: none`). A recorded
-        artifact that is gone is an error, never the base model under the trained model's name."""
-        if train_key is None:
-            return None
-        if not self.cache.valid("train", train_key):
-            raise CacheError(f"{self.cache.path('train', train_key)}: the train output this step needs is missing or damaged; rerun to recompute it")
-        stats = self.cache.meta("train", train_key).get("stats", {})
-        # Outputs from before `produced` existed: trained=True meant an adapter.
-        produced = stats.get("produced", "adapter" if stats.get("trained") else "none")
-        if produced not in PRODUCED:
-            raise CacheError(f"{self.cache.path('train', train_key) / 'meta.json'}: stats.produced={produced!r} is not one of {', '.join(PRODUCED)}")
-        if PRODUCED[produced] is None:
-            log.warning("train %s produced no weights (no training data): its iteration runs the untrained judge", train_key)
-            return None
-        path = self.cache.path("train", train_key) / PRODUCED[produced]
-        if not path.exists():
-            raise CacheError(f"{path}: recorded as produced ({produced}) but missing")
-        return path
+        return train.weights(self.cache, train_key)
 
-    def _evaluate(self, steps: list[Step], iteration: int, pairs: list[Pair]) -> dict[str, float]:
-        job = self.job
-        out: dict[str, float] = {}
-        for st in [s for s in steps if s.iteration == iteration and s.stage in evaluate.BENCHMARKS]:
-            rows, meta, cached = self.stage(
-                st,
-                lambda p: _records(evaluate.run(st.stage, job.eval, pairs, job.data_root,
-                                                self.pool.get(job.judge, self._adapter(st.adapter_of)), p, job.pipeline.chunk_size)),
-                {"judging": evaluate.judging_part(job.eval), "bench": evaluate.BENCHMARKS[st.stage].config(job.eval)},
-            )
-            self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
-            self.tracker.metrics(self._drift(steps, st, rows or []), iteration)
-            headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
-            value = meta["stats"].get(headline)
-            log.info("%s[iter %d]: %s %s = %s", st.stage, iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
-            out.update({f"{k}@iter{iteration}": v for k, v in meta["stats"].items()})
-        return out
+    # One method per stage: what it computes from its step (inputs are read only when it is computed).
+    def _select(self, st: Step) -> None:
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(select.run(st.config, self.job.data_root, st.seed, lambda: self.pool.get(st.spec, None),
+                                              self._inputs(st)["classify"])),
+            as_dict(st.config),
+        )
+        self._log_stage(st, meta, cached, rows, "select/")
 
+    def _generate(self, st: Step) -> None:
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(generate.run(st.config, self._inputs(st)["instructions"], self._model(st), st.seed, p,
+                                                self.job.pipeline.chunk_size)),
+            as_dict(st.config),
+        )
+        self._log_stage(st, meta, cached, rows, "generate/")
+        if not any(r["split"] == "train" for r in rows):
+            raise RuntimeError(f"generate: no training pairs out of {len(self._inputs(st)['instructions'])} instructions "
+                               f"(dropped: {meta['stats'].get('dropped')})")
 
-    def _drift(self, steps: list[Step], st: Step, rows: list[dict]) -> dict[str, float]:
+    def _judge(self, st: Step) -> None:
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(judge.run(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_size)),
+            as_dict(st.config),
+        )
+        self._log_stage(st, meta, cached, rows, "judge/")
+
+    def _filter(self, st: Step) -> None:
+        rule, judging = st.config
+
+        def compute(p: Partial):
+            inputs = self._inputs(st)
+            return _records(filter.run(rule, judging, inputs["judgments"], inputs["pairs"], st.seed))
+
+        rows, meta, cached = self.stage(st, compute, as_dict(rule))
+        self._log_stage(st, meta, cached, rows, "filter/")
+
+    def _train(self, st: Step) -> None:
+        tcfg, lcfg = st.config
+        k = st.iteration
+
+        def do_train(p: Partial):
+            examples = self._inputs(st)["examples"]
+            init = self._adapter(st.init)
+            # Training starts on an empty GPU: the generation engines (vLLM holds 90% of it) are closed first.
+            self.pool.close()
+            with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
+                stats = launch.run_train(lcfg, tcfg, examples, st.spec, self.pool.cache_dir, init, p.dir, st.seed, report_to_mlflow=active)
+            train.check_output(stats, p.dir, f"train[iter {k}]")
+            return None, stats
+
+        _, meta, cached = self.stage(st, do_train, as_dict(tcfg))
+        self._log_stage(st, meta, cached, None, None)
+        tstats = meta["stats"]
+        self.tracker.metrics(
+            {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
+             "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
+             "train/dropped_too_long": tstats.get("dropped_too_long"), "train/dropped_unbalanced": tstats.get("dropped_unbalanced")}, k)
+
+    def _benchmark(self, st: Step) -> dict[str, float]:
+        rows, meta, cached = self.stage(
+            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, self.job.pipeline.chunk_size)),
+            evaluate.config_part(st.stage, st.config),
+        )
+        self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
+        self.tracker.metrics(self._drift(st, rows or []), st.iteration)
+        headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
+        value = meta["stats"].get(headline)
+        log.info("%s[iter %d]: %s %s = %s", st.stage, st.iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
+        return {f"{k}@iter{st.iteration}": v for k, v in meta["stats"].items()}
+
+    def _drift(self, st: Step, rows: list[dict]) -> dict[str, float]:
         """Position bias and verdict flips of one benchmark at this iteration: `<bench>/position/frac_A` (share of
         stated verdicts that say A; both orders are judged, so 0.5 is no preference) and, against the previous
         iteration's verdicts on the same (item, order), `<bench>/position/flips` split into flips to the correct
@@ -507,10 +428,9 @@ class Runner:
 
         stated = [r["verdict"] for r in rows if r["verdict"] is not None]
         out = {f"{st.stage}/position/frac_A": sum(v == "A" for v in stated) / len(stated) if stated else None}
-        prev = next((s for s in steps if s.stage == st.stage and s.iteration == st.iteration - 1), None)
-        if prev is None or not rows or not self.cache.valid(prev.stage, prev.key):
+        if st.previous is None or not rows or not self.cache.valid(st.stage, st.previous):
             return out
-        before = {(r["item_id"], r["order"]): r["verdict"] for r in self.cache.rows(prev.stage, prev.key)}
+        before = {(r["item_id"], r["order"]): r["verdict"] for r in self.cache.rows(st.stage, st.previous)}
         after = {(r["item_id"], r["order"]): r["verdict"] for r in rows}
         correct = {(r["item_id"], r["order"]): r["chosen_label"] for r in rows}
         f = verdict_flips(before, after, correct)
@@ -519,19 +439,6 @@ class Runner:
             out[f"{st.stage}/position/flips_to_correct"] = f["flips_to_correct"]
             out[f"{st.stage}/position/flips_to_wrong"] = f["flips_to_wrong"]
         return out
-
-
-def _canonical_adapter_config(path: Path) -> None:
-    """PEFT writes `target_modules` from a set, in an order that changes with each process's string hashing:
-    sorted, a retrained adapter is byte-identical to the first (so the cache manifest can compare them)."""
-    import json
-
-    if not path.exists():
-        return
-    conf = json.loads(path.read_text())
-    if isinstance(conf.get("target_modules"), list):
-        conf["target_modules"] = sorted(conf["target_modules"])
-        path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from src import pipeline
+from src.models import base
 from src.pipeline import Job, plan
 from tests.conftest import TINY
 
@@ -16,15 +16,71 @@ PINNED = json.loads((Path(__file__).parent / "data" / "plan_keys.json").read_tex
 @pytest.fixture
 def fixed_engines(monkeypatch):
     """The torch/transformers/peft versions are part of every model's key; fixed here so the pins survive upgrades."""
-    monkeypatch.setattr(pipeline, "engine_versions",
+    monkeypatch.setattr(base, "engine_versions",
                         lambda backend: {"torch": "T", "transformers": "X", "peft": "P", **({"vllm": "V"} if backend == "vllm" else {})})
 
 
 def planned(make_cfg, overrides):
-    return [[s.stage, s.iteration, s.key, s.model, s.adapter_of, s.init_of]
+    return [[s.stage, s.iteration, s.key, s.model, s.adapter, s.init]
             for s in plan(Job.from_config(make_cfg(*TINY, *overrides)))]
 
 
 @pytest.mark.parametrize("case", sorted(PINNED))
 def test_plan_keys_are_pinned(make_cfg, fixed_engines, case):
     assert planned(make_cfg, PINNED[case]["overrides"]) == PINNED[case]["steps"]
+
+
+EVAL = [o for o in TINY if o.startswith("eval.")]
+
+
+def scorer_cfg(results, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, DATA_ROOT
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("evaluate", overrides=[f"data_root={DATA_ROOT}", f"results_dir={results}", "model=tiny_random", *EVAL, *overrides])
+
+
+def test_standalone_scorer_keys_a_model_and_a_loop_adapter_as_the_loop_does(make_cfg, tmp_path):
+    """The scorer's key for (model, adapter, benchmark) is the loop's: for the untrained judge, and for an adapter
+    that is a loop train output (keyed by its train key, so the loop's evaluations are reused). The same bytes
+    anywhere else, or a train output whose files no longer match its manifest, are keyed by content instead."""
+    import shutil
+
+    from src.cache import StageCache
+    from src.config import typed
+    from src.evaluate import scorer_keys
+    from src.models.base import ModelSpec
+    from src.pipeline import PipelineConfig
+    from src.stages.evaluate import EvalConfig
+
+    job = Job.from_config(make_cfg(*TINY, "iterations=1"))
+    loop = {(s.stage, s.iteration): s.key for s in plan(job)}
+    cache = StageCache(job.cache_dir)
+
+    def scorer(adapter=None):
+        cfg = scorer_cfg(job.results_dir)
+        return scorer_keys(typed(ModelSpec, cfg.model, "model"), typed(EvalConfig, cfg.eval, "eval"), str(cfg.data_root), adapter, cache,
+                           typed(PipelineConfig, cfg.pipeline, "pipeline").chunk_size)
+
+    assert scorer() == {"rewardbench": loop[("rewardbench", 0)], "mtbench": loop[("mtbench", 0)]}
+
+    def fake_training(p):  # the train stage's output as the cache commits it; its bytes do not matter to keys
+        (p.dir / "adapter").mkdir()
+        (p.dir / "adapter" / "adapter_config.json").write_text('{"r": 8}\n')
+        (p.dir / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+        return None, {"trained": True, "produced": "adapter"}
+
+    cache.compute_once("train", loop[("train", 1)], fake_training, {})
+    adapter = cache.path("train", loop[("train", 1)]) / "adapter"
+    assert scorer(adapter) == {"rewardbench": loop[("rewardbench", 1)], "mtbench": loop[("mtbench", 1)]}
+
+    elsewhere = tmp_path / "copy" / "adapter"
+    shutil.copytree(adapter, elsewhere)
+    by_bytes = scorer(elsewhere)
+    assert by_bytes["rewardbench"] not in (loop[("rewardbench", 0)], loop[("rewardbench", 1)])
+    (adapter / "adapter_model.safetensors").write_bytes(b"tampered")
+    tampered = scorer(adapter)
+    assert tampered["rewardbench"] not in (loop[("rewardbench", 1)], by_bytes["rewardbench"])
+    assert adapter.exists()  # keying inspects, it never moves a damaged output aside

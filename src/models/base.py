@@ -105,3 +105,18 @@ class Generator(Protocol):
     def close(self) -> None:
         """Free the weights (GPU memory is not returned otherwise)."""
         ...
+
+
+def engine_versions(backend: str) -> dict[str, str]:
+    """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
+    from ..provenance import package_versions
+
+    return package_versions(("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()))
+
+
+def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
+    """A model's identity in a stage key: its spec, the train key (or adapter hash) of the weights it wears, the
+    engine versions. Every stage's `key()` builds its model part with this."""
+    from ..config import as_dict
+
+    return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}

@@ -20,11 +20,12 @@ from typing import Callable
 
 from ..analysis import vote_ks
 from ..benchmarks import mtbench, rewardbench
-from ..cache import Partial, file_fingerprint, run_chunked
+from ..cache import Partial, file_fingerprint, make_key, run_chunked
 from ..config import ConfigError, as_dict, knob
 from ..data import resolve
 from ..metrics import synthetic_metrics
-from ..models.base import Generator, SamplingConfig
+from ..prompts import text_fingerprint
+from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
 from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from ..verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from .judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
@@ -239,6 +240,23 @@ BENCHMARKS: dict[str, Benchmark] = {
         lambda c, root: source_fingerprint(c.mtbench.source, c.mtbench.revision, root), lambda c: 1, mtbench_score,
     ),
 }
+
+
+def config_part(name: str, cfg: EvalConfig) -> dict:
+    """What of `eval` one benchmark's result depends on: the judging fields and the benchmark's own section."""
+    return {"judging": judging_part(cfg), "bench": BENCHMARKS[name].config(cfg)}
+
+
+def key(name: str, cfg: EvalConfig, data_root: str, model: ModelSpec, adapter: str | None, pairs_key: str | None, chunk_size: int) -> str:
+    """One benchmark's key, for the loop and the standalone scorer (src/evaluate.py) alike: the model (and the
+    train key or adapter hash of the weights it wears), `config_part`, the benchmark's data (the synthetic one: the
+    pairs), the prompt's text, and the chunk size (a chunk bounds its batches; padded batched arithmetic is not
+    bit-invariant)."""
+    return make_key(
+        name, VERSION, config_part(name, cfg),
+        {"pairs": pairs_key} if name == "synthetic" else {"data": BENCHMARKS[name].data(cfg, data_root)},
+        model=model_id(model, adapter), prompt=text_fingerprint(judge_template(cfg.prompt, "eval.prompt")), chunk_size=chunk_size,
+    )
 
 
 # ------------------------------------------------------------------------------------------ running

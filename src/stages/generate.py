@@ -12,10 +12,10 @@ import logging
 import re
 from dataclasses import dataclass
 
-from ..cache import Partial, run_chunked
-from ..config import ConfigError
-from ..models.base import Generator, SamplingConfig
-from ..prompts import load_template
+from ..cache import Partial, make_key, run_chunked
+from ..config import ConfigError, as_dict
+from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
+from ..prompts import load_template, text_fingerprint
 from ..records import Instruction, Pair, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,15 @@ def templates(cfg: NegativesConfig):
             cfg.single_call_prompt, "worse_response.txt", ("input", "generation"), "negatives.single_call_prompt"
         )
     }
+
+
+def key(cfg: NegativesConfig, select_key: str, seed: ModelSpec, random_seed: int, chunk_size: int) -> str:
+    """generate's key: `negatives`, the instructions, the seed model, the prompts' text and the chunk size (its
+    sampling is seeded per chunk)."""
+    return make_key(
+        "generate", VERSION, as_dict(cfg), {"select": select_key}, model=model_id(seed, None), random_seed=random_seed,
+        chunk_size=chunk_size, prompts={k: text_fingerprint(t) for k, t in templates(cfg).items()},
+    )
 
 
 # Every reason a pair can be dropped for, so each is logged (as 0 too) and runs compare metric by metric.

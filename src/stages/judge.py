@@ -10,9 +10,9 @@ import logging
 import random
 from dataclasses import dataclass
 
-from ..cache import Partial, run_chunked
-from ..config import ConfigError, knob
-from ..models.base import Generator, Prompt, SamplingConfig
+from ..cache import Partial, make_key, run_chunked
+from ..config import ConfigError, as_dict, knob
+from ..models.base import Generator, ModelSpec, Prompt, SamplingConfig, model_id
 from ..prompts import Template, load_template, text_fingerprint
 from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
 from ..verdicts import parse_verdict
@@ -57,6 +57,15 @@ def judge_template(path: str | None, key: str) -> Template:
         # training examples are (user prompt, judgment) pairs; the train stage has no system turn
         raise ConfigError(f"{key}: {template.origin} has a system message; a training prompt must be one user message")
     return template
+
+
+def key(cfg: JudgingConfig, pairs_key: str, model: ModelSpec, adapter: str | None, iteration: int, random_seed: int) -> str:
+    """judge's key: `judging`, the pairs, the judging model (and the train key of the weights it wears), the
+    iteration, the prompt's text."""
+    return make_key(
+        "judge", VERSION, as_dict(cfg), {"pairs": pairs_key}, model=model_id(model, adapter), iteration=iteration,
+        random_seed=random_seed, prompt=text_fingerprint(judge_template(cfg.prompt, "judging.prompt")),
+    )
 
 
 def prompt_params(**paths: str | None) -> dict[str, str]:

@@ -14,11 +14,11 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from ..cache import StageCache, file_fingerprint
+from ..cache import StageCache, file_fingerprint, make_key
 from ..config import ConfigError, as_dict
 from ..data import DataError, read_hub, read_records, require, resolve
-from ..models.base import Generator
-from ..prompts import Template, load_template
+from ..models.base import Generator, ModelSpec, model_id
+from ..prompts import Template, load_template, text_fingerprint
 from ..records import Instruction
 from . import classify
 
@@ -151,6 +151,20 @@ def classify_config(cfg: DatasetConfig) -> dict:
         "categories": list(cfg.categories), "content_free": list(cfg.content_free), "sources": [as_dict(s) for s in cfg.sources],
         "max_chars": cfg.max_chars, "min_chars": cfg.min_chars, "shuffle": cfg.shuffle, "chunk": classify.CHUNK,
     }
+
+
+def classify_key(cfg: DatasetConfig, data_root: str, seed: ModelSpec, random_seed: int) -> str:
+    """Key of the classification units select reads (classify/<key>-<unit>): the pool files' bytes, the seed model,
+    the prompt's text and `classify_config`, so one classification serves every category of a sweep."""
+    return make_key(
+        "classify", classify.VERSION, classify_config(cfg), {"pool": source_fingerprints(cfg, data_root)},
+        model=model_id(seed, None), random_seed=random_seed, prompt=text_fingerprint(classify_template(cfg)),
+    )
+
+
+def key(cfg: DatasetConfig, classify_key: str, random_seed: int) -> str:
+    """select's key: the whole dataset config and the labels it reads."""
+    return make_key("select", VERSION, as_dict(cfg), {"classify": classify_key}, random_seed=random_seed)
 
 
 def scan_order(cfg: DatasetConfig, data_root: str, random_seed: int) -> list[tuple[str, str, str]]:

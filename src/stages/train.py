@@ -19,11 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, knob
+from ..cache import CacheError, StageCache, make_key
+from ..config import ConfigError, as_dict, knob
+from ..models.base import ModelSpec, model_id
 from ..records import TrainExample
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: peft=none (full weights), DPO A/B rebalance, train_loss = mean over all steps after resume
+# What a train output's meta records as `stats.produced`, and the directory in the output that holds it.
+PRODUCED = {"adapter": "adapter", "full": "model", "none": None}
 
 
 @dataclass
@@ -60,6 +64,59 @@ class TrainConfig:
             raise ConfigError(f"{where}.lr_scheduler={self.lr_scheduler!r}: one of {', '.join(t.value for t in SchedulerType)}")
         if self.init_from not in ("seed", "previous"):
             raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
+
+
+def key(cfg: TrainConfig, examples_key: str, init_key: str | None, model: ModelSpec, iteration: int, random_seed: int,
+        world_size: int = 1) -> str:
+    """train's key: `train`, the examples, the train output it starts from (init_from=previous), the untrained
+    judge, the iteration; and the process count when it is more than one (a larger global batch is another result;
+    one process keeps the keys it always had)."""
+    world = {"world_size": world_size} if world_size > 1 else {}
+    return make_key(
+        "train", VERSION, as_dict(cfg), {"examples": examples_key, "init": init_key}, model=model_id(model, None),
+        random_seed=random_seed, iteration=iteration, **world,
+    )
+
+
+def weights(cache: StageCache, train_key: str | None) -> Path | None:
+    """What a train output holds, as its meta records it: the adapter (or full weights) directory, or None for the
+    untrained model (no train key, or an output that recorded `produced: none`). A recorded artifact that is gone
+    is an error, never the base model under the trained model's name."""
+    if train_key is None:
+        return None
+    if not cache.valid("train", train_key):
+        raise CacheError(f"{cache.path('train', train_key)}: the train output this step needs is missing or damaged; rerun to recompute it")
+    stats = cache.meta("train", train_key).get("stats", {})
+    # Outputs from before `produced` existed: trained=True meant an adapter.
+    produced = stats.get("produced", "adapter" if stats.get("trained") else "none")
+    if produced not in PRODUCED:
+        raise CacheError(f"{cache.path('train', train_key) / 'meta.json'}: stats.produced={produced!r} is not one of {', '.join(PRODUCED)}")
+    if PRODUCED[produced] is None:
+        log.warning("train %s produced no weights (no training data): its iteration runs the untrained judge", train_key)
+        return None
+    path = cache.path("train", train_key) / PRODUCED[produced]
+    if not path.exists():
+        raise CacheError(f"{path}: recorded as produced ({produced}) but missing")
+    return path
+
+
+def check_output(stats: dict, out_dir: Path, where: str) -> None:
+    """Before commit: the stats name what was produced and it is there. PEFT writes `target_modules` from a set, in
+    an order that changes with each process's string hashing: sorted, a retrained adapter is byte-identical to the
+    first (so the cache manifest can compare them)."""
+    import json
+
+    produced = stats.get("produced")
+    if produced not in PRODUCED:
+        raise RuntimeError(f"{where}: stats['produced']={produced!r}, expected one of {', '.join(PRODUCED)}")
+    if PRODUCED[produced] and not (out_dir / PRODUCED[produced]).exists():
+        raise RuntimeError(f"{where}: reports produced={produced} but wrote no {out_dir / PRODUCED[produced]}")
+    conf_path = out_dir / "adapter" / "adapter_config.json"
+    if conf_path.exists():
+        conf = json.loads(conf_path.read_text())
+        if isinstance(conf.get("target_modules"), list):
+            conf["target_modules"] = sorted(conf["target_modules"])
+            conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
 
 
 def _dataset(examples: list[TrainExample], method: str):

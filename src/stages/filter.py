@@ -1,0 +1,71 @@
+"""Stage 4, filter: the kept judgments as training examples. Reads the `filter` group (the rule, `src/filters.py`)
+and renders each kept judgment with the `judging` prompt it was made on.
+
+An example is the judge prompt (as clipped for the judgment) and the judgment with its verdict stated; it also
+carries an incorrect or verdict-less judgment of the same pair and order when one was sampled (the rejected side
+for train=dpo; SFT ignores it).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from .. import filters
+from ..cache import make_key
+from ..config import as_dict
+from ..filters import FilterConfig
+from ..prompts import text_fingerprint
+from ..records import Judgment, Pair, TrainExample
+from ..verdicts import parse_verdict
+from .judge import JudgingConfig, judge_template, pair_prompt
+
+log = logging.getLogger(__name__)
+VERSION = 3  # 2: examples carry an incorrect judgment of the same pair and order (for DPO); 3: or a verdict-less one (RAM)
+
+
+def key(cfg: FilterConfig, judging: JudgingConfig, judgments_key: str, pairs_key: str, iteration: int, random_seed: int) -> str:
+    """filter's key: the rule, the judgments and pairs, and `judging` with its prompt's text (examples are rendered
+    with them)."""
+    return make_key(
+        "filter", VERSION, as_dict(cfg), {"judgments": judgments_key, "pairs": pairs_key}, judging=as_dict(judging),
+        prompt=text_fingerprint(judge_template(judging.prompt, "judging.prompt")), random_seed=random_seed, iteration=iteration,
+    )
+
+
+def _explicit(j: Judgment, judging: JudgingConfig) -> str:
+    """The judgment text with its verdict stated: a verdict read by constrained choice is written out, so the
+    trained judge learns to state [[A]]/[[B]] itself."""
+    text = j.text.rstrip()
+    return text if parse_verdict(text) == j.verdict else f"{text}{judging.verdict_prefix}{j.verdict}]]"
+
+
+def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs: dict[str, Pair], judging: JudgingConfig, seed: int) -> list[TrainExample]:
+    """Judge prompt + kept judgment. Each example also carries an incorrect or verdict-less judgment of the same
+    pair and order when one was sampled (the rejected side for train=dpo; SFT ignores it)."""
+    template = judge_template(judging.prompt, "judging.prompt")
+    wrong: dict[tuple[str, str], list[Judgment]] = {}
+    for j in all_judgments:
+        if not j.correct:  # RAM's DPO recipe (prepare_dpo_data.py): a wrong verdict or none at all is a negative
+            wrong.setdefault((j.pair_id, j.order), []).append(j)
+    out = []
+    for j in kept:
+        candidates = wrong.get((j.pair_id, j.order), []) if j.correct else []
+        bad = min(candidates, key=lambda w: hashlib.sha256(f"{seed}:{w.pair_id}:{w.order}:{w.sample}".encode()).hexdigest()) if candidates else None
+        # the prompt the judgment was made on (clipped to fit the token budget when the judge stage had to)
+        out.append(TrainExample(j.pair_id, j.order, pair_prompt(template, pairs[j.pair_id], j.order, j.clip_chars or judging.max_response_chars),
+                                _explicit(j, judging), j.verdict, (_explicit(bad, judging) if bad.verdict else bad.text.rstrip()) if bad else None))
+    return out
+
+
+def run(cfg: FilterConfig, judging: JudgingConfig, judgments: list[Judgment], pairs: list[Pair], seed: int) -> tuple[list[TrainExample], dict]:
+    """The rule's kept judgments as training examples, and what was kept (counts, keep rate, A/B balance)."""
+    index = {p.id: p for p in pairs}
+    kept = filters.apply(cfg, judgments, index, seed)
+    examples = training_examples(kept, judgments, index, judging, seed)
+    stats = {"kept": len(examples), "judgments": len(judgments), "keep_rate": len(examples) / max(len(judgments), 1),
+             "kept_A": sum(e.verdict == "A" for e in examples), "kept_B": sum(e.verdict == "B" for e in examples),
+             "with_verdict": sum(j.verdict is not None for j in judgments),
+             "with_rejected": sum(e.rejected_completion is not None for e in examples)}
+    log.info("filter: filter=%s kept %d/%d judgments (A %d / B %d)", cfg.name, len(examples), len(judgments),
+             stats["kept_A"], stats["kept_B"])
+    return examples, stats
