@@ -2,6 +2,8 @@
 
     select -> generate -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
 
+`plan` is the one place that decides: each step's key (computed by its stage module's `key()`), the model that runs
+it, the train outputs it wears and starts from, and the outputs it reads. `Runner` executes the steps as planned.
 Reads the `pipeline` group and hands every other group, typed, to the one module that reads it. Keys are a
 function of the config alone, so `pipeline.dry_run=true` shows what a run would reuse before loading anything.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -350,7 +351,7 @@ class Runner:
     # One method per stage: what it computes from its step (inputs are read only when it is computed).
     def _select(self, st: Step) -> None:
         rows, meta, cached = self.stage(
-            st, lambda p: _records(select.run(st.config, self.job.data_root, st.seed, lambda: self.pool.get(st.spec, None),
+            st, lambda p: _records(select.run(st.config, self.job.data_root, st.seed, lambda: self._model(st),
                                               self._inputs(st)["classify"])),
             as_dict(st.config),
         )

@@ -63,3 +63,15 @@ def test_missing_field_is_named_with_line_and_key(make_cfg, tmp_path):
         f.write(json.dumps({"id": "b", "text": "Wrong field name here, but long enough."}) + "\n")
     with pytest.raises(DataError, match=r"pool\.jsonl\.gz:2.*missing key 'prompt'"):
         preflight(job(make_cfg, f"dataset.sources=[{{path: {pool}}}]"))
+
+
+def test_lr_scheduler_names_are_transformers_own(make_cfg):
+    """train.lr_scheduler is checked against a written-out list (no torch import to check a config): it must be
+    exactly transformers' SchedulerType."""
+    from transformers import SchedulerType
+
+    from src.stages.train import SCHEDULERS
+
+    assert list(SCHEDULERS) == [t.value for t in SchedulerType]
+    with pytest.raises(ConfigError, match=r"train\.lr_scheduler='cosine_annealing': one of linear, cosine"):
+        job(make_cfg, "train.lr_scheduler=cosine_annealing")

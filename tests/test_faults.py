@@ -78,6 +78,16 @@ def reference(tmp_path_factory):
     return results, outputs(results / "cache"), metrics(job)
 
 
+def seeded(reference, results: Path, *stages: str) -> Path:
+    """A fresh results dir (no MLflow store) whose stage cache holds the reference run's outputs of `stages` (all
+    when none are named): tests about the store, signals or the sweep launcher then compute only what they vary."""
+    src = reference[0] / "cache"
+    for d in sorted(src.iterdir()):
+        if d.is_dir() and (not stages or d.name in stages):
+            shutil.copytree(d, results / "cache" / d.name)
+    return results
+
+
 def test_kill_9_inside_every_stage_then_resume_is_bit_identical(reference, tmp_path):
     _, ref_outputs, ref_metrics = reference
     results = tmp_path / "results"
@@ -142,8 +152,8 @@ def test_damaged_cache_files_are_detected_and_healed(reference, tmp_path):
     assert sorted([hits["mtbench_0"], hits["mtbench_1"]]) == ["0", "1"]  # one of the two was damaged
 
 
-def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(tmp_path):
-    results = tmp_path / "results"
+def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(reference, tmp_path):
+    results = seeded(reference, tmp_path / "results")  # a fresh store: the race is in creating it, not in the stages
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
     args = [sys.executable, "-m", "src.main", *SMALL, f"pipeline.model_cache_dir={model_cache()}"]
     procs = [subprocess.Popen(args + [f"eval.mtbench.max_keys={k}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -153,8 +163,8 @@ def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(tmp_path):
     assert sorted(r.info.status for r in runs(results)) == ["FINISHED", "FINISHED"]
 
 
-def test_joblib_sweep_of_three_jobs_has_one_parent_and_reports_every_job(tmp_path):
-    results = tmp_path / "results"
+def test_joblib_sweep_of_three_jobs_has_one_parent_and_reports_every_job(reference, tmp_path):
+    results = seeded(reference, tmp_path / "results")
     cli(results, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=3", *SMALL, "eval.mtbench.max_keys=2,3,4")
     parents = runs(results, "sweep")
     assert len(parents) == 1
@@ -209,8 +219,8 @@ def test_bad_config_value_fails_with_one_line_before_any_model_loads(tmp_path, o
     _one_clear_line(cli(tmp_path / "results", *RUN, override, check=False), pattern)
 
 
-def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(tmp_path):
-    results = tmp_path / "results"
+def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(reference, tmp_path):
+    results = seeded(reference, tmp_path / "results", "classify", "select", "mtbench")  # generate is computed: SIGTERM lands there
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
@@ -225,6 +235,8 @@ def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(tmp_path):
     assert job.info.status == "KILLED"
     cli(results, *SMALL)
     assert sorted(r.info.status for r in runs(results)) == ["FINISHED", "KILLED"]
+    resumed, ref = outputs(results / "cache"), reference[1]
+    assert "generate" in {k.split("/")[0] for k in resumed} and all(ref[k] == v for k, v in resumed.items() if k in ref)
 
 
 def test_unexpected_error_prints_its_traceback_once(tmp_path):

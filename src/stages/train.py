@@ -30,6 +30,12 @@ VERSION = 2  # 2: peft=none (full weights), DPO A/B rebalance, train_loss = mean
 PRODUCED = {"adapter": "adapter", "full": "model", "none": None}
 
 
+# transformers' SchedulerType values, written out so that checking a config imports no torch (a dry run and a bad
+# config value fail in a second, not after the ~10 s import); tests/test_config_errors.py compares them with it.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+              "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
+
+
 @dataclass
 class TrainConfig:
     method: str = "sft"
@@ -58,10 +64,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.method={self.method!r}: known methods: sft, dpo")
         if self.peft not in ("lora", "none"):
             raise ConfigError(f"{where}.peft={self.peft!r}: use lora (adapter) or none (full fine-tuning)")
-        from transformers import SchedulerType
-
-        if self.lr_scheduler not in {t.value for t in SchedulerType}:
-            raise ConfigError(f"{where}.lr_scheduler={self.lr_scheduler!r}: one of {', '.join(t.value for t in SchedulerType)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where}.lr_scheduler={self.lr_scheduler!r}: one of {', '.join(SCHEDULERS)}")
         if self.init_from not in ("seed", "previous"):
             raise ConfigError(f"{where}.init_from={self.init_from!r}: use seed or previous")
 
