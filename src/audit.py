@@ -18,6 +18,14 @@ from fractions import Fraction
 from typing import Iterable
 
 OUTCOMES = ("clean", "inverted", "both_right", "neither_right")
+VERSION = 1  # of the audit stage's output (the pipeline's `audit` unit): bump when the reading of answers changes
+
+
+def key(generate_key: str) -> str:
+    """The audit unit's key: the pairs (whose key names the selected instructions and their references)."""
+    from .cache import make_key
+
+    return make_key("audit", VERSION, {}, {"pairs": generate_key})
 
 
 def last_boxed(text: str) -> str | None:
@@ -103,14 +111,42 @@ def outcome(chosen: str, rejected: str, reference: str) -> str:
 
 
 def audit_stats(outcomes: Iterable[str]) -> dict[str, float]:
-    """`audit/<outcome>` shares, plus `audit/pairs`, `audit/chosen_wrong` and `audit/rejected_right`."""
+    """Shares of the pairs, as the issue asks them: `audit/chosen_wrong`, `audit/rejected_right`, `audit/both` (chosen
+    wrong AND rejected right: the label is backwards, the `inverted` outcome) and `audit/neither` (neither: the label
+    is what the method assumes, `clean`); plus the two other cells, `audit/both_right` and `audit/neither_right`
+    (no preference by correctness), and `audit/pairs`. The four outcome shares sum to 1."""
     outs = list(outcomes)
     n = len(outs)
     stats: dict[str, float] = {"audit/pairs": float(n)}
     if not n:
         return stats
-    for o in OUTCOMES:
-        stats[f"audit/{o}"] = sum(x == o for x in outs) / n
-    stats["audit/chosen_wrong"] = stats["audit/inverted"] + stats["audit/neither_right"]
-    stats["audit/rejected_right"] = stats["audit/inverted"] + stats["audit/both_right"]
+    share = {o: sum(x == o for x in outs) / n for o in OUTCOMES}
+    stats.update({
+        "audit/chosen_wrong": share["inverted"] + share["neither_right"],
+        "audit/rejected_right": share["inverted"] + share["both_right"],
+        "audit/both": share["inverted"],
+        "audit/neither": share["clean"],
+        "audit/both_right": share["both_right"],
+        "audit/neither_right": share["neither_right"],
+    })
     return stats
+
+
+def audit_pairs(references: dict[str, str | None], pairs: Iterable) -> tuple[list[dict], dict[str, float]]:
+    """Audit every pair whose instruction has a reference solution (`references`: instruction id -> the pool's
+    reference, e.g. a GSM8K answer or a MATH solution; pairs are keyed by their instruction's id). Rows: one per
+    audited pair, with the answers as read; stats: `audit_stats` over all of them, and `audit/no_answer/<role>`,
+    the share of responses in which no final answer was found (counted wrong)."""
+    rows = []
+    for p in pairs:
+        ref = reference_answer(references[p.id]) if references.get(p.id) else None
+        if ref is None:
+            continue
+        c, r = final_answer(p.chosen), final_answer(p.rejected)
+        rows.append({"pair_id": p.id, "split": p.split, "reference": ref, "chosen_answer": c, "rejected_answer": r,
+                     "outcome": outcome(p.chosen, p.rejected, ref)})
+    stats = audit_stats(row["outcome"] for row in rows)
+    if rows:
+        stats["audit/no_answer/chosen"] = sum(row["chosen_answer"] is None for row in rows) / len(rows)
+        stats["audit/no_answer/rejected"] = sum(row["rejected_answer"] is None for row in rows) / len(rows)
+    return rows, stats

@@ -77,12 +77,22 @@ class Index:
         return sorted(found.values(), key=lambda m: (m.benchmark, m.subset, m.benchmark_id))
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
+
+
 def counts(matches: Iterable[Match]) -> dict[str, int]:
-    """Contaminated instructions per benchmark and per benchmark/subset (an instruction counts once in each)."""
+    """Contaminated instructions per benchmark and per benchmark/subset (an instruction counts once in each), in
+    all (`matched`), with an exact match (`exact`) and with n-gram matches only (`ngram_only`). Subset names are
+    made safe as metric names (MLflow allows letters, digits, `_-./` and space)."""
     by: dict[str, set[str]] = {}
+    exact: set[str] = set()
     for m in matches:
-        for name in (m.benchmark, f"{m.benchmark}/{m.subset}", f"{m.how}"):
-            by.setdefault(name, set()).add(m.instruction_id)
+        for name in ("matched", m.benchmark, f"{m.benchmark}/{m.subset}"):
+            by.setdefault(_UNSAFE.sub("_", name), set()).add(m.instruction_id)
+        if m.how == "exact":
+            exact.add(m.instruction_id)
+    if by:
+        by["exact"], by["ngram_only"] = exact, by["matched"] - exact
     return {k: len(v) for k, v in sorted(by.items())}
 
 

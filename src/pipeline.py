@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import launch
+from . import audit, launch
 from .cache import Partial, StageCache, check
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
@@ -28,7 +28,7 @@ from .filters import FilterConfig
 from .launch import LaunchConfig
 from .models.base import Generator, ModelSpec
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from .stages import evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from .stages import decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
 from .stages.evaluate import EvalConfig
 from .stages.generate import NegativesConfig
 from .stages.judge import JudgingConfig
@@ -140,13 +140,19 @@ def plan(job: Job) -> list[Step]:
     cache = StageCache(job.cache_dir)
     rs, chunk = job.random_seed, job.pipeline.chunk_size
     steps: list[Step] = []
+    # Benchmark prompts in the pool, found once per (pool, benchmark files); select drops them before classifying.
+    dec = decontaminate.key(job.dataset, job.eval, job.data_root)
+    steps.append(Step("decontam", 0, dec, "-", (job.dataset, job.eval)))
     # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
-    cls = select.classify_key(job.dataset, job.data_root, job.seed, rs)
+    cls = select.classify_key(job.dataset, job.data_root, job.seed, rs, dec)
     steps.append(Step("classify", 0, cls, job.seed.name, job.dataset, job.seed, seed=rs))
     sel = select.key(job.dataset, cls, rs)
-    steps.append(Step("select", 0, sel, job.seed.name, job.dataset, job.seed, inputs={"classify": ("classify", cls)}, seed=rs))
+    steps.append(Step("select", 0, sel, job.seed.name, job.dataset, job.seed,
+                      inputs={"classify": ("classify", cls), "contaminated": ("decontam", dec)}, seed=rs))
     gen = generate.key(job.negatives, sel, job.seed, rs, chunk)
     steps.append(Step("generate", 0, gen, job.seed.name, job.negatives, job.seed, inputs={"instructions": ("select", sel)}, seed=rs))
+    if any(s.reference_field for s in job.dataset.sources):  # label-noise audit of the pairs against the references
+        steps.append(Step("audit", 0, audit.key(gen), "-", None, inputs={"instructions": ("select", sel), "pairs": ("generate", gen)}))
     pairs = {"pairs": ("generate", gen)}
 
     benches = [b for b, spec in evaluate.BENCHMARKS.items() if spec.enabled(job.eval)]
@@ -185,7 +191,7 @@ def plan(job: Job) -> list[Step]:
             s.status = "cached" if check(path) is None else "damaged"
         else:
             s.status = "partial" if cache.has_partial(s.stage, s.key) else "todo"
-    steps[0].status = f"{len(classified_units(cache, cls))} chunk(s) cached"
+    next(s for s in steps if s.stage == "classify").status = f"{len(classified_units(cache, cls))} chunk(s) cached"
     return steps
 
 
@@ -208,7 +214,7 @@ def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: lis
         f"  {'iter':>4}  {'stage':<11} {'model':<28} {'key':<20}  status",
     ]
     lines += [f"  {s.iteration:>4}  {s.stage:<11} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
-    cache, cls = StageCache(job.cache_dir), steps[0].key
+    cache, cls = StageCache(job.cache_dir), next(s for s in steps if s.stage == "classify").key
     labels = [r["category"] for u in classified_units(cache, cls) for r in cache.rows("classify", u)]
     lines.append(f"  select: {select.expected_scan(d, labels)}")
     lines += [f"  NOT RUNNABLE HERE: {p}" for p in problems]
@@ -339,6 +345,7 @@ class Runner:
         """The outputs a step reads, by the (stage, key) its plan names: records, or for select the classification
         units (read and extended by key as it scans)."""
         return {name: select.cached_units(self.cache, key, st.model) if stage == "classify"
+                else {r["instruction_id"] for r in self.cache.rows(stage, key)} if stage == "decontam"
                 else [from_dict(RECORDS[stage], r) for r in self.cache.rows(stage, key)]
                 for name, (stage, key) in st.inputs.items()}
 
@@ -349,12 +356,19 @@ class Runner:
         return train.weights(self.cache, train_key)
 
     # One method per stage: what it computes from its step (inputs are read only when it is computed).
+    def _decontam(self, st: Step) -> None:
+        dataset, ecfg = st.config
+        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, ecfg, self.job.data_root),
+                                        decontaminate.key_parts(dataset, ecfg, self.job.data_root)[0])
+        self._log_stage(st, meta, cached, rows, "decontam/")
+
     def _select(self, st: Step) -> None:
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(select.run(st.config, self.job.data_root, st.seed, lambda: self._model(st),
-                                              self._inputs(st)["classify"])),
-            as_dict(st.config),
-        )
+        def compute(p: Partial):
+            inputs = self._inputs(st)
+            return _records(select.run(st.config, self.job.data_root, st.seed, lambda: self._model(st), inputs["classify"],
+                                       inputs["contaminated"]))
+
+        rows, meta, cached = self.stage(st, compute, as_dict(st.config))
         self._log_stage(st, meta, cached, rows, "select/")
 
     def _generate(self, st: Step) -> None:
@@ -367,6 +381,14 @@ class Runner:
         if not any(r["split"] == "train" for r in rows):
             raise RuntimeError(f"generate: no training pairs out of {len(self._inputs(st)['instructions'])} instructions "
                                f"(dropped: {meta['stats'].get('dropped')})")
+
+    def _audit(self, st: Step) -> None:
+        def compute(p: Partial):
+            inputs = self._inputs(st)
+            return audit.audit_pairs({i.id: i.reference for i in inputs["instructions"]}, inputs["pairs"])
+
+        rows, meta, cached = self.stage(st, compute, {})
+        self._log_stage(st, meta, cached, rows, "")  # audit/* shares, named already
 
     def _judge(self, st: Step) -> None:
         rows, meta, cached = self.stage(

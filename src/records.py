@@ -15,6 +15,7 @@ class Instruction:
     source: str  # file or hub id it came from, plus line
     category: str  # what the seed classifier said
     split: str  # "train" (its pair may be trained on) or "heldout" (only evaluated)
+    reference: str | None = None  # the pool's reference solution, when it has one (label-noise audit)
 
 
 @dataclass

@@ -44,6 +44,8 @@ def test_outcomes_and_shares():
     ]
     assert outs == ["clean", "inverted", "both_right", "neither_right"]
     s = audit_stats(outs + ["clean"] * 4)
-    assert s["audit/pairs"] == 8 and s["audit/clean"] == 5 / 8
+    assert s["audit/pairs"] == 8
     assert s["audit/chosen_wrong"] == 2 / 8 and s["audit/rejected_right"] == 2 / 8
+    assert s["audit/both"] == 1 / 8 and s["audit/neither"] == 5 / 8  # both = inverted label, neither = clean
+    assert s["audit/both"] + s["audit/neither"] + s["audit/both_right"] + s["audit/neither_right"] == 1
     assert audit_stats([]) == {"audit/pairs": 0.0}

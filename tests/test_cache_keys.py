@@ -38,8 +38,9 @@ def test_judging_change_invalidates_judge_and_downstream_only(make_cfg):
 def test_dataset_change_invalidates_everything(make_cfg):
     a, b = keys(make_cfg, "dataset.limit=6"), keys(make_cfg, "dataset.limit=7")
     untrained_benchmarks = {("rewardbench", 0), ("mtbench", 0)}  # the untrained judge on fixed data: shared
-    # the pool's classification does not depend on limit (nor on the category): shared too
-    shared = untrained_benchmarks | {("classify", 0)}
+    # the pool's classification does not depend on limit (nor on the category): shared too; so is the search for
+    # benchmark prompts in the pool (it reads only dataset.sources)
+    shared = untrained_benchmarks | {("classify", 0), ("decontam", 0)}
     assert all(a[s] != b[s] for s in a if s not in shared)
     assert all(a[s] == b[s] for s in shared)
 

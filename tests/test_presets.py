@@ -17,7 +17,7 @@ def test_experiment_presets_compose_and_plan(make_cfg, name):
     first_line = (REPO / "experiments" / f"{name}.yaml").read_text().splitlines()[1]
     assert f"+experiments={name}" in first_line  # each preset says how to run it
     steps = plan(Job.from_config(make_cfg(f"+experiments={name}")))
-    assert [s.stage for s in steps[:3]] == ["classify", "select", "generate"]
+    assert [s.stage for s in steps[:4]] == ["decontam", "classify", "select", "generate"]
 
 
 @pytest.mark.parametrize("name", SWEEPS)

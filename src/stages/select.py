@@ -10,20 +10,21 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable, Iterator
 
 from tqdm import tqdm
 
 from ..cache import StageCache, file_fingerprint, make_key
 from ..config import ConfigError, as_dict
 from ..data import DataError, read_hub, read_records, require, resolve
+from ..decontaminate import near_duplicate_groups
 from ..models.base import Generator, ModelSpec, model_id
 from ..prompts import Template, load_template, text_fingerprint
 from ..records import Instruction
 from . import classify
 
 log = logging.getLogger(__name__)
-VERSION = 2  # v2: labels from the shared, calibrated `classify` units
+VERSION = 3  # v3: benchmark matches dropped (dataset.decontaminate), held-out split per near-duplicate group, references
 
 
 @dataclass
@@ -34,6 +35,7 @@ class SourceConfig:
     revision: str | None = None
     text_field: str = "prompt"
     id_field: str | None = "id"  # null: ids are made from the text
+    reference_field: str | None = None  # the row's reference solution (GSM8K `answer`, MATH `solution`): label-noise audit
 
 
 @dataclass
@@ -52,6 +54,9 @@ class DatasetConfig:
     min_chars: int = 20
     heldout_fraction: float = 0.3
     shuffle: bool = True
+    # Drop pool instructions that match a prompt of a benchmark the run evaluates on (stages/decontaminate.py);
+    # false keeps them (the matches are still counted and logged).
+    decontaminate: bool = True
 
     def validate(self, where: str) -> None:
         if self.category != "any" and self.category not in self.categories:
@@ -94,10 +99,9 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
 
 
-def load_pool(cfg: DatasetConfig, data_root: str) -> list[tuple[str, str, str]]:
-    """(id, text, location) for every usable pool row: deduplicated, length-filtered, in file order."""
-    seen: set[str] = set()
-    pool = []
+def source_rows(cfg: DatasetConfig, data_root: str) -> Iterator[tuple[str, str, str, int, dict]]:
+    """(id, text, location, source index, row) for every pool row that holds an instruction, before the length
+    filter and deduplication (what decontamination compares: the whole source)."""
     for i, s in enumerate(cfg.sources):
         rows = read_records(resolve(s.path, data_root)) if s.path else read_hub(s.hf_id, s.split, s.revision)
         for where, row in rows:
@@ -109,24 +113,53 @@ def load_pool(cfg: DatasetConfig, data_root: str) -> list[tuple[str, str, str]]:
             if not isinstance(text, str):
                 raise DataError(f"{where}: key {s.text_field!r} is not a string")
             text = text.strip()
-            if not cfg.min_chars <= len(text) <= cfg.max_chars:
-                continue
-            norm = _normalise(text)
-            if norm in seen:
-                continue
-            seen.add(norm)
             if s.id_field:
                 rid = str(require(row, s.id_field, f"{where} (dataset.sources[{i}].id_field)"))
             else:
-                rid = hashlib.sha256(norm.encode()).hexdigest()[:16]
-            pool.append((rid, text, where))
+                rid = hashlib.sha256(_normalise(text).encode()).hexdigest()[:16]
+            yield rid, text, where, i, row
+
+
+def load_pool(cfg: DatasetConfig, data_root: str) -> list[tuple[str, str, str]]:
+    """(id, text, location) for every usable pool row: deduplicated, length-filtered, in file order."""
+    seen: set[str] = set()
+    pool = []
+    for rid, text, where, _, _ in source_rows(cfg, data_root):
+        if not cfg.min_chars <= len(text) <= cfg.max_chars:
+            continue
+        norm = _normalise(text)
+        if norm in seen:
+            continue
+        seen.add(norm)
+        pool.append((rid, text, where))
     return pool
+
+
+def references(cfg: DatasetConfig, data_root: str, ids: Collection[str]) -> dict[str, str]:
+    """The reference solution of each of `ids` whose source names a `reference_field` (none: {})."""
+    if not any(s.reference_field for s in cfg.sources):
+        return {}
+    out = {}
+    for rid, _, where, i, row in source_rows(cfg, data_root):
+        field_name = cfg.sources[i].reference_field
+        if field_name and rid in ids and rid not in out:
+            ref = require(row, field_name, f"{where} (dataset.sources[{i}].reference_field)")
+            out[rid] = str(ref)
+    return out
 
 
 def split_of(instruction_id: str, heldout_fraction: float, random_seed: int) -> str:
     """Deterministic per-id split, stable when the pool or limit changes."""
     h = int(hashlib.sha256(f"{random_seed}:{instruction_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "heldout" if h < heldout_fraction else "train"
+
+
+def assign_splits(items: Iterable[tuple[str, str]], heldout_fraction: float, random_seed: int) -> dict[str, str]:
+    """id -> split, drawn per near-duplicate group (decontaminate.near_duplicate_groups: same words, or word-trigram
+    Jaccard >= 0.5) from the group's smallest id: near duplicates never straddle train and held-out, where a
+    held-out pair whose twin was trained on would measure memory, not judgment."""
+    groups = near_duplicate_groups(items)
+    return {i: split_of(g, heldout_fraction, random_seed) for i, g in groups.items()}
 
 
 # cached(unit, compute) -> rows: the caller's cache for the shared classification units ("prior", "0000", ...).
@@ -153,11 +186,13 @@ def classify_config(cfg: DatasetConfig) -> dict:
     }
 
 
-def classify_key(cfg: DatasetConfig, data_root: str, seed: ModelSpec, random_seed: int) -> str:
+def classify_key(cfg: DatasetConfig, data_root: str, seed: ModelSpec, random_seed: int, decontam_key: str) -> str:
     """Key of the classification units select reads (classify/<key>-<unit>): the pool files' bytes, the seed model,
-    the prompt's text and `classify_config`, so one classification serves every category of a sweep."""
+    the prompt's text and `classify_config`, so one classification serves every category of a sweep; and, when
+    `decontaminate` is on, the decontam key (its matches are not in the pool that is classified)."""
     return make_key(
-        "classify", classify.VERSION, classify_config(cfg), {"pool": source_fingerprints(cfg, data_root)},
+        "classify", classify.VERSION, classify_config(cfg),
+        {"pool": source_fingerprints(cfg, data_root), "decontaminated": decontam_key if cfg.decontaminate else None},
         model=model_id(seed, None), random_seed=random_seed, prompt=text_fingerprint(classify_template(cfg)),
     )
 
@@ -200,12 +235,18 @@ def expected_scan(cfg: DatasetConfig, cached_labels: list[str]) -> str:
             + (f" (limit {cfg.limit} needs ~{need} > max_scan {cfg.max_scan})" if need > cfg.max_scan else ""))
 
 
-def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[], Generator], cached: Cached) -> tuple[list[Instruction], dict]:
+def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[], Generator], cached: Cached,
+        contaminated: Collection[str] = ()) -> tuple[list[Instruction], dict]:
     """Scan the shuffled pool chunk by chunk (each chunk classified once, shared by every category) until `limit`
     instructions of the category are found or `max_scan` instructions were scanned. `model()` loads the seed
-    only when a chunk is not cached."""
+    only when a chunk is not cached. `contaminated`: pool ids that match a benchmark prompt (the decontaminate
+    stage), dropped before classification when `decontaminate` is on."""
     template = classify_template(cfg)
+    contaminated = set(contaminated)
     pool = scan_order(cfg, data_root, random_seed)
+    in_pool = sum(r[0] in contaminated for r in pool)
+    if cfg.decontaminate:  # dropped after the shuffle: the clean instructions keep their order either way
+        pool = [r for r in pool if r[0] not in contaminated]
     scan = pool[: cfg.max_scan]
     wanted = lambda label: cfg.category == "any" or label == cfg.category  # noqa: E731
     prior_rows = None
@@ -244,12 +285,18 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[]
             f"dataset={cfg.name}: none of the {len(scanned)} scanned instructions was classified as "
             f"{cfg.category!r} (label shares: {shares(counts)}); raise dataset.max_scan or pick another dataset.category"
         )
+    # split per near-duplicate group of everything scanned (a superset of what is kept, so a group's split does
+    # not change with `limit`)
+    splits = assign_splits(((rid, text) for rid, text, _ in scanned), cfg.heldout_fraction, random_seed)
+    refs = references(cfg, data_root, {r[0] for r in chosen})
     out = [
-        Instruction(id=rid, text=text, source=where, category=labels[rid], split=split_of(rid, cfg.heldout_fraction, random_seed))
+        Instruction(id=rid, text=text, source=where, category=labels[rid], split=splits[rid], reference=refs.get(rid))
         for rid, text, where in chosen
     ]
     stats = {
         "pool_size": len(pool),
+        "contaminated": in_pool,  # pool instructions (after the length filter) that match a benchmark prompt
+        "decontam_dropped": in_pool if cfg.decontaminate else 0,
         "scanned": len(scanned),
         "kept": len(out),
         "heldout": sum(i.split == "heldout" for i in out),

@@ -1,0 +1,95 @@
+"""Stage 0, decontaminate: which pool instructions are prompts of the benchmarks the run evaluates on.
+
+Runs before classification and generation, so no model time is spent on a benchmark prompt. Every row of the
+pool's sources (before the length filter: the counts describe the source, whatever `max_chars` a job uses) is
+compared with every prompt of each enabled benchmark: RewardBench prompts (`eval.rewardbench.source`) and MT-Bench
+questions, both turns (the user turns of `eval.mtbench.source`, the human-judgment file the run scores against),
+by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram). The benchmark index is built
+once per cache unit.
+
+One cache unit per (pool, benchmark files), `decontam/<key>`: its rows are the matches (the matched ids, logged as an artifact),
+its stats the contaminated instructions per benchmark and subset (logged as `decontam/<benchmark>/<subset>`).
+Whether matches are dropped is `dataset.decontaminate`, applied by select and part of its key.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..cache import make_key
+from ..config import as_dict
+from ..benchmarks import mtbench, rewardbench
+from ..decontaminate import NGRAM, BenchmarkPrompt, Index, Match, counts
+from .evaluate import EvalConfig, _source, source_fingerprint
+from .select import DatasetConfig, source_fingerprints, source_rows
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+def _benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:
+    """The enabled benchmarks whose prompts a pool must not contain: name -> (source, revision)."""
+    out = {}
+    if cfg.rewardbench.enabled:
+        out["rewardbench"] = (cfg.rewardbench.source, cfg.rewardbench.revision)
+    if cfg.mtbench.enabled:
+        out["mtbench"] = (cfg.mtbench.source, cfg.mtbench.revision)
+    return out
+
+
+def key_parts(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[dict, dict]:
+    """(config, inputs) of the stage's cache key: how pool rows are read (`dataset.sources`, the only part of the
+    dataset group this stage reads), the rule, and the identity (content hash, or hub id@revision) of the pool and
+    of each benchmark file."""
+    read = [{k: v for k, v in as_dict(s).items() if k != "reference_field"} for s in dataset.sources]
+    benches = _benchmarks(cfg)
+    config = {"sources": read, "ngram": NGRAM, "benchmarks": {b: {"source": s, "revision": r} for b, (s, r) in benches.items()}}
+    inputs = {"pool": source_fingerprints(dataset, data_root),
+              "benchmarks": {b: source_fingerprint(s, r, data_root) for b, (s, r) in benches.items()}}
+    return config, inputs
+
+
+def key(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> str:
+    return make_key("decontam", VERSION, *key_parts(dataset, cfg, data_root))
+
+
+def benchmark_prompts(cfg: EvalConfig, data_root: str) -> list[BenchmarkPrompt]:
+    benches = _benchmarks(cfg)
+    prompts: list[BenchmarkPrompt] = []
+    if "rewardbench" in benches:
+        source, revision = benches["rewardbench"]
+        prompts += [BenchmarkPrompt("rewardbench", it.subset, str(it.id), it.prompt)
+                    for it in rewardbench.load_rewardbench(_source(source, data_root), revision)]
+    if "mtbench" in benches:
+        source, revision = benches["mtbench"]
+        seen: set[tuple[int, int]] = set()
+        for row in mtbench.load_mtbench_human(_source(source, data_root), revision):
+            for turn in (1, 2):  # every row holds both user turns (conversation: user, assistant, user, assistant)
+                if (row["question_id"], turn) in seen or len(row["conversation_a"]) < 2 * turn - 1:
+                    continue
+                seen.add((row["question_id"], turn))
+                prompts.append(BenchmarkPrompt("mtbench", str(row.get("category") or "all"), f"{row['question_id']}/turn{turn}",
+                                               str(row["conversation_a"][2 * turn - 2]["content"])))
+    return prompts
+
+
+def run(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[list[dict], dict]:
+    """(one row per (instruction, benchmark prompt) match, counts). Reads `dataset.sources` and the benchmark files."""
+    t0 = time.time()
+    prompts = benchmark_prompts(cfg, data_root)
+    index = Index(prompts)
+    rows, seen, n = [], set(), 0
+    for rid, text, where, _, _ in source_rows(dataset, data_root):
+        n += 1
+        if rid in seen:  # the same id twice in a source: compared once
+            continue
+        seen.add(rid)
+        rows += [{"instruction_id": rid, "benchmark": m.benchmark, "subset": m.subset, "benchmark_id": m.benchmark_id,
+                  "how": m.how, "where": where} for m in index.matches(rid, text)]
+    zero = dict.fromkeys(["matched", "exact", "ngram_only", *_benchmarks(cfg)], 0)  # logged as 0 too: runs compare
+    stats = {"rows": n, "benchmark_prompts": len(prompts), **zero,
+             **counts(Match(r["instruction_id"], r["benchmark"], r["subset"], r["benchmark_id"], r["how"]) for r in rows)}
+    log.info("decontaminate: %d of %d pool rows match a prompt of %s (%d prompts; %.1fs): %s", stats["matched"], n,
+             "+".join(_benchmarks(cfg)) or "no benchmark", len(prompts), time.time() - t0,
+             {k: v for k, v in stats.items() if "/" in k})
+    return rows, stats
