@@ -209,6 +209,15 @@ def scan_order(cfg: DatasetConfig, data_root: str, random_seed: int) -> list[tup
     return pool
 
 
+def scan_pool(cfg: DatasetConfig, data_root: str, random_seed: int, contaminated: Collection[str]) -> tuple[list[tuple[str, str, str]], int]:
+    """(the pool select classifies, in scan order; how many pool instructions match a benchmark prompt). The matches
+    are dropped when `decontaminate` is on, after the shuffle: the clean instructions keep their order either way."""
+    contaminated = set(contaminated)
+    pool = scan_order(cfg, data_root, random_seed)
+    in_pool = sum(r[0] in contaminated for r in pool)
+    return ([r for r in pool if r[0] not in contaminated] if cfg.decontaminate else pool), in_pool
+
+
 def label_counts(labels: Iterable[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for label in labels:
@@ -242,11 +251,7 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[]
     only when a chunk is not cached. `contaminated`: pool ids that match a benchmark prompt (the decontaminate
     stage), dropped before classification when `decontaminate` is on."""
     template = classify_template(cfg)
-    contaminated = set(contaminated)
-    pool = scan_order(cfg, data_root, random_seed)
-    in_pool = sum(r[0] in contaminated for r in pool)
-    if cfg.decontaminate:  # dropped after the shuffle: the clean instructions keep their order either way
-        pool = [r for r in pool if r[0] not in contaminated]
+    pool, in_pool = scan_pool(cfg, data_root, random_seed, contaminated)
     scan = pool[: cfg.max_scan]
     wanted = lambda label: cfg.category == "any" or label == cfg.category  # noqa: E731
     prior_rows = None
