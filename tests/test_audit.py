@@ -49,3 +49,60 @@ def test_outcomes_and_shares():
     assert s["audit/both"] == 1 / 8 and s["audit/neither"] == 5 / 8  # both = inverted label, neither = clean
     assert s["audit/both"] + s["audit/neither"] + s["audit/both_right"] + s["audit/neither_right"] == 1
     assert audit_stats([]) == {"audit/pairs": 0.0}
+
+
+def test_audit_pairs_on_real_gsm8k_references():
+    """Pairs built from GSM8K solutions: chosen = the problem's own reference solution, rejected = the next
+    problem's. The audit reads each final answer and finds the label right exactly where the two answers differ."""
+    from types import SimpleNamespace
+
+    from src.audit import audit_pairs
+
+    gsm = [json.loads(l) for l in open(DATA_ROOT / "math/gsm8k_test.jsonl")][:60]
+    refs = {str(i): r["answer"] for i, r in enumerate(gsm)}
+    pairs = [SimpleNamespace(id=str(i), split="train", chosen=gsm[i]["answer"], rejected=gsm[i + 1]["answer"]) for i in range(59)]
+    pairs.append(SimpleNamespace(id="no-reference", split="train", chosen="4", rejected="5"))
+    rows, stats = audit_pairs({**refs, "no-reference": None}, pairs)
+    assert len(rows) == 59 == stats["audit/pairs"]  # the pair without a reference is not audited
+    final = [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in gsm]
+    same = sum(final[i] == final[i + 1] for i in range(59))
+    assert stats["audit/neither"] == (59 - same) / 59 and stats["audit/both_right"] == same / 59
+    assert stats["audit/chosen_wrong"] == stats["audit/both"] == stats["audit/neither_right"] == 0.0
+    assert stats["audit/no_answer/chosen"] == 0.0
+    assert {r["outcome"] for r in rows} <= {"clean", "both_right"}
+
+
+def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
+    """The real CLI on the tiny random model, MLflow on, pool with references (GSM8K): the audit stage logs its
+    shares at iteration 0 and its rows as an artifact; the decontam stage logs its counts (GSM8K train: none)."""
+    import mlflow
+
+    from tests.conftest import TINY
+    from tests.test_cli_e2e import cli
+
+    overrides = [o for o in TINY if not o.startswith(("dataset", "tracking=", "iterations=", "eval.mtbench"))]
+    cli(tmp_path, *overrides, "dataset=gsm8k", "dataset.limit=4", "dataset.max_scan=8", "dataset.heldout_fraction=0.25",
+        "iterations=0", "eval.mtbench.enabled=false")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'job'")
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    cells = ["audit/both", "audit/neither", "audit/both_right", "audit/neither_right"]
+    for metric in ["audit/pairs", "audit/chosen_wrong", "audit/rejected_right", *cells]:
+        assert [h.step for h in client.get_metric_history(run.info.run_id, metric)] == [0], metric
+    assert m["audit/pairs"] == m["generate/pairs"] >= 1  # every pair has a reference
+    assert abs(sum(m[c] for c in cells) - 1) < 1e-9
+
+    # the logged rows agree with the shares, and each reference is the GSM8K answer of that question
+    rows = [json.loads(l) for l in open(client.download_artifacts(run.info.run_id, "data/audit_iter0/data.jsonl", str(tmp_path)))]
+    selected = [json.loads(l) for l in open(client.download_artifacts(run.info.run_id, "data/select_iter0/data.jsonl", str(tmp_path)))]
+    assert len(rows) == m["audit/pairs"] and m["audit/both"] == sum(r["outcome"] == "inverted" for r in rows) / len(rows)
+    with gzip.open(DATA_ROOT / "math/gsm8k_train.jsonl.gz", "rt") as f:
+        answer = {r["question"].strip(): r["answer"].rsplit("####", 1)[1].strip() for r in map(json.loads, f)}
+    text = {i["id"]: i["text"] for i in selected}
+    assert all(r["reference"] == answer[text[r["pair_id"]]] for r in rows)
+
+    assert m["decontam/rows"] == 7473 and m["decontam/matched"] == 0 and m["decontam/rewardbench"] == 0
+    assert m["select/decontam_dropped"] == 0
+    assert "data/decontam_iter0" in {a.path for a in client.list_artifacts(run.info.run_id, "data")}

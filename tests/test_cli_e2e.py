@@ -81,6 +81,9 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     assert {"config.yaml", "plan.txt", "data", "tables"} <= names
     data = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert {"data/select_iter0", "data/generate_iter0", "data/judge_iter1", "data/filter_iter1", "data/synthetic_iter1"} <= data
+    # Decontamination (ShareGPT pool): the matched ids as an artifact, counts per benchmark and subset as metrics.
+    assert "data/decontam_iter0" in data and run.data.metrics["decontam/exact"] == 27
+    assert run.data.metrics["decontam/rewardbench/llmbar-adver-neighbor"] > 0
     # Training has its own child run, so TRL's callback logs there.
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert run.data.metrics["train/trained"] == 1.0 and run.data.metrics["train/examples"] > 0
