@@ -93,3 +93,25 @@ def run(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[list[d
              "+".join(_benchmarks(cfg)) or "no benchmark", len(prompts), time.time() - t0,
              {k: v for k, v in stats.items() if "/" in k})
     return rows, stats
+
+
+def main(argv: list[str]) -> None:
+    """`python -m src.stages.decontaminate [overrides]`: the stage's counts for a config's pool, without a run."""
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from ..pipeline import Job
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        job = Job.from_config(compose("config", overrides=argv))
+    rows, stats = run(job.dataset, job.eval, job.data_root)
+    print(json.dumps(stats, indent=1))
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    main(sys.argv[1:])
