@@ -220,7 +220,7 @@ def test_bad_config_value_fails_with_one_line_before_any_model_loads(tmp_path, o
 
 
 def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(reference, tmp_path):
-    results = seeded(reference, tmp_path / "results", "classify", "select", "mtbench")  # generate is computed: SIGTERM lands there
+    results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")  # generate is computed: SIGTERM lands there
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
