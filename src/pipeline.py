@@ -1,6 +1,6 @@
 """The self-taught loop: plan every stage's cache key from the config, then run what is not cached.
 
-    select -> generate -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
+    decontam -> select -> generate [-> audit] -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
 
 `plan` is the one place that decides: each step's key (computed by its stage module's `key()`), the model that runs
 it, the train outputs it wears and starts from, and the outputs it reads. `Runner` executes the steps as planned.
