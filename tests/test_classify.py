@@ -123,3 +123,27 @@ def test_scan_stops_at_limit_and_extends_shared_chunks(make_cfg, tiny):
     job2 = _job(make_cfg, "any", "dataset.limit=40", "dataset.max_scan=200")
     _, stats2 = _select(job2, model)
     assert stats2["new_chunks"] == 1 and stats2["scanned"] == 2 * classify.CHUNK
+
+
+def test_score_options_shared_prefix_path_matches_the_batched_one(tiny, monkeypatch):
+    """Classify prompts share a long prefix (label descriptions, examples): computed once and reused, the scores
+    must equal the batched, left-padded path's (spec.extra shared_prefill=False) for every option, multi-token
+    options included."""
+    from src.models.hf import HFGenerator
+
+    head = "Which kind of task is the user instruction? " + " ".join(f"label{i}: a description of kind {i}." for i in range(12))
+    prompts = [f'{head}\nInstruction: "{t}"' for t in ["Why is the sky blue?", "Sort a list in Python.", "N/A", ""]]
+    options = ["reasoning", "code", "roleplay", "extraction"]
+    ctx = [tiny._encode(tiny.chat_text(p)) for p in prompts]
+    assert sum(a == b for a, b in zip(ctx[0], ctx[1])) >= 32  # the shared path is the one taken
+    taken = []
+    inner = type(tiny)._score_after_shared_prefix
+    monkeypatch.setattr(type(tiny), "_score_after_shared_prefix", lambda self, *a: taken.append(inner(self, *a)) or taken[-1])
+    shared = tiny.score_options(prompts, ["Category: "] * len(prompts), options)
+    assert taken and taken[0] is not None  # the shared-prefix path answered
+    monkeypatch.undo()
+    plain = HFGenerator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=3, extra={"shared_prefill": False}),
+                        tiny.model_dir).score_options(prompts, ["Category: "] * len(prompts), options)
+    assert any(len(option_ids(tiny._encode, "Category:", tiny._encode("Category:"), " " + o)) > 1 for o in options)
+    for a, b in zip(shared, plain):
+        assert a == pytest.approx(b, abs=1e-4)

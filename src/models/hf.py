@@ -360,6 +360,9 @@ class HFGenerator:
             if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
                 raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
             plans.append((ctx, opts))
+        shared = self._score_after_shared_prefix(plans, len(options)) if self.shared_prefill else None
+        if shared is not None:
+            return shared
         scores = [[0.0] * len(options) for _ in prompts]
         bs = max(1, self.spec.batch_size)
         with self._progress(len(prompts), "score") as bar, torch.inference_mode():
@@ -384,6 +387,45 @@ class HFGenerator:
                     # the last L tokens of the row are `rest`; their predictions sit at positions -L-1 .. -2
                     pred = logp[row, m - L: m, :]
                     scores[i][j] += float(pred.gather(1, torch.tensor(rest, device=pred.device)[:, None]).sum())
+        return scores
+
+    def _score_after_shared_prefix(self, plans: list[tuple[list[int], list[list[int]]]], n_options: int) -> list[list[float]] | None:
+        """score_options when the contexts share a long token prefix (a classify prompt: chat template, label
+        descriptions and examples before the instruction): that prefix is computed once and its KV cache reused,
+        so each prompt costs only its own tokens (batch 1, unpadded), then each multi-token option's rest.
+        Same maths as the batched path (tests compare them). None when there is no prefix worth sharing."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        ctxs = [c for c, _ in plans]
+        n = min(len(c) for c in ctxs) - 1  # every prompt keeps at least one token of its own
+        for c in ctxs[1:]:
+            n = next((i for i in range(n) if c[i] != ctxs[0][i]), n)
+        if len(plans) < 2 or n < 32:
+            return None
+        with torch.inference_mode():
+            cache = self.model(input_ids=torch.tensor([ctxs[0][:n]], device=self.device), use_cache=True, logits_to_keep=1).past_key_values
+            if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+                return None
+            prefix = [(layer.keys, layer.values) for layer in cache.layers]
+            scores = [[0.0] * n_options for _ in plans]
+            with self._progress(len(plans), "score") as bar:
+                for i, (ctx, opts) in enumerate(plans):
+                    cache = DynamicCache(ddp_cache_data=prefix)  # copies: the prefix tensors stay as they are
+                    out = self.model(input_ids=torch.tensor([ctx[n:]], device=self.device), past_key_values=cache,
+                                     use_cache=True, logits_to_keep=1)
+                    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+                    after_ctx = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                    for j, o in enumerate(opts):
+                        scores[i][j] = float(first[o[0]])
+                        if len(o) > 1:  # tokens 2..L of the option, after context + its first token(s)
+                            rest = self.model(input_ids=torch.tensor([o[:-1]], device=self.device),
+                                              past_key_values=DynamicCache(ddp_cache_data=after_ctx), use_cache=True,
+                                              logits_to_keep=len(o) - 1)
+                            logp = torch.log_softmax(rest.logits[0, -(len(o) - 1):].float(), dim=-1)
+                            scores[i][j] += float(logp.gather(1, torch.tensor(o[1:], device=self.device)[:, None]).sum())
+                    bar.update(1)
         return scores
 
     def _last_logprobs(self, seqs: list[list[int]], keep: int):
