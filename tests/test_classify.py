@@ -66,10 +66,14 @@ def _job(make_cfg, category: str, *extra: str) -> Job:
 
 
 class Counting:
-    """Wraps the tiny model and counts label-scoring calls."""
+    """Wraps the tiny model and counts model loads (select's model factory) and label-scoring calls."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.loads = inner, 0, 0
+
+    def load(self):
+        self.loads += 1
+        return self
 
     def score_options(self, *a):
         self.calls += 1
@@ -79,7 +83,7 @@ class Counting:
 def _select(job: Job, model) -> tuple[list, dict]:
     steps = {s.stage: s for s in plan(job)}
     cached = select.cached_units(StageCache(job.cache_dir), steps["classify"].key, "tiny_random")
-    return select.run(job.dataset, job.data_root, job.random_seed, lambda: model, cached)
+    return select.run(job.dataset, job.data_root, job.random_seed, model.load, cached)
 
 
 def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
@@ -99,7 +103,7 @@ def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
 
     again = Counting(tiny)
     out2, stats2 = _select(second, again)
-    assert again.calls == 0 and stats2["new_chunks"] == 0  # no model call for labels
+    assert again.loads == 0 and again.calls == 0 and stats2["new_chunks"] == 0  # the seed is not even loaded
     assert out2 and all(i.category == present for i in out2)
 
     # a category the shared labels never gave: the error names the shares found, still without a model call
@@ -107,7 +111,7 @@ def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
     if absent:
         with pytest.raises(DataError, match=r"label shares: \{"):
             _select(_job(make_cfg, absent[0], f"dataset.max_scan={classify.CHUNK}"), again)  # the cached chunk only
-        assert again.calls == 0
+        assert again.loads == 0 and again.calls == 0
 
     # a different label set is a different classification
     other = _job(make_cfg, "code", "dataset.categories=[code,writing]")
