@@ -151,3 +151,34 @@ def test_score_options_shared_prefix_path_matches_the_batched_one(tiny, monkeypa
     assert any(len(option_ids(tiny._encode, "Category:", tiny._encode("Category:"), " " + o)) > 1 for o in options)
     for a, b in zip(shared, plain):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_classify_eval_measures_all_80_mtbench_questions_and_caches(make_cfg, tmp_path, monkeypatch):
+    """python -m src.classify_eval's core on the tiny model: gold labels from MT-Bench's categories (10 per category,
+    stem + humanities = 20 knowledge), precision/recall per label consistent with the predictions it saved, and a
+    second call with the same classifier config reads the cache without loading a model."""
+    import json
+
+    from src import classify_eval
+    from src.config import typed
+    from src.models import loading
+    from src.stages.select import DatasetConfig
+    from tests.conftest import DATA_ROOT
+
+    cfg = make_cfg("seed=tiny_random", "dataset=reasoning", "dataset.max_chars=150")  # the tiny tokenizer: 1024 tokens
+    spec, dataset = typed(ModelSpec, cfg.seed, "seed"), typed(DatasetConfig, cfg.dataset, "dataset")
+    metrics, folder = classify_eval.evaluate(spec, dataset, str(DATA_ROOT), tmp_path / "cache", str(model_cache()))
+    assert metrics["n"] == 80
+    per = metrics["per_label"]
+    assert {c: per[c]["gold"] for c in ("reasoning", "code", "math", "knowledge")} == {"reasoning": 10, "code": 10, "math": 10, "knowledge": 20}
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 80 and sum(per[c]["predicted"] for c in per) == 80
+    for c, m in per.items():
+        tp = sum(r["pred"] == c == r["gold"] for r in rows)
+        assert m["predicted"] == sum(r["pred"] == c for r in rows)
+        assert m["precision"] == (tp / m["predicted"] if m["predicted"] else None)
+    assert "| reasoning | reasoning | 10 |" in (folder / "table.md").read_text()
+
+    monkeypatch.setattr(loading, "load_generator", lambda *a, **k: pytest.fail("cached: no model load"))
+    again, folder2 = classify_eval.evaluate(spec, dataset, str(DATA_ROOT), tmp_path / "cache", str(model_cache()))
+    assert folder2 == folder and again == metrics
