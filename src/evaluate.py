@@ -73,7 +73,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"adapter={adapter}: not a PEFT adapter directory (no adapter_config.json)")
     cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
-    keys = scorer_keys(spec, ecfg, str(cfg.data_root), adapter, cache, pcfg.chunk_size)
+    keys = scorer_keys(spec, ecfg, str(cfg.data_root), adapter, cache, pcfg.chunk_for(spec))
     if not keys:
         raise ConfigError("eval.rewardbench.enabled and eval.mtbench.enabled are both false: nothing to evaluate")
     preflight(spec)
@@ -94,7 +94,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
                 if model is None:  # loaded only when some benchmark is not cached yet
                     model = load_generator(spec, adapter=str(adapter) if adapter else None,
                                            cache_dir=Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None)
-                items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_size)
+                items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_for(spec))
                 return [to_dict(it) for it in items], stats
 
             if cache.compute_once(b, key, compute, {"model": name, "config": evaluate.config_part(b, ecfg)}):

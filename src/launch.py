@@ -82,13 +82,14 @@ class Shape:
     layers: int
     hidden: int
     vocab: int
+    active_b: float | None = None  # mixture of experts: parameters each token runs through (the GPU-hours estimate)
 
 
 # Published configs (config.json of each hub repo); the dry run must not download to learn a model's size.
 SHAPES = {
     "meta-llama/Meta-Llama-3-70B-Instruct": Shape(70.6, 80, 8192, 128256),
     "meta-llama/Meta-Llama-3-8B-Instruct": Shape(8.03, 32, 4096, 128256),
-    "mistralai/Mixtral-8x22B-Instruct-v0.1": Shape(140.6, 56, 6144, 32768),
+    "mistralai/Mixtral-8x22B-Instruct-v0.1": Shape(140.6, 56, 6144, 32768, active_b=39.1),  # 2 of 8 experts per token
     "smollm2_135m": Shape(0.135, 30, 576, 49152),
     "qwen_coder_0.5b": Shape(0.494, 24, 896, 151936),
     "qwen_coder_1.5b": Shape(1.54, 28, 1536, 151936),

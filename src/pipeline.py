@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import audit, launch
+from . import audit, estimate, launch
 from .cache import Partial, StageCache, check
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
@@ -46,6 +46,14 @@ class PipelineConfig:
     first_judge: str = "seed"
     model_cache_dir: str | None = None
     chunk_size: int = knob(16, "prompts per saved chunk", min=1)
+    vllm_chunk_size: int = knob(1024, "prompts per saved chunk on the vLLM backend (one engine call)", min=1)
+
+    def chunk_for(self, spec: ModelSpec) -> int:
+        """Prompts per stage call (one saved chunk) with this model. The HF backend batches inside a chunk, so a
+        small one bounds the work a kill loses at little cost; vLLM schedules its own batches over whatever one call
+        holds, so it takes a stage in a few large calls (a full RewardBench, 5,970 judgments: 6 calls, not 374).
+        It is part of the stage keys that depend on it (generate, evaluate): batched arithmetic is not bit-invariant."""
+        return self.vllm_chunk_size if spec.backend == "vllm" else self.chunk_size
 
     def validate(self, where: str) -> None:
         if self.first_judge not in ("seed", "judge"):
@@ -138,7 +146,7 @@ def plan(job: Job) -> list[Step]:
     """Every stage of the job, in running order, with its key (each from its stage module's `key()`), its model,
     the weights it wears and starts from, and its inputs. Pure in the config (plus data-file hashes)."""
     cache = StageCache(job.cache_dir)
-    rs, chunk = job.random_seed, job.pipeline.chunk_size
+    rs = job.random_seed
     steps: list[Step] = []
     # Benchmark prompts in the pool, found once per (pool, benchmark files); select drops them before classifying.
     dec = decontaminate.key(job.dataset, job.eval, job.data_root)
@@ -149,7 +157,7 @@ def plan(job: Job) -> list[Step]:
     sel = select.key(job.dataset, cls, rs)
     steps.append(Step("select", 0, sel, job.seed.name, job.dataset, job.seed,
                       inputs={"classify": ("classify", cls), "contaminated": ("decontam", dec)}, seed=rs))
-    gen = generate.key(job.negatives, sel, job.seed, rs, chunk)
+    gen = generate.key(job.negatives, sel, job.seed, rs, job.pipeline.chunk_for(job.seed))
     steps.append(Step("generate", 0, gen, job.seed.name, job.negatives, job.seed, inputs={"instructions": ("select", sel)}, seed=rs))
     if any(s.reference_field for s in job.dataset.sources):  # label-noise audit of the pairs against the references
         steps.append(Step("audit", 0, audit.key(gen), "-", None, inputs={"instructions": ("select", sel), "pairs": ("generate", gen)}))
@@ -161,7 +169,7 @@ def plan(job: Job) -> list[Step]:
     def eval_steps(iteration: int, adapter: str | None) -> list[Step]:
         out = []
         for b in benches:
-            key = evaluate.key(b, job.eval, job.data_root, job.judge, adapter, gen, chunk)
+            key = evaluate.key(b, job.eval, job.data_root, job.judge, adapter, gen, job.pipeline.chunk_for(job.judge))
             name = job.judge.name + (f"+iter{iteration}" if adapter else "")
             out.append(Step(b, iteration, key, name, job.eval, job.judge, adapter, inputs=pairs if b == "synthetic" else {},
                             previous=previous.get(b)))
@@ -374,7 +382,7 @@ class Runner:
     def _generate(self, st: Step) -> None:
         rows, meta, cached = self.stage(
             st, lambda p: _records(generate.run(st.config, self._inputs(st)["instructions"], self._model(st), st.seed, p,
-                                                self.job.pipeline.chunk_size)),
+                                                self.job.pipeline.chunk_for(st.spec))),
             as_dict(st.config),
         )
         self._log_stage(st, meta, cached, rows, "generate/")
@@ -392,7 +400,7 @@ class Runner:
 
     def _judge(self, st: Step) -> None:
         rows, meta, cached = self.stage(
-            st, lambda p: _records(judge.run(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_size)),
+            st, lambda p: _records(judge.run(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec))),
             as_dict(st.config),
         )
         self._log_stage(st, meta, cached, rows, "judge/")
@@ -431,7 +439,7 @@ class Runner:
 
     def _benchmark(self, st: Step) -> dict[str, float]:
         rows, meta, cached = self.stage(
-            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, self.job.pipeline.chunk_size)),
+            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, self.job.pipeline.chunk_for(st.spec))),
             evaluate.config_part(st.stage, st.config),
         )
         self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
@@ -492,7 +500,8 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     problems = preflight(job)
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
-        print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed), flush=True)
+        print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
+              + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
     if over:
         raise ConfigError(f"train/launch: {over}; choose a launch that fits (README: Running on GPUs)")
     if job.pipeline.dry_run:

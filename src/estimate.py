@@ -1,0 +1,193 @@
+"""The dry run's GPU-hours estimate of a plan: token counts from the config (and the benchmark files, when local)
+times an assumed throughput per parameter. An estimate, not a measurement: nothing here has been timed on a GPU.
+
+Assumptions (all in this module's constants; README "Running on GPUs" shows the figures):
+- compute: 2 FLOPs per active parameter per token to run a model, 6 to train it (8 with activation checkpointing's
+  recomputed forward; LoRA: 4 and 6, no weight gradients for the frozen base); attention's own FLOPs ignored
+  (small next to the weights at these lengths);
+- an H100 SXM (989 dense bf16 TFLOP/s) running vLLM at 40% of that in prefill and 10% in decode (what vLLM's
+  published offline throughput of Llama-3-8B on 1 H100 and 70B over 4-8 H100 works out to), training at 35%; the
+  GPU count then cancels out of GPU-hours (not of wall-clock);
+- 4 characters per token; a prompt's instruction ~250 tokens (WildChat first turns; pools are read only when the
+  benchmarks are local files); generations stop on their own at ~500 tokens (answers), ~600 (judgments), the
+  instruction's length (a modified instruction), capped by each max_new_tokens. The second figure printed assumes
+  every generation runs to its max_new_tokens: an upper bound;
+- no pair is dropped, every pair and order yields a training example (filter=all: every judgment), and a model on
+  the HF backend with min_gpus 0 runs on CPU (no GPU-hours).
+Pure functions of the typed configs, so `describe` is cheap and prints before anything loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+MFU = {"prefill": 0.40, "decode": 0.10, "train": 0.35}
+CHARS_PER_TOKEN = 4.0
+TYPICAL = {"instruction": 250, "answer": 500, "judgment": 600}
+CHAT_OVERHEAD = 20  # chat-template tokens around a prompt
+RB_SUBSETS = 23
+
+
+@dataclass
+class Work:
+    """Token counts of one stage on one model: prompt tokens prefilled, tokens generated, tokens trained on."""
+
+    prefill: float = 0.0
+    decode: float = 0.0
+    train: float = 0.0
+
+    def __iadd__(self, other: Work) -> Work:
+        self.prefill += other.prefill
+        self.decode += other.decode
+        self.train += other.train
+        return self
+
+
+def gpu_hours(work: Work, active_params: float, full_finetune: bool = True, checkpointing: bool = True) -> float:
+    per_token_train = (6 if full_finetune else 4) + (2 if checkpointing else 0)
+    seconds = (2 * active_params * work.prefill / (PEAK_FLOPS * MFU["prefill"])
+               + 2 * active_params * work.decode / (PEAK_FLOPS * MFU["decode"])
+               + per_token_train * active_params * work.train / (PEAK_FLOPS * MFU["train"]))
+    return seconds / 3600
+
+
+def _tok(chars: float) -> float:
+    return chars / CHARS_PER_TOKEN
+
+
+def _gen(max_new_tokens: int, typical: int, upper: bool) -> float:
+    return float(max_new_tokens if upper else min(max_new_tokens, typical))
+
+
+def _template_tokens(t) -> float:
+    return _tok(len(t.text) + len(t.system or ""))
+
+
+def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[str, Work]]:
+    """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge") that runs it."""
+    from .stages import evaluate, generate, judge
+
+    d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
+    instr = min(TYPICAL["instruction"], _tok(d.max_chars))
+    answer = _gen(neg.answer_max_new_tokens, TYPICAL["answer"], upper)
+    tpl = generate.templates(neg)
+    n = d.limit
+    gen = Work()
+    gen += Work(n * (instr + CHAT_OVERHEAD), n * answer)  # the chosen answer
+    if neg.method == "worse_rewrite":
+        gen += Work(n * (_template_tokens(tpl["rewrite"]) + instr + answer), n * answer)
+    elif neg.mode == "two_step":
+        mod = _gen(neg.modify_max_new_tokens, int(instr), upper)
+        gen += Work(n * (_template_tokens(tpl["modify"]) + instr), n * mod)
+        gen += Work(n * (mod + CHAT_OVERHEAD), n * answer)
+    else:
+        gen += Work(n * (_template_tokens(tpl["single_call"]) + instr + answer),
+                    n * _gen(neg.modify_max_new_tokens + neg.answer_max_new_tokens, int(instr + answer), upper))
+    # select: one classification prompt per scanned instruction, prefill only (a next-token choice)
+    classify = Work(d.max_scan * (instr + 100)) if d.category != "any" else Work()
+
+    # judge: every training pair in each order, n samples sharing one prefill
+    orders = 2 if jg.both_orders else 1
+    train_pairs = n * (1 - d.heldout_fraction)
+    jtpl = judge.judge_template(jg.prompt, "judging.prompt")
+    resp = min(answer, _tok(jg.max_response_chars))
+    judge_prompt = min(_template_tokens(jtpl) + instr + 2 * resp, job.judge.max_model_len - jg.max_new_tokens)
+    judgment = _gen(jg.max_new_tokens, TYPICAL["judgment"], upper)
+    judge_work = Work(train_pairs * orders * judge_prompt, train_pairs * orders * jg.n * judgment)
+    examples = train_pairs * orders * (jg.n if job.filter.name == "all" else 1)
+    train_work = Work(train=examples * min(judge_prompt + judgment, job.train.max_length) * job.train.num_epochs)
+
+    # evaluate, once per iteration and for the untrained judge: the benchmarks' own prompts when local
+    etpl = judge.judge_template(ev.prompt, "eval.prompt")
+    ejudgment = _gen(ev.max_new_tokens, TYPICAL["judgment"], upper)
+    budget = job.judge.max_model_len - ev.max_new_tokens
+    c = ev.max_response_chars
+
+    def prompt_tokens(parts) -> float:
+        x, a, b = parts
+        return min(_template_tokens(etpl) + _tok(min(len(x), 2 * c) + min(len(a), c) + min(len(b), c)), budget)
+
+    evaluation = Work()
+    if ev.synthetic:
+        held = n * d.heldout_fraction * 2
+        evaluation += Work(held * min(_template_tokens(etpl) + instr + 2 * min(answer, _tok(c)), budget), held * ejudgment)
+    for name, enabled, items_of in (("rewardbench", ev.rewardbench.enabled, evaluate.rewardbench_items),
+                                    ("mtbench", ev.mtbench.enabled, evaluate.mtbench_items)):
+        if not enabled:
+            continue
+        try:
+            items = items_of(ev, data_root) if data_root is not None and _local(getattr(ev, name).source, data_root) else None
+        except Exception:  # noqa: BLE001 - an unreadable file is preflight's to report; estimate without it
+            items = None
+        if items is None:  # a hub source: RewardBench's mean item (measured on the local copy: 1,562 characters)
+            count = (2985 if ev.rewardbench.per_subset is None else RB_SUBSETS * ev.rewardbench.per_subset) if name == "rewardbench" else 0
+            count *= 2 if ev.rewardbench.orders == "both" else 1
+            prefill = count * min(_template_tokens(etpl) + _tok(1562), budget)
+        else:
+            count, prefill = len(items), sum(prompt_tokens(it.parts) for it in items)
+        k = ev.rewardbench.maj_k if name == "rewardbench" else 1
+        # greedy, then (maj_k > 1) k samples in a second call that prefills the prompt again
+        evaluation += Work(prefill * (2 if k > 1 else 1), count * ejudgment * (1 + (k if k > 1 else 0)))
+
+    iters = job.iterations
+    first = "seed" if job.pipeline.first_judge == "seed" else "judge"
+    out = {"classify": ("seed", classify), "generate": ("seed", gen),
+           "evaluate": ("judge", Work(evaluation.prefill * (iters + 1), evaluation.decode * (iters + 1)))}
+    if iters:
+        out["judge (iteration 1)"] = (first, judge_work)
+        if iters > 1:
+            out["judge (iterations 2+)"] = ("judge", Work(judge_work.prefill * (iters - 1), judge_work.decode * (iters - 1)))
+        out["train"] = ("judge", Work(train=train_work.train * iters))
+    return out
+
+
+def _local(source: str, data_root: str) -> bool:
+    from .data import resolve
+
+    return resolve(source, data_root).exists()
+
+
+def on_gpu(spec) -> bool:
+    return spec.backend == "vllm" or spec.min_gpus > 0
+
+
+def gpus_of(spec) -> int:
+    return max(spec.min_gpus, spec.tensor_parallel_size if spec.backend == "vllm" else 1, 1)
+
+
+def estimate(job, upper: bool, data_root: str | None = None) -> dict[str, dict[str, float]] | None:
+    """{stage: {"gpu_hours", "wall_hours"}}, or None when a model's size is unknown."""
+    from .launch import full_finetune, model_shape
+
+    specs = {"seed": job.seed, "judge": job.judge}
+    shapes = {r: model_shape(s) for r, s in specs.items()}
+    out = {}
+    for stage, (role, work) in stage_work(job, upper, data_root).items():
+        spec, shape = specs[role], shapes[role]
+        if stage == "train":
+            gpus = job.launch.world_size
+            if not on_gpu(job.judge) and gpus == 1:
+                continue
+        else:
+            if not on_gpu(spec):
+                continue
+            gpus = gpus_of(spec)
+        if shape is None:
+            return None
+        h = gpu_hours(work, (shape.active_b or shape.params_b) * 1e9, full_finetune(job.train), job.launch.activation_checkpointing)
+        out[stage] = {"gpu_hours": h, "wall_hours": h / gpus}
+    return out
+
+
+def describe(job, data_root: str | None = None) -> str:
+    """The dry run's GPU-hours line(s)."""
+    typical, upper = estimate(job, False, data_root), estimate(job, True, data_root)
+    if typical is None or upper is None:
+        return "  gpu-hours: unknown model size (not estimated)"
+    if not typical:
+        return "  gpu-hours: none (every stage runs on CPU)"
+    total = sum(v["gpu_hours"] for v in typical.values())
+    wall = sum(v["wall_hours"] for v in typical.values())
+    parts = ", ".join(f"{k} {v['gpu_hours']:.0f}" if v["gpu_hours"] >= 10 else f"{k} {v['gpu_hours']:.2g}" for k, v in typical.items())
+    return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/estimate.py): ~{total:,.0f} GPU-h, ~{wall:,.0f} h wall "
+            f"({parts}); every generation at its max_new_tokens: ~{sum(v['gpu_hours'] for v in upper.values()):,.0f} GPU-h")
