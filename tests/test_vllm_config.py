@@ -116,3 +116,16 @@ def test_planted_assembled_gguf_is_not_trusted(tmp_path, monkeypatch):
     out = packaged.locate_gguf("fake_split", tmp_path / "cache")
     assert out == target and out.read_bytes() == b"".join(payload)
     assert [p.read_bytes() for p in target.parent.iterdir() if p.name.startswith(".untrusted-")] == [b"GGUF planted weights"]
+
+
+def test_lora_slot_fits_the_adapters_rank(tmp_path):
+    """vLLM pads every adapter to max_lora_rank: the backend asks for the smallest rank vLLM accepts that holds the
+    adapter (peft's adapter_config.json), not a fixed 64."""
+    from src.models.vllm_backend import lora_rank_slot
+
+    for r, slot in ((8, 8), (12, 16), (64, 64), (300, 320)):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 16}))
+        assert lora_rank_slot(tmp_path) == slot
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(ValueError, match="rank 1024 is over"):
+        lora_rank_slot(tmp_path)

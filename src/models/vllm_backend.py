@@ -19,6 +19,22 @@ log = logging.getLogger(__name__)
 _TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
+# The ranks vLLM accepts for max_lora_rank (vllm/config/lora.py MaxLoRARanks, the same in 0.31 and 0.32).
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(adapter: str | Path) -> int:
+    """The smallest max_lora_rank that holds the adapter's rank (peft's adapter_config.json `r`). vLLM pads every
+    adapter to max_lora_rank, so a larger slot only costs memory and (on the CPU build, noticeably) time."""
+    import json
+
+    r = int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
+    fits = [k for k in _LORA_RANKS if k >= r]
+    if not fits:
+        raise ValueError(f"{adapter}: LoRA rank {r} is over vLLM's largest max_lora_rank {_LORA_RANKS[-1]}")
+    return fits[0]
+
+
 class VLLMGenerator:
     def __init__(self, spec: ModelSpec, model_dir: str | Path, adapter: str | Path | None = None):
         from vllm import LLM  # noqa: PLC0415 - GPU-only dependency
@@ -36,7 +52,7 @@ class VLLMGenerator:
             seed=0,
         )
         if adapter is not None:
-            kwargs["max_lora_rank"] = int(spec.extra.get("max_lora_rank", 64))
+            kwargs["max_lora_rank"] = int(spec.extra.get("max_lora_rank") or lora_rank_slot(adapter))
         kwargs.update(spec.extra.get("vllm_kwargs", {}))
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
