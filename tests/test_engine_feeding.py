@@ -8,26 +8,26 @@ import dataclasses
 
 import pytest
 
-from src import estimate, pipeline
+from src import estimate
 from src.cache import StageCache
 from src.launch import SHAPES
+from src.models import loading
 from src.pipeline import Job, Runner, plan, run_job
 from src.records import Instruction
 from src.stages import generate
 from src.stages.generate import NegativesConfig
 from src.tracking import Tracker
-from tests.conftest import TINY
+from tests.conftest import TINY, model_cache
 
+REAL_LOAD, REAL_STAGE = loading.load_generator, Runner.stage
 CHUNKED = ("generate", "judge", "synthetic", "mtbench")
 
 
 def _run_recording(make_cfg, monkeypatch, *overrides):
     """Run a tiny loop; returns ({(stage, iteration): [prompts per generate call]}, the job's steps)."""
-    from src.models import loading
-
     calls: dict[tuple[str, int], list[int]] = {}
     current = {"stage": None}
-    real_load, real_stage = loading.load_generator, Runner.stage
+    real_load, real_stage = REAL_LOAD, REAL_STAGE  # not the patched ones of an earlier call in the same test
 
     class RecordingEngine:
         def __init__(self, gen, spec):
@@ -85,6 +85,15 @@ def test_keys_follow_the_chunk_of_the_backend_that_runs_the_stage(make_cfg):
     # generate and evaluate batch inside a chunk (their keys hold it); everything downstream of generate follows
     assert {"generate", "synthetic", "rewardbench", "mtbench"} <= changed and "classify" not in changed, changed
     assert keys(*vl, "pipeline.chunk_size=3") == base  # the HF chunk does not reach vLLM keys
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from src.models.base import ModelSpec
+
+    gen = loading.load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=8), cache_dir=model_cache())
+    yield gen
+    gen.close()
 
 
 def test_sampled_pairs_do_not_depend_on_the_chunk(tiny, tmp_path):
