@@ -203,9 +203,10 @@ def test_small_loop_on_vllm(tmp_path, make_cfg, hf):
     assert {"generate", "judge", "filter", "train", "synthetic", "mtbench"} <= set(done), sorted(done)
     print(f"loop: {time.time() - t0:.0f} s;", ", ".join(f"{m['stage']}[{m.get('iteration', 0)}] {m.get('seconds', 0):.0f} s"
                                                       for ms in done.values() for m in ms))
-    # the engine served the generations, and the trained adapter was loaded on it for iteration 1
-    assert "vLLM loaded smollm2_135m" in proc.stderr
-    assert "model: loaded smollm2_135m + adapter" in proc.stderr, proc.stderr[-3000:]
+    # the engine served the generations, and the trained adapter was loaded on it for iteration 1 (Hydra logs to stdout)
+    out = proc.stdout + proc.stderr
+    assert "vLLM loaded smollm2_135m" in out, out[-3000:]
+    assert "model: loaded smollm2_135m + adapter" in out, out[-3000:]
     for bench in ("synthetic", "mtbench"):
         assert sorted(m["iteration"] for m in done[bench]) == [0, 1], done[bench]
     assert done["judge"][0]["rows"] > 0 and done["train"][0]["stats"]["produced"] == "adapter", (done["judge"], done["train"])
