@@ -322,7 +322,7 @@ class Runner:
         if rows is not None:
             self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
-        if rows and step.iteration == 0 and step.stage != "generate":  # the run's inputs: pool slice, benchmark slices
+        if rows and step.iteration == 0 and step.stage in ("select", *evaluate.BENCHMARKS):  # the run's inputs
             self.tracker.dataset(input_rows(rows), step.stage, self._input_source(step), "training" if step.stage == "select" else "evaluation")
         metrics = {f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}
         if stats_prefix is not None:
@@ -346,7 +346,11 @@ class Runner:
 
         if self.tracker.active:
             for role, spec in (("seed", self.job.seed), ("judge", self.job.judge)):
-                self.tracker.model(role, *model_weights(spec, self.pool.cache_dir))
+                try:
+                    self.tracker.model(role, *model_weights(spec, self.pool.cache_dir))
+                except (OSError, RuntimeError) as e:  # e.g. a hub model not downloaded, offline, in a fully cached run
+                    log.warning("provenance: no weights hash for %s=%s: %s", role, spec.name, e)
+                    self.tracker.tags({f"weights.{role}": f"unknown: {str(e)[:200]}"})
 
     def _log_trained_weights(self, k: int, step: Step, meta: dict) -> None:
         """Provenance: what iteration k trained (hash from the train stage's verified manifest); a LoRA adapter is

@@ -35,7 +35,7 @@ CONSTRAINED = ["synthetic/constrained/accuracy", "rewardbench/constrained/overal
                "mtbench/constrained/agreement_s2"]
 MAJ = re.compile(r"^rewardbench/(constrained/)?overall_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
-PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
+PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "judge/correct_rate", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
 ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}
 # The reported numbers that get an interval from per-item data, and the benchmark whose items they resample.
 ITEM_METRICS = {"synthetic/accuracy": "synthetic", "rewardbench/overall": "rewardbench", "mtbench/agreement_s1": "mtbench",
@@ -43,6 +43,9 @@ ITEM_METRICS = {"synthetic/accuracy": "synthetic", "rewardbench/overall": "rewar
 # Per iteration: position bias and verdict flips since the previous iteration; vote-k curves (final iteration).
 DRIFT = re.compile(r"^(synthetic|rewardbench|mtbench)/position/(frac_A|flips|flips_to_correct|flips_to_wrong)$")
 VOTE_K = re.compile(r"^rewardbench/vote_k/(overall|tokens)_k(\d+)$")
+# Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
+# the label-noise audit of the pairs (`audit/*`, pools with reference answers).
+DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
 
 
 @dataclass
@@ -117,7 +120,7 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
     jobs = []
     for r in runs:
         history = {}
-        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m))
+        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m) or DATA_CHECKS.match(m))
         for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *extra]:
             if metric in r.data.metrics:
                 history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
@@ -348,6 +351,15 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
                       "training). mean ± sd [min, max] of the final value across them, beside the mean width of one job's "
                       "item-bootstrap 95% CI: a seed spread as wide as the CI says the seeds move the number as much as the "
                       "choice of items does."]
+    checks = sorted({m for j in jobs for m in j.history if DATA_CHECKS.match(m)})
+    if checks:
+        cols = checks + ["judge/correct_rate@1", "synthetic/accuracy@final"]
+        lines += ["", "## Training-data checks (decontamination, label-noise audit of the pairs)", "",
+                  "| job | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        lines += ["| " + label(j, axes(jobs)) + " | " + " | ".join(_fmt(v) for v in [*(j.at(m, 0) for m in checks),
+                  j.at("judge/correct_rate", 1), j.final("synthetic/accuracy")]) + " |" for j in jobs]
+        lines += ["", "`audit/chosen_wrong`: share of pairs whose chosen answer is wrong by the reference; a judge that agrees "
+                      "with such a label is counted correct (`judge/correct_rate`), so the audit bounds what the filter can trust."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -227,3 +227,23 @@ def test_no_replicate_section_without_a_seed_axis(tmp_path):
     pid = _fake_sweep(tmp_path)
     md = (build(f"sqlite:///{tmp_path / 'mlflow.db'}", pid, tmp_path / "report") / "report.md").read_text()
     assert "## Replicates" not in md
+
+
+def test_training_data_checks_are_shown_beside_judge_accuracy(tmp_path):
+    """decontam/* and audit/* (logged once, at step 0, where the pool allows) get their own table."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    rid = _job(client, exp, "gsm8k", ["dataset=gsm8k"], [0.5, 0.75])
+    for name, value in {"decontam/matched": 3, "audit/pairs": 8, "audit/chosen_wrong": 0.25, "audit/neither": 0.625}.items():
+        client.log_metric(rid, name, value, step=0)
+    client.log_metric(rid, "judge/correct_rate", 0.6875, step=1)
+    md = (build(store, None, tmp_path / "r") / "report.md").read_text()
+    table = md.split("## Training-data checks")[1].split("\n## ")[0]
+    assert "| audit/chosen_wrong | audit/neither | audit/pairs | decontam/matched | judge/correct_rate@1 |" in table
+    assert "| 0.250 | 0.625 | 8.000 | 3.000 | 0.688 | 0.750 |" in table
+    plain = _job(client, exp, "code", ["dataset=code"], [0.5, 0.6])
+    assert plain and "## Training-data checks" not in (build(store, None, tmp_path / "r2") / "report.md").read_text()
