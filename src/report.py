@@ -131,19 +131,20 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
             overrides=dict(o.lstrip("+~").split("=", 1) for o in json.loads(overrides)) if overrides else None,
         )
         if with_items and job.final_iteration is not None:
-            job.items = _items(client, r.info.run_id, job.final_iteration)
+            # each benchmark's last evaluated iteration (a job killed mid-iteration has the previous one's items)
+            job.items = _items(client, r.info.run_id, {b: max(job.history[m]) for b, m in ITEM_BENCHMARKS.items() if job.history.get(m)})
         jobs.append(job)
     return jobs
 
 
-def _items(client, run_id: str, iteration: int) -> dict[str, dict]:
+def _items(client, run_id: str, iterations: dict[str, int]) -> dict[str, dict]:
     """Per-item scores of the final iteration, from the evaluation data logged as artifacts. RewardBench items are
     keyed (subset, item), so the official section-weighted overall can be recomputed on resamples; MT-Bench items
     are keyed (turn, key) with their (agreeing, total) expert comparisons per setup, so the pooled agreement can."""
     import mlflow
 
     out = {}
-    for bench in ITEM_BENCHMARKS:
+    for bench, iteration in iterations.items():
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{bench}_iter{iteration}/data.jsonl")
         except Exception:  # not logged (benchmark disabled, or the job died before it)
@@ -191,6 +192,11 @@ def interval(metric: str, items: dict) -> tuple[float, float] | None:
         _, lo, hi = ratio_bootstrap({k: v[_setup(metric)] for k, v in items.items()})
         return None if math.isnan(lo) else (lo, hi)
     if metric == "rewardbench/overall":
+        sizes = {}
+        for subset, _ in items:
+            sizes[subset] = sizes.get(subset, 0) + 1
+        if min(sizes.values()) < 2:  # one item in a subset: resampling within it cannot vary, the interval would be 0 wide
+            return None
         try:
             _, lo, hi = stratified_bootstrap(items, _official_overall)
         except ValueError:  # a section with no subset in this slice: the official overall is undefined
@@ -341,7 +347,8 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
                       "recomputed; for MT-Bench the agreement pooled over expert comparisons, (question, model pair, turn) "
                       "keys resampled within their turn; for synthetic pairs the mean over items. Paired: the same number's "
                       "difference vs the first job on the same resampled items, with a p-value from swapping the two jobs' "
-                      "scores item by item."]
+                      "scores item by item. No RewardBench interval where a subset holds one item "
+                      "(`eval.rewardbench.per_subset=1`): resampling within it cannot vary, so it would read 0 wide."]
     rep = replicates(jobs)
     if rep:
         lines += ["", "## Replicates: spread across whole training runs (`random_seed`)", "",
