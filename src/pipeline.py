@@ -34,7 +34,7 @@ from .stages.generate import NegativesConfig
 from .stages.judge import JudgingConfig
 from .stages.select import DatasetConfig
 from .stages.train import TrainConfig
-from .tracking import Tracker, TrackingConfig
+from .tracking import Tracker, TrackingConfig, input_rows
 
 log = logging.getLogger(__name__)
 
@@ -330,14 +330,49 @@ class Runner:
         if rows is not None:
             self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
+        if rows and step.iteration == 0 and step.stage in ("select", *evaluate.BENCHMARKS):  # the run's inputs
+            self.tracker.dataset(input_rows(rows), step.stage, self._input_source(step), "training" if step.stage == "select" else "evaluation")
         metrics = {f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}
         if stats_prefix is not None:
             metrics.update({f"{stats_prefix}{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))})
         self.tracker.metrics(metrics, step.iteration)
 
+    def _input_source(self, step: Step) -> str:
+        """Where a logged input slice came from: the pool's files, a benchmark's file (or hub id), the pairs' cache."""
+        if step.stage == "select":
+            return ", ".join(str(resolve(s.path, self.job.data_root)) if s.path else f"{s.hf_id}@{s.revision or 'main'}"
+                             for s in self.job.dataset.sources)
+        if step.stage == "synthetic":
+            return str(self.cache.path(*step.inputs["pairs"]))  # the held-out pairs' generate output
+        source = getattr(self.job.eval, step.stage).source
+        local = resolve(source, self.job.data_root)
+        return str(local) if local.exists() else source
+
+    def _log_base_weights(self) -> None:
+        """Provenance: the seed's and the judge's weights (directory + hash) as tags of the run."""
+        from .provenance import model_weights
+
+        if self.tracker.active:
+            for role, spec in (("seed", self.job.seed), ("judge", self.job.judge)):
+                try:
+                    self.tracker.model(role, *model_weights(spec, self.pool.cache_dir))
+                except (OSError, RuntimeError) as e:  # e.g. a hub model not downloaded, offline, in a fully cached run
+                    log.warning("provenance: no weights hash for %s=%s: %s", role, spec.name, e)
+                    self.tracker.tags({f"weights.{role}": f"unknown: {str(e)[:200]}"})
+
+    def _log_trained_weights(self, k: int, step: Step, meta: dict) -> None:
+        """Provenance: what iteration k trained (hash from the train stage's verified manifest); a LoRA adapter is
+        also logged as an artifact, full weights by path and hash only."""
+        from .provenance import train_output_digests, weights_hash
+
+        path = self._adapter(step.key) if self.tracker.active else None
+        if path is not None:
+            self.tracker.model(f"iter{k}", path, weights_hash(path, train_output_digests(meta, path.name)), artifact=path.name == "adapter")
+
     def run(self, steps: list[Step]) -> dict[str, float]:
         """Every step in plan order; returns each benchmark's stats as `<metric>@iter<k>`."""
         final: dict[str, float] = {}
+        self._log_base_weights()
         for st in steps:
             if st.stage == "classify":
                 continue  # its units are computed by select as it scans the pool (select's input, by key)
@@ -431,6 +466,7 @@ class Runner:
 
         _, meta, cached = self.stage(st, do_train, as_dict(tcfg))
         self._log_stage(st, meta, cached, None, None)
+        self._log_trained_weights(k, st, meta)
         tstats = meta["stats"]
         self.tracker.metrics(
             {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),

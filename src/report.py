@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stats import bootstrap_ci, item_scores, paired_stratified_test, paired_test, stratified_bootstrap
+from .stats import (bootstrap_ci, item_scores, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap,
+                    stratified_bootstrap)
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,17 @@ CONSTRAINED = ["synthetic/constrained/accuracy", "rewardbench/constrained/overal
                "mtbench/constrained/agreement_s2"]
 MAJ = re.compile(r"^rewardbench/(constrained/)?overall_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
-PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
-ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall"}
+PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "judge/correct_rate", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
+ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}
+# The reported numbers that get an interval from per-item data, and the benchmark whose items they resample.
+ITEM_METRICS = {"synthetic/accuracy": "synthetic", "rewardbench/overall": "rewardbench", "mtbench/agreement_s1": "mtbench",
+                "mtbench/agreement_s2": "mtbench"}
 # Per iteration: position bias and verdict flips since the previous iteration; vote-k curves (final iteration).
 DRIFT = re.compile(r"^(synthetic|rewardbench|mtbench)/position/(frac_A|flips|flips_to_correct|flips_to_wrong)$")
 VOTE_K = re.compile(r"^rewardbench/vote_k/(overall|tokens)_k(\d+)$")
+# Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
+# the label-noise audit of the pairs (`audit/*`, pools with reference answers).
+DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
 
 
 @dataclass
@@ -113,7 +120,7 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
     jobs = []
     for r in runs:
         history = {}
-        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m))
+        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m) or DATA_CHECKS.match(m))
         for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *extra]:
             if metric in r.data.metrics:
                 history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
@@ -124,18 +131,20 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
             overrides=dict(o.lstrip("+~").split("=", 1) for o in json.loads(overrides)) if overrides else None,
         )
         if with_items and job.final_iteration is not None:
-            job.items = _items(client, r.info.run_id, job.final_iteration)
+            # each benchmark's last evaluated iteration (a job killed mid-iteration has the previous one's items)
+            job.items = _items(client, r.info.run_id, {b: max(job.history[m]) for b, m in ITEM_BENCHMARKS.items() if job.history.get(m)})
         jobs.append(job)
     return jobs
 
 
-def _items(client, run_id: str, iteration: int) -> dict[str, dict]:
+def _items(client, run_id: str, iterations: dict[str, int]) -> dict[str, dict]:
     """Per-item scores of the final iteration, from the evaluation data logged as artifacts. RewardBench items are
-    keyed (subset, item), so the official section-weighted overall can be recomputed on resamples."""
+    keyed (subset, item), so the official section-weighted overall can be recomputed on resamples; MT-Bench items
+    are keyed (turn, key) with their (agreeing, total) expert comparisons per setup, so the pooled agreement can."""
     import mlflow
 
     out = {}
-    for bench in ITEM_BENCHMARKS:
+    for bench, iteration in iterations.items():
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{bench}_iter{iteration}/data.jsonl")
         except Exception:  # not logged (benchmark disabled, or the job died before it)
@@ -144,9 +153,23 @@ def _items(client, run_id: str, iteration: int) -> dict[str, dict]:
             rows = [json.loads(line) for line in f if line.strip()]
         if bench == "rewardbench":
             out[bench] = item_scores(rows, key=lambda r: (r["extra"]["subset"], r["item_id"]))
+        elif bench == "mtbench":
+            out[bench] = mtbench_items(rows)
         else:
             out[bench] = item_scores(rows)
     return out
+
+
+def mtbench_items(rows: list[dict]) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
+    """{(turn, key): {"s1": (agree, total), "s2": (agree, total)}} from the MT-Bench evaluation rows (one per key and
+    order, the expert votes in `extra`), the same votes the logged agreement counts (FastChat's rule)."""
+    from .benchmarks import mtbench
+
+    meta = ("question_id", "model_a", "model_b", "turn")
+    records = [{**{k: r["extra"][k] for k in meta}, "order": r["order"], "verdict": r["verdict"]} for r in rows]
+    humans = mtbench.human_rows_from_keyed({**{k: r["extra"][k] for k in meta}, "human_votes": r["extra"]["human_votes"]}
+                                           for r in rows if r["order"] == "ab")
+    return {(f"turn{k[3]}", "/".join(map(str, k))): v for k, v in mtbench.agreement_by_key(records, humans).items()}
 
 
 def _official_overall(subset_means):
@@ -155,10 +178,25 @@ def _official_overall(subset_means):
     return overall(section_scores(subset_means))
 
 
-def interval(bench: str, items: dict) -> tuple[float, float] | None:
-    """95% interval of the benchmark's reported number: the official RewardBench overall (items resampled within
-    their subsets, the official weighting recomputed), or the plain mean (synthetic accuracy)."""
-    if bench == "rewardbench":
+def _setup(metric: str) -> str | None:
+    """"s1" / "s2" for an MT-Bench agreement metric, else None."""
+    return metric.rsplit("_", 1)[1] if metric.startswith("mtbench/agreement_") else None
+
+
+def interval(metric: str, items: dict) -> tuple[float, float] | None:
+    """95% interval of a reported number (or of a benchmark's headline, given the benchmark's name): the official
+    RewardBench overall (items resampled within their subsets, the official weighting recomputed), MT-Bench
+    agreement pooled over comparisons (keys resampled within their turn), or the plain mean (synthetic accuracy)."""
+    metric = ITEM_BENCHMARKS.get(metric, metric)
+    if _setup(metric):
+        _, lo, hi = ratio_bootstrap({k: v[_setup(metric)] for k, v in items.items()})
+        return None if math.isnan(lo) else (lo, hi)
+    if metric == "rewardbench/overall":
+        sizes = {}
+        for subset, _ in items:
+            sizes[subset] = sizes.get(subset, 0) + 1
+        if min(sizes.values()) < 2:  # one item in a subset: resampling within it cannot vary, the interval would be 0 wide
+            return None
         try:
             _, lo, hi = stratified_bootstrap(items, _official_overall)
         except ValueError:  # a section with no subset in this slice: the official overall is undefined
@@ -168,8 +206,13 @@ def interval(bench: str, items: dict) -> tuple[float, float] | None:
     return lo, hi
 
 
-def paired(bench: str, a: dict, b: dict) -> dict[str, float] | None:
-    if bench == "rewardbench":
+def paired(metric: str, a: dict, b: dict) -> dict[str, float] | None:
+    """The paired comparison of run b against run a on one reported number (or a benchmark's headline)."""
+    metric = ITEM_BENCHMARKS.get(metric, metric)
+    if _setup(metric):
+        s = _setup(metric)
+        return paired_ratio_test({k: v[s] for k, v in a.items()}, {k: v[s] for k, v in b.items()})
+    if metric == "rewardbench/overall":
         try:
             return paired_stratified_test(a, b, _official_overall)
         except ValueError:
@@ -231,15 +274,48 @@ def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
             row[f"{m} Δ"] = (last - first) if first is not None and last is not None else None
         for m in other_readings([j]):
             row[f"{m}@final"] = j.final(m)
-        for bench in ITEM_BENCHMARKS:
+        for metric, bench in ITEM_METRICS.items():
             if j.items.get(bench):
-                ci = interval(bench, j.items[bench])
+                ci = interval(metric, j.items[bench])
                 if ci is not None:
-                    row[f"{bench} 95% CI"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+                    row[f"{metric} 95% CI"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]"
             if base is not None and j is not base and bench in j.items and bench in base.items:
-                t = paired(bench, base.items[bench], j.items[bench])
-                if t is not None:
-                    row[f"{bench} vs first job"] = f"{t['delta']:+.3f} [{t['lower']:+.3f}, {t['upper']:+.3f}] p={t['p_value']:.3f} (n={int(t['n_items'])})"
+                t = paired(metric, base.items[bench], j.items[bench])
+                if t is not None and t["n_items"]:
+                    row[f"{metric} vs first job"] = f"{t['delta']:+.3f} [{t['lower']:+.3f}, {t['upper']:+.3f}] p={t['p_value']:.3f} (n={int(t['n_items'])})"
+        rows.append(row)
+    return rows
+
+
+def replicates(jobs: list[JobResult], seed_axis: str = "random_seed") -> list[dict[str, Any]]:
+    """One row per group of finished jobs that differ only in `random_seed` (two or more of them): per headline
+    metric, mean ± sd [min, max] of the final value across the seeds, and the mean width of the item-bootstrap CI
+    of one job (where per-item data exists), so the two kinds of uncertainty stand side by side."""
+    names = axes(jobs)
+    if seed_axis not in names:
+        return []
+    others = [a for a in names if a != seed_axis]
+    groups: dict[str, list[JobResult]] = {}
+    for j in jobs:
+        if j.status == "FINISHED":
+            groups.setdefault(label(j, others) if others else "all jobs", []).append(j)
+    rows = []
+    for name, group in groups.items():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda j: str(value_of(j, seed_axis)))
+        row: dict[str, Any] = {"jobs": name, "seeds": ",".join(str(value_of(j, seed_axis)) for j in group)}
+        for m in HEADLINE:
+            vals = [v for v in (j.final(m) for j in group) if v is not None]
+            if len(vals) >= 2:
+                mean = sum(vals) / len(vals)
+                sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                row[f"{m} across seeds"] = f"{mean:.3f} ± {sd:.3f} [{min(vals):.3f}, {max(vals):.3f}]"
+            else:
+                row[f"{m} across seeds"] = None
+            widths = [ci[1] - ci[0] for j in group if m in ITEM_METRICS and j.items.get(ITEM_METRICS[m])
+                      for ci in [interval(m, j.items[ITEM_METRICS[m]])] if ci is not None]
+            row[f"{m} item CI width"] = sum(widths) / len(widths) if widths else None
         rows.append(row)
     return rows
 
@@ -268,8 +344,29 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
         lines += ["| " + r["job"] + " | " + " | ".join(_fmt(r.get(c)) for c in sorted(unc)) + " |" for r in rows]
         lines += ["", "Final iteration, never a selected one. CI: 95% percentile bootstrap of the reported number itself: "
                       "for RewardBench the official overall, items resampled within their subsets and the section weighting "
-                      "recomputed; for synthetic pairs the mean over items. Paired: the same number's difference vs the first "
-                      "job on the same resampled items, with a p-value from swapping the two jobs' scores item by item."]
+                      "recomputed; for MT-Bench the agreement pooled over expert comparisons, (question, model pair, turn) "
+                      "keys resampled within their turn; for synthetic pairs the mean over items. Paired: the same number's "
+                      "difference vs the first job on the same resampled items, with a p-value from swapping the two jobs' "
+                      "scores item by item. No RewardBench interval where a subset holds one item "
+                      "(`eval.rewardbench.per_subset=1`): resampling within it cannot vary, so it would read 0 wide."]
+    rep = replicates(jobs)
+    if rep:
+        lines += ["", "## Replicates: spread across whole training runs (`random_seed`)", "",
+                  "| " + " | ".join(rep[0]) + " |", "|" + "---|" * len(rep[0])]
+        lines += ["| " + " | ".join(_fmt(v) for v in r.values()) + " |" for r in rep]
+        lines += ["", "Each row: the finished jobs that differ only in `random_seed` (every stage reseeded: data, judgments, "
+                      "training). mean ± sd [min, max] of the final value across them, beside the mean width of one job's "
+                      "item-bootstrap 95% CI: a seed spread as wide as the CI says the seeds move the number as much as the "
+                      "choice of items does."]
+    checks = sorted({m for j in jobs for m in j.history if DATA_CHECKS.match(m)})
+    if checks:
+        cols = checks + ["judge/correct_rate@1", "synthetic/accuracy@final"]
+        lines += ["", "## Training-data checks (decontamination, label-noise audit of the pairs)", "",
+                  "| job | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        lines += ["| " + label(j, axes(jobs)) + " | " + " | ".join(_fmt(v) for v in [*(j.at(m, 0) for m in checks),
+                  j.at("judge/correct_rate", 1), j.final("synthetic/accuracy")]) + " |" for j in jobs]
+        lines += ["", "`audit/chosen_wrong`: share of pairs whose chosen answer is wrong by the reference; a judge that agrees "
+                      "with such a label is counted correct (`judge/correct_rate`), so the audit bounds what the filter can trust."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

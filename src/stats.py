@@ -115,3 +115,83 @@ def paired_stratified_test(
     null = np.abs(np.asarray(statistic(perm_b), dtype=float) - np.asarray(statistic(perm_a), dtype=float))
     p = (int((null >= abs(delta) - 1e-12).sum()) + 1) / (n_perm + 1)
     return {"n_items": float(len(common)), "delta": delta, "lower": float(lo), "upper": float(hi), "p_value": p}
+
+
+def _ratio_strata(counts: Mapping[tuple[str, str], tuple[float, float]], keys) -> dict[str, "np.ndarray"]:
+    import numpy as np
+
+    by: dict[str, list] = {}
+    for stratum, item in keys:
+        by.setdefault(stratum, []).append(counts[(stratum, item)])
+    return {s: np.array(v, dtype=float).reshape(-1, 2) for s, v in sorted(by.items())}
+
+
+def _rate(num, den):
+    import numpy as np
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def ratio_bootstrap(
+    counts: Mapping[tuple[str, str], tuple[float, float]], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
+    """(value, lower, upper) of a pooled rate sum(num) / sum(den) over items, e.g. MT-Bench human agreement: an item
+    is a (question, model pair, turn) key with `den` expert comparisons, `num` of them agreeing with the judge.
+
+    `counts` maps (stratum, item id) -> (num, den). Items (not comparisons: the votes on one key share the judge's
+    one vote) are resampled with replacement within their stratum (MT-Bench: the turn, which the slice balances)
+    and the pooled rate recomputed. A resample with no comparison at all has no rate and is left out."""
+    import numpy as np
+
+    if not counts:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    num, den = np.zeros(n_boot), np.zeros(n_boot)
+    for arr in _ratio_strata(counts, sorted(counts)).values():
+        idx = rng.integers(0, len(arr), (n_boot, len(arr)))
+        num += arr[idx, 0].sum(axis=1)
+        den += arr[idx, 1].sum(axis=1)
+    total = np.array(list(counts.values()), dtype=float).reshape(-1, 2).sum(axis=0)
+    value = float(_rate(total[0], total[1]))
+    reps = _rate(num, den)
+    if np.isnan(reps).all():
+        return value, float("nan"), float("nan")
+    lo, hi = np.nanquantile(reps, [alpha / 2, 1 - alpha / 2])
+    return value, float(lo), float(hi)
+
+
+def paired_ratio_test(
+    a: Mapping[tuple[str, str], tuple[float, float]], b: Mapping[tuple[str, str], tuple[float, float]],
+    n_boot: int = 2000, n_perm: int = 5000, alpha: float = 0.05, seed: int = 0,
+) -> dict[str, float]:
+    """Run b against run a on the pooled rate over the items both judged (as `ratio_bootstrap`): delta = rate(b) -
+    rate(a), an interval from resampling the same items for both runs within their strata, and a two-sided p-value
+    from swapping the two runs' (num, den) item by item."""
+    import numpy as np
+
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {"n_items": 0.0, "delta": float("nan"), "lower": float("nan"), "upper": float("nan"), "p_value": float("nan")}
+    rng = np.random.default_rng(seed)
+    sa, sb = _ratio_strata(a, common), _ratio_strata(b, common)
+    boot = {r: [np.zeros(n_boot), np.zeros(n_boot)] for r in "ab"}
+    perm = {r: [np.zeros(n_perm), np.zeros(n_perm)] for r in "ab"}
+    for s in sa:
+        xa, xb = sa[s], sb[s]
+        idx = rng.integers(0, len(xa), (n_boot, len(xa)))
+        swap = rng.random((n_perm, len(xa), 1)) < 0.5
+        pa, pb = np.where(swap, xb, xa), np.where(swap, xa, xb)
+        for r, x, p in (("a", xa, pa), ("b", xb, pb)):
+            for c in (0, 1):
+                boot[r][c] += x[idx, c].sum(axis=1)
+                perm[r][c] += p[..., c].sum(axis=1)
+    ta = np.concatenate(list(sa.values())).sum(axis=0)
+    tb = np.concatenate(list(sb.values())).sum(axis=0)
+    delta = float(_rate(tb[0], tb[1]) - _rate(ta[0], ta[1]))
+    reps = _rate(*boot["b"]) - _rate(*boot["a"])
+    lo, hi = np.nanquantile(reps, [alpha / 2, 1 - alpha / 2]) if not np.isnan(reps).all() else (float("nan"), float("nan"))
+    null = np.abs(_rate(*perm["b"]) - _rate(*perm["a"]))
+    null = null[~np.isnan(null)]
+    p = (int((null >= abs(delta) - 1e-12).sum()) + 1) / (len(null) + 1) if delta == delta else float("nan")
+    return {"n_items": float(len(common)), "delta": delta, "lower": float(lo), "upper": float(hi), "p_value": p}

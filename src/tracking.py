@@ -144,6 +144,23 @@ def end_stale_runs(experiment_id: str) -> list[str]:
     return sorted(ids)
 
 
+# What identifies a stage's input rows (for `Tracker.dataset`): an instruction's id, text, origin and split; a
+# benchmark item's id, order, correct label and where it sits in the benchmark. Not the judgments.
+INPUT_FIELDS = ("id", "text", "source", "category", "split", "item_id", "order", "chosen_label")
+INPUT_EXTRA = ("subset", "section", "question_id", "model_a", "model_b", "turn")
+
+
+def input_rows(rows: list[dict]) -> list[dict]:
+    """The input part of a stage's rows: the selected instructions, or a benchmark slice without its judgments, so
+    the dataset digest changes when the slice does and not when the judge does."""
+    out = []
+    for r in rows:
+        row = {k: r[k] for k in INPUT_FIELDS if k in r}
+        row.update({k: r["extra"][k] for k in INPUT_EXTRA if k in (r.get("extra") or {})})
+        out.append(row)
+    return out
+
+
 class Tracker:
     """Everything a job logs. With tracking disabled every method is a no-op, so stages never branch on it."""
 
@@ -237,6 +254,18 @@ class Tracker:
 
         flat = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows])
         mlflow.log_input(mlflow.data.from_pandas(flat, source=source, name=name), context=context)
+
+    def model(self, role: str, path: Path, digest: str, artifact: bool = False) -> None:
+        """Which weights a run used: `weights.<role>` (hash, `provenance.weights_hash`) and `weights.<role>.path` as
+        tags; with `artifact`, the directory itself under models/<role>/ (a LoRA adapter: megabytes, and the only
+        copy outside this machine's stage cache)."""
+        if not self.active:
+            return
+        import mlflow
+
+        mlflow.set_tags({f"weights.{role}": digest, f"weights.{role}.path": str(path)})
+        if artifact:
+            mlflow.log_artifacts(str(path), f"models/{role}/{Path(path).name}")
 
     @contextlib.contextmanager
     def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[bool]:

@@ -141,3 +141,42 @@ def test_paper_models_dry_run_prints_plans_and_real_run_fails_fast(tmp_path):
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "vllm" in err.lower() and "qwen_coder_0.5b" in err
+
+
+def test_run_records_inputs_weights_and_few_training_params(first_run):
+    """Issue 8 §6: every run records its inputs as MLflow datasets with digests, the hash of every model's weights
+    (seed, judge base, the trained adapter, which is also an artifact), and training children carry only the
+    training settings that matter."""
+    from src.models.loading import resolve_model_dir
+    from src.models.base import ModelSpec
+    from src.provenance import weights_hash
+
+    results, _ = first_run
+    client = store(results)
+    exp = client.get_experiment_by_name("ste")
+    run = client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'job'", order_by=["attributes.start_time ASC"])[0]
+    # inputs: the selected pool slice for training; each benchmark slice for evaluation
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"select", "synthetic", "rewardbench", "mtbench"}
+    assert [t.value for t in inputs["select"].tags if t.key == "mlflow.data.context"] == ["training"]
+    assert [t.value for t in inputs["rewardbench"].tags if t.key == "mlflow.data.context"] == ["evaluation"]
+    assert "rewardbench/filtered.jsonl.gz" in inputs["rewardbench"].dataset.source
+    assert len({d.dataset.digest for d in inputs.values()}) == 4
+    # weights: the tiny model in both roles (same bytes, same hash, whoever computes it) and the iteration-1 adapter
+    tags = run.data.tags
+    tiny = resolve_model_dir(ModelSpec(name="tiny_random", source="tiny_random"), model_cache())
+    assert tags["weights.seed"] == tags["weights.judge"] == weights_hash(tiny)
+    adapter = tags["weights.iter1.path"]
+    assert adapter.endswith("/adapter") and tags["weights.iter1"] == weights_hash(adapter)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "models/iter1/adapter")}
+    assert "models/iter1/adapter/adapter_model.safetensors" in logged
+    # training child: the settings that matter, not TRL's ~170 arguments
+    (child,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    params = child.data.params
+    assert len(params) <= 30, sorted(params)
+    for key in ["learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "max_length", "seed",
+                "bf16", "world_size", "peft.r", "peft.lora_alpha", "peft.lora_dropout", "peft.target_modules"]:
+        assert key in params, key
+    assert params["peft.r"] == "8" and params["per_device_train_batch_size"] == "4"
+    assert "train_loss" in child.data.metrics and "loss" in child.data.metrics  # the curves still reach the child

@@ -43,7 +43,7 @@ def test_report_from_store_lists_failed_jobs_and_compares(tmp_path):
     md = (out / "report.md").read_text()
     assert "filter=correct | FINISHED" in md and "filter=consistent | FAILED" in md
     assert "| 0.500 | 0.700 | 0.200 |" in md  # correct: iteration 0, final, delta
-    assert "synthetic vs first job" in md and "p=" in md
+    assert "synthetic/accuracy vs first job" in md and "p=" in md
     # the constrained and majority-vote readings have their own table, after the headline one
     headline, other = md.split("## Other readings")
     assert "0.900" not in headline and "constrained" not in headline.split("## Results")[1]
@@ -94,7 +94,8 @@ def test_jobs_are_labelled_by_every_differing_override(tmp_path):
             _job(client, exp, f"it{it}-s{seed}", [f"iterations={it}", f"random_seed={seed}", "dataset.limit=6"],
                  [0.5] * (it + 1), parent=pid)
     md = (build(f"sqlite:///{tmp_path / 'mlflow.db'}", "/s", tmp_path / "r") / "report.md").read_text()
-    labels = {line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| iterations=")}
+    results = md.split("## Results")[1].split("\n## ")[0]
+    labels = {line.split(" | ")[0].lstrip("| ") for line in results.splitlines() if line.startswith("| iterations=")}
     assert labels == {"iterations=1 random_seed=0", "iterations=1 random_seed=1", "iterations=3 random_seed=0", "iterations=3 random_seed=1"}
     assert "dataset.limit" not in md  # the same in every job: not an axis
 
@@ -143,4 +144,106 @@ def test_single_run_store_and_tag_selection(tmp_path):
     assert lo <= official <= hi and abs(official - plain) > 0.05  # the interval is around the official number
 
     md = (build(store, None, tmp_path / "tagged", tag="team=a") / "report.md").read_text()
-    assert "runs tagged team=a (2 jobs)" in md and "rewardbench vs first job" in md
+    assert "runs tagged team=a (2 jobs)" in md and "rewardbench/overall vs first job" in md
+
+
+def _mtbench_rows(seed: int, n_keys: int = 12) -> list[dict]:
+    """MT-Bench evaluation rows as the evaluate stage writes them (one per key and order, expert votes in `extra`),
+    on real expert votes, with seeded arbitrary verdicts."""
+    import random
+
+    from src.benchmarks import mtbench
+    from tests.conftest import DATA_ROOT
+
+    rows = mtbench.load_mtbench_human(str(DATA_ROOT / "mtbench" / "human_judgments.jsonl.gz"), require_conversations=False)
+    rng = random.Random(seed)
+    out = []
+    for r in mtbench.stratified_slice(rows, n_keys, seed=0):
+        key = f"{r['question_id']}/{r['model_a']}/{r['model_b']}/t{r['turn']}"
+        extra = {**{k: r[k] for k in ("question_id", "model_a", "model_b", "turn")}, "human_votes": r["human_votes"]}
+        for order in ("ab", "ba"):
+            out.append({"benchmark": "mtbench", "item_id": key, "order": order, "verdict": rng.choice(["A", "B", None]),
+                        "chosen_label": "", "extra": extra})
+    return out
+
+
+def test_mtbench_intervals_and_seed_replicates(tmp_path):
+    """A `random_seed=0,1,2` sweep: MT-Bench agreement gets an interval and a paired test (keys resampled, pooled
+    over comparisons), and the replicate section shows the spread across seeds beside the item-bootstrap width."""
+    import statistics
+
+    import mlflow
+
+    from src.benchmarks import mtbench
+    from src.report import load_jobs, mtbench_items, replicates
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    pid = client.create_run(exp, run_name="seeds", tags={"ste.kind": "sweep", "ste.sweep_id": "/seeds", "ste.sweep_name": "seeds"}).info.run_id
+    logged = {}
+    for seed in (0, 1, 2):
+        rid = _job(client, exp, f"s{seed}", [f"random_seed={seed}", "iterations=1"], [0.5, 0.5 + 0.1 * seed], parent=pid)
+        rows = _mtbench_rows(seed)
+        humans = mtbench.human_rows_from_keyed({**{k: r["extra"][k] for k in ("question_id", "model_a", "model_b", "turn")},
+                                                "human_votes": r["extra"]["human_votes"]} for r in rows if r["order"] == "ab")
+        m = mtbench.mtbench_metrics([{**r["extra"], "order": r["order"], "verdict": r["verdict"]} for r in rows], humans)
+        client.log_metric(rid, "mtbench/agreement_s1", m["mtbench/agreement_s1"], step=1)
+        logged[seed] = m["mtbench/agreement_s1"]
+        d = tmp_path / f"mt{seed}"
+        d.mkdir()
+        (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        client.log_artifact(rid, str(d / "data.jsonl"), "data/mtbench_iter1")
+        # the per-key counts the interval resamples pool to the logged agreement
+        items = mtbench_items(rows)
+        assert len(items) == 12 and {k[0] for k in items} == {"turn1", "turn2"}
+        agree, total = (sum(v["s1"][i] for v in items.values()) for i in (0, 1))
+        assert agree / total == logged[seed]
+
+    out = build(store, "/seeds", tmp_path / "r")
+    md = (out / "report.md").read_text()
+    unc = md.split("## Uncertainty")[1].split("## Replicates")[0]
+    assert "mtbench/agreement_s1 95% CI" in unc and "mtbench/agreement_s2 95% CI" in unc
+    assert "mtbench/agreement_s1 vs first job" in unc and "(n=12)" in unc
+    first = [line for line in unc.splitlines() if line.startswith("| random_seed=0 |")][0]
+    header = [line for line in unc.splitlines() if line.startswith("| job |")][0].split(" | ")
+    lo, hi = (float(x) for x in first.split(" | ")[header.index("mtbench/agreement_s1 95% CI")].strip("[] ").split(","))
+    assert lo <= logged[0] <= hi and hi - lo > 0.05
+
+    rep = md.split("## Replicates")[1]
+    (row,) = replicates(load_jobs(client, [client.get_run(r.info.run_id) for r in client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{pid}'")]))
+    assert row["seeds"].split(",") == sorted(row["seeds"].split(","))
+    vals = list(logged.values())
+    expect = f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]"
+    assert row["mtbench/agreement_s1 across seeds"] == expect and expect in rep
+    assert row["mtbench/agreement_s1 item CI width"] > 0.05
+    syn = [0.5, 0.6, 0.7]
+    assert row["synthetic/accuracy across seeds"] == f"{statistics.mean(syn):.3f} ± {statistics.stdev(syn):.3f} [0.500, 0.700]"
+
+
+def test_no_replicate_section_without_a_seed_axis(tmp_path):
+    pid = _fake_sweep(tmp_path)
+    md = (build(f"sqlite:///{tmp_path / 'mlflow.db'}", pid, tmp_path / "report") / "report.md").read_text()
+    assert "## Replicates" not in md
+
+
+def test_training_data_checks_are_shown_beside_judge_accuracy(tmp_path):
+    """decontam/* and audit/* (logged once, at step 0, where the pool allows) get their own table."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    rid = _job(client, exp, "gsm8k", ["dataset=gsm8k"], [0.5, 0.75])
+    for name, value in {"decontam/matched": 3, "audit/pairs": 8, "audit/chosen_wrong": 0.25, "audit/neither": 0.625}.items():
+        client.log_metric(rid, name, value, step=0)
+    client.log_metric(rid, "judge/correct_rate", 0.6875, step=1)
+    md = (build(store, None, tmp_path / "r") / "report.md").read_text()
+    table = md.split("## Training-data checks")[1].split("\n## ")[0]
+    assert "| audit/chosen_wrong | audit/neither | audit/pairs | decontam/matched | judge/correct_rate@1 |" in table
+    assert "| 0.250 | 0.625 | 8.000 | 3.000 | 0.688 | 0.750 |" in table
+    plain = _job(client, exp, "code", ["dataset=code"], [0.5, 0.6])
+    assert plain and "## Training-data checks" not in (build(store, None, tmp_path / "r2") / "report.md").read_text()

@@ -118,3 +118,72 @@ def test_paired_official_overall_test():
     noise = {k: float(rng.random() < 0.5) for k in a}
     t = paired_stratified_test(a, noise, _official)
     assert t["lower"] < 0 < t["upper"] and t["p_value"] > 0.05
+
+
+# MT-Bench-like counts: (turn, key) -> (agreeing comparisons, comparisons), 2-3 keys per turn, few enough to
+# enumerate every resample.
+_RATIO = {("t1", "a"): (2.0, 3.0), ("t1", "b"): (0.0, 1.0), ("t1", "c"): (1.0, 4.0), ("t2", "d"): (3.0, 3.0), ("t2", "e"): (0.0, 2.0)}
+
+
+def test_pooled_rate_interval_matches_brute_force_enumeration():
+    import itertools
+
+    import numpy as np
+
+    from src.stats import ratio_bootstrap
+
+    strata: dict[str, list] = {}
+    for (s, _), c in sorted(_RATIO.items()):
+        strata.setdefault(s, []).append(c)
+    dist = []
+    for draws in itertools.product(*[itertools.product(v, repeat=len(v)) for v in strata.values()]):
+        picked = [c for d in draws for c in d]
+        p = np.prod([1 / len(v) ** len(v) for v in strata.values()])
+        dist.append((sum(c[0] for c in picked) / sum(c[1] for c in picked), p))
+    dist.sort()
+    values, cdf = np.array([v for v, _ in dist]), np.cumsum([p for _, p in dist])
+    exact_lo, exact_hi = values[np.searchsorted(cdf, 0.025)], values[np.searchsorted(cdf, 0.975)]
+
+    value, lo, hi = ratio_bootstrap(_RATIO, n_boot=40000, seed=1)
+    assert value == 6 / 13  # pooled over comparisons, as FastChat's agreement is
+    assert abs(lo - exact_lo) < 0.03 and abs(hi - exact_hi) < 0.03
+    assert abs(value - np.mean([a / n for a, n in _RATIO.values()])) > 0.05  # not the mean of per-key rates
+
+
+def test_paired_pooled_rate_test():
+    import random
+
+    from src.stats import paired_ratio_test
+
+    rng = random.Random(0)
+    a = {(f"t{t}", str(i)): (float(rng.randint(0, 3)), 3.0) for t in (1, 2) for i in range(80)}
+    same = paired_ratio_test(a, dict(a))
+    assert same["delta"] == 0 and same["lower"] == same["upper"] == 0 and same["p_value"] == 1.0
+    better = {k: (3.0, 3.0) if k[0] == "t2" else v for k, v in a.items()}
+    t = paired_ratio_test(a, better)
+    assert t["delta"] > 0.1 and t["lower"] > 0 and t["p_value"] < 0.01 and t["n_items"] == 160
+    noise = {k: (float(rng.randint(0, 3)), 3.0) for k in a}
+    t = paired_ratio_test(a, noise)
+    assert t["lower"] < 0 < t["upper"] and t["p_value"] > 0.05
+
+
+def test_per_key_agreement_sums_to_the_official_agreement():
+    """On real MT-Bench expert votes and arbitrary judge verdicts, the per-key counts the interval resamples add up
+    to the FastChat agreement the run logs (S1 and S2)."""
+    import random
+
+    from src.benchmarks import mtbench
+    from tests.conftest import DATA_ROOT
+
+    rows = mtbench.load_mtbench_human(str(DATA_ROOT / "mtbench" / "human_judgments.jsonl.gz"), require_conversations=False)
+    keyed = mtbench.stratified_slice(rows, 30, seed=0)
+    rng = random.Random(0)
+    records = [{**{k: r[k] for k in ("question_id", "model_a", "model_b", "turn")}, "order": o,
+                "verdict": rng.choice(["A", "B", "tie", None])} for r in keyed for o in ("ab", "ba")]
+    humans = mtbench.human_rows_from_keyed(keyed)
+    logged = mtbench.mtbench_metrics(records, humans)
+    per_key = mtbench.agreement_by_key(records, humans)
+    assert len(per_key) == 30
+    for s in ("s1", "s2"):
+        agree, total = (sum(c[s][i] for c in per_key.values()) for i in (0, 1))
+        assert total == logged[f"mtbench/n_{s}"] and agree / total == logged[f"mtbench/agreement_{s}"]

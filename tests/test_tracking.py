@@ -33,3 +33,45 @@ def test_mlflow_run_and_wandb_offline_mirror(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists()
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+
+
+def test_inputs_are_logged_as_datasets_whose_digest_follows_the_slice_not_the_judge(tmp_path):
+    from src.tracking import input_rows
+
+    def rows(verdict, items=("a", "b")):
+        return [{"benchmark": "rewardbench", "item_id": i, "order": "chosen_first", "verdict": verdict, "chosen_label": "A",
+                 "extra": {"subset": "donotanswer", "section": "Safety", "text": f"judgment {verdict}", "tokens": 7}} for i in items]
+
+    assert input_rows(rows("A"))[0] == {"item_id": "a", "order": "chosen_first", "chosen_label": "A", "subset": "donotanswer",
+                                        "section": "Safety"}
+    t = Tracker(TrackingConfig(), tmp_path)
+    t.start("job", {}, {}, sweep=None)
+    for verdict, items, name in [("A", ("a", "b"), "rb-judge1"), ("B", ("a", "b"), "rb-judge2"), ("A", ("a", "c"), "rb-other")]:
+        t.dataset(input_rows(rows(verdict, items)), name, "/data/rewardbench/filtered.jsonl.gz", "evaluation")
+    run_id = t.run_id
+    t.end()
+    import mlflow
+
+    inputs = {d.dataset.name: d.dataset for d in mlflow.tracking.MlflowClient().get_run(run_id).inputs.dataset_inputs}
+    assert inputs["rb-judge1"].digest == inputs["rb-judge2"].digest != inputs["rb-other"].digest
+    assert "filtered.jsonl.gz" in inputs["rb-other"].source
+
+
+def test_model_weights_as_tags_and_an_adapter_as_artifact(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    t = Tracker(TrackingConfig(), tmp_path)
+    t.start("job", {}, {}, sweep=None)
+    t.model("judge", tmp_path / "base", "0123abcd")
+    t.model("iter1", adapter, "4567ef00", artifact=True)
+    run_id = t.run_id
+    t.end()
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    assert tags["weights.judge"] == "0123abcd" and tags["weights.judge.path"] == str(tmp_path / "base")
+    assert tags["weights.iter1"] == "4567ef00"
+    assert [a.path for a in client.list_artifacts(run_id, "models/iter1/adapter")] == ["models/iter1/adapter/adapter_model.safetensors"]
+    assert not client.list_artifacts(run_id, "models/judge")  # a base model is recorded, never copied

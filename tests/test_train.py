@@ -136,3 +136,39 @@ def test_train_loss_after_resume_is_the_mean_over_all_steps(tmp_path, monkeypatc
     assert resumed["resumed"] and resumed["steps"] == 12 and len(resumed["losses"]) == 12
     assert resumed["train_loss"] == pytest.approx(sum(resumed["losses"]) / 12)
     assert resumed["train_loss"] == pytest.approx(unbroken["train_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_training_child_run_carries_the_settings_that_matter(tmp_path, method):
+    """TRL's MLflow callback would log ~170 TrainingArguments and model-config params; the child run gets the ones a
+    comparison needs (and the per-step curves, as before)."""
+    import mlflow
+
+    from src.tracking import Tracker, TrackingConfig
+
+    cfg = TrainConfig(method=method, max_steps=1, per_device_batch_size=4, max_length=512, lora_r=4, lora_alpha=8, sft_weight=1.5)
+    t = Tracker(TrackingConfig(), tmp_path / "store")
+    t.start("job", {}, {}, sweep=None)
+    with t.child("train-iter1") as active:
+        train.run(cfg, EXAMPLES, load_for_training(SPEC, model_cache()), None, tmp_path / "out", seed=3, report_to_mlflow=active)
+        child_id = mlflow.active_run().info.run_id
+    t.end()
+    child = mlflow.tracking.MlflowClient().get_run(child_id)
+    params = child.data.params
+    assert len(params) <= 30, sorted(params)
+    assert params["learning_rate"] == str(cfg.learning_rate) and params["max_steps"] == "1" and params["seed"] == "3"
+    assert params["peft.r"] == "4" and params["peft.lora_alpha"] == "8" and params["world_size"] == "1"
+    assert params["peft.target_modules"] == str(sorted(cfg.lora_target_modules))
+    if method == "dpo":
+        assert params["beta"] == "0.1" and params["loss_weights"] == "[1.0, 1.5]" and params["loss_type"] == "['sigmoid', 'sft']"
+    assert "train_loss" in child.data.metrics
+
+
+def test_training_params_pick_the_essentials():
+    from peft import LoraConfig
+
+    args = {"learning_rate": 1e-3, "output_dir": "/tmp/x", "logging_dir": "/tmp/x/logs", "push_to_hub": False, "seed": 1,
+            "hub_token": None, "beta": None, "adam_beta2": 0.95, "world_size": 2}
+    p = train.training_params(args, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["v_proj", "q_proj"]))
+    assert p == {"learning_rate": 1e-3, "seed": 1, "adam_beta2": 0.95, "world_size": 2, "peft.r": 8, "peft.lora_alpha": 16,
+                 "peft.lora_dropout": 0.05, "peft.target_modules": ["q_proj", "v_proj"]}

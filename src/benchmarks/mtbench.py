@@ -239,6 +239,43 @@ def agreement_metrics(agr: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[
     return out
 
 
+def verdicts_by_key(records: Iterable[Mapping]) -> dict[Key, dict[str, str | None]]:
+    """{normalised key: {order: verdict}} from per-(key, order) judge records (see `mtbench_metrics`)."""
+    per_key: dict[Key, dict[str, str | None]] = defaultdict(dict)
+    for r in records:
+        if r["order"] not in MT_ORDERS:
+            raise ValueError(f"order must be one of {MT_ORDERS}, got {r['order']!r}")
+        verdict = r["verdict"]
+        if verdict not in ("A", "B", "tie", None):
+            raise ValueError(f"verdict must be 'A', 'B', 'tie' or None, got {verdict!r}")
+        a, b = r["model_a"], r["model_b"]
+        order = r["order"]
+        if a > b:  # normalise: the pair flips, so "model_a shown first" becomes "model_2 shown first"
+            a, b = b, a
+            order = "ba" if order == "ab" else "ab"
+        key = (int(r["question_id"]), a, b, int(r["turn"]))
+        if order in per_key[key]:
+            raise ValueError(f"duplicate mtbench record for {key} order {order}")
+        per_key[key][order] = verdict
+    return dict(per_key)
+
+
+def agreement_by_key(
+    records: Iterable[Mapping], human_rows: Iterable[Mapping], human_prefixes: Sequence[str] = ("expert",),
+) -> dict[Key, dict[str, tuple[int, int]]]:
+    """{key: {"s1": (agree, total), "s2": (agree, total)}} for every key the judge voted on and a human compared:
+    the per-key counts `agreement` pools (their sums are its "all" counts), for intervals that resample keys."""
+    humans: dict[Key, list[Mapping]] = defaultdict(list)
+    for r in human_rows:
+        humans[normalize_vote(r)[0]].append(r)
+    out = {}
+    for key, v in verdicts_by_key(records).items():
+        agr = agreement({key: combine_orders(v.get("ab"), v.get("ba"))}, humans.get(key, []), human_prefixes)
+        if agr["s1"]["all"][1]:
+            out[key] = {s: agr[s]["all"] for s in ("s1", "s2")}
+    return out
+
+
 def mtbench_metrics(
     records: Iterable[Mapping],
     human_rows: Iterable[Mapping],
@@ -256,25 +293,9 @@ def mtbench_metrics(
     mtbench/n_keys, mtbench/n_records, mtbench/judge_tie_rate (combined votes that are ties, inconsistent
     ones included), mtbench/judge_error_rate (combined votes that are "error": both orders unparsed).
     """
-    per_key: dict[Key, dict[str, str | None]] = defaultdict(dict)
-    n_records = n_fail = 0
-    for r in records:
-        if r["order"] not in MT_ORDERS:
-            raise ValueError(f"order must be one of {MT_ORDERS}, got {r['order']!r}")
-        verdict = r["verdict"]
-        if verdict not in ("A", "B", "tie", None):
-            raise ValueError(f"verdict must be 'A', 'B', 'tie' or None, got {verdict!r}")
-        a, b = r["model_a"], r["model_b"]
-        order = r["order"]
-        if a > b:  # normalise: the pair flips, so "model_a shown first" becomes "model_2 shown first"
-            a, b = b, a
-            order = "ba" if order == "ab" else "ab"
-        key = (int(r["question_id"]), a, b, int(r["turn"]))
-        if order in per_key[key]:
-            raise ValueError(f"duplicate mtbench record for {key} order {order}")
-        per_key[key][order] = verdict
-        n_records += 1
-        n_fail += verdict is None
+    records = list(records)
+    per_key = verdicts_by_key(records)
+    n_records, n_fail = len(records), sum(r["verdict"] is None for r in records)
     if not n_records:
         raise ValueError("mtbench_metrics: no records")
     judge_votes = {k: combine_orders(v.get("ab"), v.get("ba")) for k, v in per_key.items()}

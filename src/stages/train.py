@@ -121,6 +121,53 @@ def check_output(stats: dict, out_dir: Path, where: str) -> None:
         if isinstance(conf.get("target_modules"), list):
             conf["target_modules"] = sorted(conf["target_modules"])
             conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+# The training settings that change what is learnt, logged as params of the training child run. TRL's own MLflow
+# callback logs every TrainingArguments field and the model config (~170 params, mostly paths, logging and hub
+# options); these are the ones a comparison needs. `world_size` x batch x accumulation is the global batch.
+LOGGED_ARGS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "optim", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "max_length", "seed", "bf16", "fp16", "gradient_checkpointing",
+    "completion_only_loss", "beta", "loss_type", "loss_weights",
+)
+LOGGED_PEFT = ("r", "lora_alpha", "lora_dropout", "target_modules")
+
+
+def training_params(args: dict, peft_config=None) -> dict:
+    """The params a training child run carries: LOGGED_ARGS from the trainer's arguments (`args.to_dict()` plus
+    world_size) and, for a LoRA model, its rank, alpha, dropout and target modules as `peft.*`."""
+    out = {k: args[k] for k in LOGGED_ARGS if k in args and args[k] is not None}
+    if peft_config is not None:
+        for k in LOGGED_PEFT:
+            v = getattr(peft_config, k, None)
+            out[f"peft.{k}"] = sorted(v) if isinstance(v, (set, list)) else v
+    return out
+
+
+def _mlflow_callback():
+    """transformers' MLflowCallback (the same run handling: the open training child run, or MLFLOW_RUN_ID in a
+    launched worker; the same per-step metrics), logging `training_params` instead of every argument."""
+    from transformers.integrations import MLflowCallback
+
+    class _Args:
+        """The trainer's arguments as MLflowCallback.setup reads them, with to_dict() pruned."""
+
+        def __init__(self, args, params):
+            self._args, self._params = args, params
+
+        def __getattr__(self, name):
+            return getattr(self._args, name)
+
+        def to_dict(self):
+            return self._params
+
+    class PrunedMLflowCallback(MLflowCallback):
+        def setup(self, args, state, model):
+            peft = getattr(model, "peft_config", None) or {}
+            params = training_params({**args.to_dict(), "world_size": args.world_size}, next(iter(peft.values()), None))
+            super().setup(_Args(args, params), state, None)  # no model: its config is not a training setting
+
+    return PrunedMLflowCallback()
 
 
 def _dataset(examples: list[TrainExample], method: str):
@@ -206,22 +253,25 @@ def run(
         save_total_limit=1,
         seed=seed,
         data_seed=seed,
-        report_to=["mlflow"] if report_to_mlflow else "none",
+        report_to="none",  # MLflow through _mlflow_callback (pruned params)
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
     data = _dataset(examples, cfg.method)
+    callbacks = [_mlflow_callback()] if report_to_mlflow else None
     if cfg.method == "dpo":
         losses = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
         args = DPOConfig(**common, beta=cfg.beta, loss_type=losses[0], loss_weights=losses[1])
         # With a LoRA model TRL uses the adapter-disabled base as the reference: no second copy in memory. A full
         # fine-tune gets a frozen copy of the starting model as reference (TRL loads it), as RAM's recipe does.
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=callbacks)
     else:
         args = SFTConfig(**common, completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
+                             callbacks=callbacks)
     resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
     t0 = time.time()
     trainer.train(resume_from_checkpoint=True if resume else None)
