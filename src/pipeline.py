@@ -566,8 +566,11 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        runner.pool.close()
+        # The run's status first: a SIGTERM that lands inside an import (e.g. torch's, while the model loads) can
+        # leave native code half-initialised, and releasing the models then crashes the process (measured: SIGSEGV),
+        # which must not leave the MLflow run RUNNING.
         tracker.end(status)
+        runner.pool.close()
 
 
 class NotRunnableHere(RuntimeError):

@@ -253,7 +253,17 @@ class Tracker:
         import pandas as pd
 
         flat = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows])
-        mlflow.log_input(mlflow.data.from_pandas(flat, source=source, name=name), context=context)
+        from mlflow.exceptions import MlflowException
+
+        data = mlflow.data.from_pandas(flat, source=source, name=name)
+        try:
+            mlflow.log_input(data, context=context)
+        except MlflowException as e:
+            # Two jobs of one experiment logging the same dataset at once race in the SQL store's get-or-create
+            # (UNIQUE constraint on experiment, name, digest); the loser's retry finds the winner's row and links it.
+            if "UNIQUE constraint" not in str(e):
+                raise
+            mlflow.log_input(data, context=context)
 
     def model(self, role: str, path: Path, digest: str, artifact: bool = False) -> None:
         """Which weights a run used: `weights.<role>` (hash, `provenance.weights_hash`) and `weights.<role>.path` as

@@ -101,5 +101,5 @@ def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatc
     runner = Runner(job, Tracker(job.tracking, job.results_dir))
     runner.run(plan(job))
     runner.pool.close()
-    assert runner.hits == {"select_0": 1, "generate_0": 1, "synthetic_0": 1, "rewardbench_0": 1, "mtbench_0": 1,
+    assert runner.hits == {"decontam_0": 1, "select_0": 1, "generate_0": 1, "synthetic_0": 1, "rewardbench_0": 1, "mtbench_0": 1,
                            "judge_1": 1, "filter_1": 1, "train_1": 0, "synthetic_1": 0, "rewardbench_1": 0, "mtbench_1": 0}
