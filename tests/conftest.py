@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,32 @@ def make_cfg(tmp_path):
 def model_cache() -> Path:
     """Converted/built models are cached across tests and runs (building them is the slow part)."""
     return Path(os.environ.get("STE_MODEL_CACHE", Path.home() / ".cache" / "ste" / "models"))
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    """A data file's rows, read with the project's reader (gzip or plain, errors naming file:line)."""
+    from src.data import iter_jsonl
+
+    return [row for _, row in iter_jsonl(path)]
+
+
+def standalone_eval(results: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m src.evaluate <args>` on the shared data with its own store under `results`; must exit 0."""
+    env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process exports it; the run must use its own store
+    proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def eval_run(results: Path):
+    """The single `ste.kind=eval` run in the SQLite store under `results` (the caller checks its status)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'eval'")
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,6 @@ straddle train and held-out. Each count is checked against an independent readin
 """
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import re
@@ -19,20 +18,15 @@ from src.cache import StageCache
 from src.decontaminate import near_duplicate_groups, normalise
 from src.pipeline import Job, plan
 from src.stages import decontaminate, select
-from tests.conftest import DATA_ROOT, TINY
+from tests.conftest import DATA_ROOT, TINY, jsonl_rows
 
 MODELS = ["seed=tiny_random", "judge=tiny_random"]  # plans only: no model is loaded
 
 
-def _jsonl(path):
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 @pytest.fixture(scope="module")
 def rewardbench():
-    return _jsonl(DATA_ROOT / "rewardbench/filtered.jsonl.gz")
+    return jsonl_rows(DATA_ROOT / "rewardbench/filtered.jsonl.gz")
 
 
 @pytest.fixture
@@ -65,7 +59,7 @@ def test_math_competition_drops_every_math_prm_prompt(job, rewardbench):
 def test_code_prompts_drop_the_humaneval_problems_that_are_hep_python_prompts(job, rewardbench):
     j = job("dataset=code_prompts")
     rows, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
-    humaneval = _jsonl(DATA_ROOT / "code/HumanEval.jsonl.gz")
+    humaneval = jsonl_rows(DATA_ROOT / "code/HumanEval.jsonl.gz")
     hep = [normalise(r["prompt"]) for r in rewardbench if r["subset"] == "hep-python"]
 
     def docstring(prompt):
@@ -86,7 +80,7 @@ def test_sharegpt_pool_prompts_identical_to_rewardbench_rows(job, rewardbench):
     j = job("dataset=code")  # the CPU default's pool
     rows, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
     benchmark = {normalise(r["prompt"]) for r in rewardbench}
-    pool = _jsonl(DATA_ROOT / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")
+    pool = jsonl_rows(DATA_ROOT / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")
     identical = {str(r["id"]) for r in pool if normalise(r["prompt"]) in benchmark}
     assert len(identical) == 27
     assert {r["instruction_id"] for r in rows if r["how"] == "exact"} == identical and stats["exact"] == 27
@@ -98,7 +92,7 @@ def test_sharegpt_pool_prompts_identical_to_rewardbench_rows(job, rewardbench):
 
 def test_mtbench_questions_both_turns_are_compared(job, tmp_path):
     """A pool holding an MT-Bench second turn (from the human-judgment file the run scores against) is caught."""
-    q = _jsonl(DATA_ROOT / "mtbench/question.jsonl")
+    q = jsonl_rows(DATA_ROOT / "mtbench/question.jsonl")
     pool = tmp_path / "pool.jsonl"
     rows = [{"id": "t1", "prompt": q[0]["turns"][0]}, {"id": "t2", "prompt": q[5]["turns"][1]},
             {"id": "clean", "prompt": "Name three rivers that flow through more than four countries, and say which is longest."}]
@@ -181,7 +175,7 @@ def test_select_splits_planted_near_duplicates_together(job, tmp_path):
     """Thirty distinct ShareGPT prompts, ten of them also present with a sentence appended (a near duplicate), half
     held out: select keeps all 40 and puts each pair on one side, for every seed tried (drawn per instruction, all
     ten pairs on one side would happen with probability 2^-10 per seed)."""
-    sharegpt = _jsonl(DATA_ROOT / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:400]
+    sharegpt = jsonl_rows(DATA_ROOT / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:400]
     base = [(str(r["id"]), r["prompt"].strip()) for r in sharegpt if 100 <= len(r["prompt"].strip()) <= 300]
     groups = near_duplicate_groups(base)
     distinct = [(i, t) for i, t in base if list(groups.values()).count(groups[i]) == 1][:30]

@@ -1,20 +1,13 @@
 """Decontamination on the real pools and benchmarks: it finds exactly the overlaps an outside review counted."""
 from __future__ import annotations
 
-import gzip
-import json
 import re
 
 import pytest
 
-from tests.conftest import DATA_ROOT
+from tests.conftest import DATA_ROOT, jsonl_rows
 from src.decontaminate import BenchmarkPrompt, Index, counts, normalise
 
-
-def _jsonl(path):
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +17,13 @@ def data_root():
 
 @pytest.fixture(scope="module")
 def rewardbench(data_root):
-    return _jsonl(data_root / "rewardbench/filtered.jsonl.gz")
+    return jsonl_rows(data_root / "rewardbench/filtered.jsonl.gz")
 
 
 @pytest.fixture(scope="module")
 def index(rewardbench, data_root):
     prompts = [BenchmarkPrompt("rewardbench", r["subset"], str(r["id"]), r["prompt"]) for r in rewardbench]
-    for q in _jsonl(data_root / "mtbench/question.jsonl"):
+    for q in jsonl_rows(data_root / "mtbench/question.jsonl"):
         prompts += [BenchmarkPrompt("mtbench", q["category"], f"{q['question_id']}/turn{t}", text) for t, text in enumerate(q["turns"], 1)]
     return Index(prompts)
 
@@ -40,7 +33,7 @@ def _matches(index, items):
 
 
 def test_math_competition_contains_every_math_prm_prompt(index, data_root):
-    math = _jsonl(data_root / "math/math_test5000.jsonl.gz")
+    math = jsonl_rows(data_root / "math/math_test5000.jsonl.gz")
     found = _matches(index, [(str(i), r["problem"]) for i, r in enumerate(math)])
     exact = {m.benchmark_id for m in found if m.how == "exact" and m.subset == "math-prm"}
     assert len(exact) == 447  # all of math-prm, verbatim
@@ -54,7 +47,7 @@ def test_math_competition_contains_every_math_prm_prompt(index, data_root):
 
 
 def test_humaneval_problems_that_are_hep_python_prompts(index, data_root, rewardbench):
-    humaneval = _jsonl(data_root / "code/HumanEval.jsonl.gz")
+    humaneval = jsonl_rows(data_root / "code/HumanEval.jsonl.gz")
     found = _matches(index, [(r["task_id"], r["prompt"]) for r in humaneval])
     dropped = {m.instruction_id for m in found if m.subset == "hep-python"}
 
@@ -74,12 +67,12 @@ def test_humaneval_problems_that_are_hep_python_prompts(index, data_root, reward
 
 
 def test_mbpp_is_clean(index, data_root):
-    mbpp = _jsonl(data_root / "code/mbpp.jsonl")
+    mbpp = jsonl_rows(data_root / "code/mbpp.jsonl")
     assert _matches(index, [(str(r["task_id"]), r["text"]) for r in mbpp]) == []
 
 
 def test_sharegpt_prompts_identical_to_rewardbench_rows(index, data_root):
-    pool = _jsonl(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")
+    pool = jsonl_rows(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")
     found = _matches(index, [(str(r["id"]), r["prompt"]) for r in pool])
     exact = [m for m in found if m.how == "exact"]
     assert len({m.instruction_id for m in exact}) == 27
@@ -115,7 +108,7 @@ def test_near_duplicate_groups():
 def test_sharegpt_near_duplicates_are_grouped(data_root):
     from src.decontaminate import near_duplicate_groups
 
-    pool = _jsonl(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:3000]
+    pool = jsonl_rows(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:3000]
     groups = near_duplicate_groups((str(r["id"]), r["prompt"]) for r in pool)
     from collections import Counter
 

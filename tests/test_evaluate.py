@@ -1,14 +1,11 @@
 """Benchmark evaluation on the tiny model: majority vote @k through the evaluate stage, and the standalone CLI."""
-import os
-import subprocess
-import sys
 
 import pytest
 
 from src.cache import StageCache
 from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
-from tests.conftest import DATA_ROOT, REPO, model_cache
+from tests.conftest import DATA_ROOT, eval_run, model_cache, standalone_eval
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +28,12 @@ def test_rewardbench_majority_vote_at_k(tiny, tmp_path):
 
 
 def test_standalone_evaluate_cli_logs_an_eval_run(tmp_path):
-    env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(tmp_path)}
     args = ["model=tiny_random", "eval.max_new_tokens=4", "eval.max_response_chars=150", "eval.rewardbench.per_subset=1",
             "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"]
-    proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'eval'")
+    standalone_eval(tmp_path, args)
+    run = eval_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert {"rewardbench/overall", "rewardbench/chat_hard", "mtbench/agreement_s1"} <= set(run.data.metrics)
     # A second call is served from the cache.
-    again = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    again = standalone_eval(tmp_path, args)
     assert "rewardbench: cached" in again.stdout + again.stderr and "mtbench: cached" in again.stdout + again.stderr

@@ -6,9 +6,6 @@ so its headline is the verdict-less 0.5 while its constrained reading is not).""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -20,7 +17,7 @@ from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
 from src.stages.judge import fit_prompts, judge_template, render, token_budget
 from src.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from tests.conftest import DATA_ROOT, REPO, model_cache
+from tests.conftest import DATA_ROOT, REPO, eval_run, model_cache, standalone_eval
 
 # (text, RewardBench process_judgement, FastChat per-order verdict, the paper's rule)
 TEXTS = [
@@ -207,19 +204,12 @@ def test_tiny_run_headline_is_the_official_scoring_of_its_texts(tiny, tmp_path):
 def test_every_eval_preset_logs_majority_vote_to_mlflow(tmp_path, preset, monkeypatch):
     """Each eval preset once with MLflow on (SQLite store under tmp_path) and maj_k=2: the run finishes and the
     majority-vote metrics, named in MLflow's alphabet, are logged; the prompt is logged as a param."""
-    env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(tmp_path)}
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process exports it; the run must use its own store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so teardown restores the variable's absence...
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")      # ...after mlflow.set_tracking_uri below exports it again
-    args = ["model=tiny_random", f"eval={preset}", "tracking=mlflow", "eval.max_new_tokens=4", "eval.max_response_chars=150",
-            "eval.rewardbench.per_subset=1", "eval.rewardbench.maj_k=2", "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"]
-    proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'eval'")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")      # ...after eval_run's mlflow.set_tracking_uri exports it again
+    standalone_eval(tmp_path, ["model=tiny_random", f"eval={preset}", "tracking=mlflow", "eval.max_new_tokens=4",
+                               "eval.max_response_chars=150", "eval.rewardbench.per_subset=1", "eval.rewardbench.maj_k=2",
+                               "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"])
+    run = eval_run(tmp_path)
     assert run.info.status == "FINISHED"
     logged = run.data.metrics
     assert {"rewardbench/overall_maj2", "rewardbench/chat_hard_maj2", "rewardbench/parse_fail_maj2"} <= set(logged)
