@@ -33,7 +33,7 @@ HEADLINE = ["synthetic/accuracy", "rewardbench/overall", "mtbench/agreement_s1",
 # reading (eval.verdict=constrained) and majority vote over k samples (rewardbench/overall_maj<k>, found by name).
 CONSTRAINED = ["synthetic/constrained/accuracy", "rewardbench/constrained/overall", "mtbench/constrained/agreement_s1",
                "mtbench/constrained/agreement_s2"]
-MAJ = re.compile(r"^rewardbench/(constrained/)?overall_maj\d+$")
+MAJ = re.compile(r"^(rewardbench/(constrained/)?overall|synthetic/accuracy)_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
 PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "judge/correct_rate", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
 ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}
@@ -42,7 +42,9 @@ ITEM_METRICS = {"synthetic/accuracy": "synthetic", "rewardbench/overall": "rewar
                 "mtbench/agreement_s2": "mtbench"}
 # Per iteration: position bias and verdict flips since the previous iteration; vote-k curves (final iteration).
 DRIFT = re.compile(r"^(synthetic|rewardbench|mtbench)/position/(frac_A|flips|flips_to_correct|flips_to_wrong)$")
-VOTE_K = re.compile(r"^rewardbench/vote_k/(overall|tokens)_k(\d+)$")
+# (bench, accuracy metric) of each vote-k curve: RewardBench on its official overall, held-out synthetic pairs
+VOTE_K_CURVES = {"rewardbench": "overall", "synthetic": "accuracy"}
+VOTE_K = re.compile(r"^(rewardbench|synthetic)/vote_k/(overall|accuracy|tokens)_k(\d+)$")
 # Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
 # the label-noise audit of the pairs (`audit/*`, pools with reference answers).
 DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
@@ -421,22 +423,26 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
              if any(m in j.history for j in jobs)]
     if drift:
         files.append(curves(drift, "position_bias_and_flips.png", (-0.05, 1.05)))
-    if any(VOTE_K.match(m) for j in jobs for m in j.history):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for j in jobs:
-            last = j.final_iteration
-            ks = sorted(int(VOTE_K.match(m).group(2)) for m in j.history if VOTE_K.match(m) and "/overall_k" in m)
-            acc = [j.at(f"rewardbench/vote_k/overall_k{k}", last) for k in ks]
-            tok = [j.at(f"rewardbench/vote_k/tokens_k{k}", last) for k in ks]
-            if ks and None not in acc:
-                ax.plot(ks, acc, marker="o", label=label(j, axes_names))
-                for k, a, t in zip(ks, acc, tok):
-                    ax.annotate(f"{t:.0f} tok" if t is not None else "", (k, a), fontsize=6, textcoords="offset points", xytext=(0, 5))
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k (majority vote over the first k samples)")
-        ax.set_title("RewardBench overall vs votes (final iteration; tokens per judgment)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    benches = [b for b in VOTE_K_CURVES if any(VOTE_K.match(m) and m.startswith(b + "/") for j in jobs for m in j.history)]
+    if benches:
+        fig, axs = plt.subplots(1, len(benches), figsize=(6 * len(benches), 3.6), squeeze=False)
+        for ax, bench in zip(axs[0], benches):
+            name = VOTE_K_CURVES[bench]
+            for j in jobs:
+                last = j.final_iteration
+                ks = sorted(int(VOTE_K.match(m).group(3)) for m in j.history if VOTE_K.match(m) and m.startswith(f"{bench}/vote_k/{name}_k"))
+                acc = [j.at(f"{bench}/vote_k/{name}_k{k}", last) for k in ks]
+                tok = [j.at(f"{bench}/vote_k/tokens_k{k}", last) for k in ks]
+                if ks and None not in acc:
+                    ax.plot(ks, acc, marker="o", label=label(j, axes_names))
+                    for k, a, t in zip(ks, acc, tok):
+                        ax.annotate(f"{t:.0f} tok" if t is not None else "", (k, a), fontsize=6, textcoords="offset points", xytext=(0, 5))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("k (majority vote over the first k samples)")
+            ax.set_title(f"{bench}/{name} vs votes (final iteration; tokens per judgment)", fontsize=9)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "vote_k.png", dpi=110)
         plt.close(fig)

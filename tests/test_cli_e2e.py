@@ -7,8 +7,9 @@ import pytest
 
 from tests.conftest import DATA_ROOT, REPO, TINY, model_cache
 
-# MLflow on, and majority vote (maj_k=2), whose metric names MLflow must accept.
-TRACKED = [o for o in TINY if not o.startswith("tracking=")] + ["eval.rewardbench.maj_k=2"]
+# MLflow on, and majority vote (maj_k=2, on RewardBench and the held-out synthetic pairs), whose metric names MLflow
+# must accept.
+TRACKED = [o for o in TINY if not o.startswith("tracking=")] + ["eval.rewardbench.maj_k=2", "eval.synthetic_maj_k=2"]
 
 
 def cli(results, *args, check=True):
@@ -62,7 +63,8 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples", "judge/clipped", "judge/clipped_to_fit"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
     # Vote-k curve (k = 1, 2 from the one set of 2 samples) with its token cost; position bias and flips per iteration.
-    for metric in ["rewardbench/vote_k/overall_k1", "rewardbench/vote_k/overall_k2", "rewardbench/vote_k/tokens_k2"]:
+    for metric in ["rewardbench/vote_k/overall_k1", "rewardbench/vote_k/overall_k2", "rewardbench/vote_k/tokens_k2",
+                   "synthetic/vote_k/accuracy_k1", "synthetic/vote_k/accuracy_k2", "synthetic/vote_k/tokens_k2", "synthetic/accuracy_maj2"]:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [0, 1], metric
     # P(verdict = A) among stated verdicts: undefined (not logged) at an iteration where the tiny model stated none
     for metric in ["synthetic/position/frac_A", "rewardbench/position/frac_A", "mtbench/position/frac_A"]:
@@ -70,6 +72,8 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     m = run.data.metrics
     assert m["rewardbench/vote_k/overall_k2"] == m["rewardbench/overall_maj2"]
     assert m["rewardbench/vote_k/tokens_k2"] >= m["rewardbench/vote_k/tokens_k1"] > 0
+    assert m["synthetic/vote_k/accuracy_k2"] == m["synthetic/accuracy_maj2"]
+    assert m["synthetic/vote_k/tokens_k2"] >= m["synthetic/vote_k/tokens_k1"] > 0
     for metric in ["synthetic/position/flips", "synthetic/position/flips_to_correct", "rewardbench/position/flips", "mtbench/position/flips"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
     assert abs(m["synthetic/position/flips"] - m["synthetic/position/flips_to_correct"] - m["synthetic/position/flips_to_wrong"]) < 1e-9

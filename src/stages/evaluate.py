@@ -20,10 +20,11 @@ from typing import Callable
 
 from ..analysis import vote_ks
 from ..benchmarks import mtbench, rewardbench
+from ..benchmarks.rewardbench import majority_vote
 from ..cache import Partial, file_fingerprint, make_key, run_chunked
 from ..config import ConfigError, as_dict, knob
 from ..data import resolve
-from ..metrics import synthetic_metrics
+from ..metrics import item_score, synthetic_metrics
 from ..prompts import text_fingerprint
 from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
 from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
@@ -65,6 +66,9 @@ class MTBenchConfig:
 @dataclass
 class EvalConfig:
     synthetic: bool = True
+    # >1: also sample k judgments per held-out pair and order (sampled like RewardBench's votes:
+    # rewardbench.maj_temperature / maj_top_p) for synthetic/accuracy_maj<k> and the synthetic vote-k curve
+    synthetic_maj_k: int = 1
     max_new_tokens: int = knob(32, "reasoning tokens before the verdict", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
@@ -78,6 +82,10 @@ class EvalConfig:
             raise ConfigError(f"{where}.verdict={self.verdict!r}: use parse or constrained")
         if self.rewardbench.maj_k > 1 and self.rewardbench.maj_temperature <= 0:
             raise ConfigError(f"{where}.rewardbench.maj_k={self.rewardbench.maj_k} with maj_temperature={self.rewardbench.maj_temperature}: greedy samples are identical (vLLM rejects it)")
+        if self.synthetic_maj_k > 1 and self.rewardbench.maj_temperature <= 0:
+            raise ConfigError(f"{where}.synthetic_maj_k={self.synthetic_maj_k} with rewardbench.maj_temperature={self.rewardbench.maj_temperature}: greedy samples are identical")
+        if self.synthetic_maj_k < 1 or self.rewardbench.maj_k < 1:
+            raise ConfigError(f"{where}.synthetic_maj_k and {where}.rewardbench.maj_k must be >= 1")
         if self.rewardbench.orders not in ("both", "one"):
             raise ConfigError(f"{where}.rewardbench.orders={self.rewardbench.orders!r}: use both or one")
 
@@ -93,7 +101,7 @@ class Prompted:
 
 def judging_part(cfg: EvalConfig) -> dict:
     """The fields of `eval` every benchmark's result depends on."""
-    return {k: v for k, v in as_dict(cfg).items() if k not in ("synthetic", "rewardbench", "mtbench")}
+    return {k: v for k, v in as_dict(cfg).items() if k not in ("synthetic", "synthetic_maj_k", "rewardbench", "mtbench")}
 
 
 def _source(source: str, data_root: str) -> str:
@@ -150,10 +158,26 @@ def _renamed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def synthetic_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
-    out = {**synthetic_metrics(items), **clip_stats("synthetic", items)}
+    out = {**synthetic_metrics(items), **clip_stats("synthetic", items), **synthetic_vote_k(items)}
     if has_constrained(items):
         read = [dataclasses.replace(i, verdict=constrained(i)) for i in items]
         out.update(_renamed(synthetic_metrics(read), "synthetic"))
+    return out
+
+
+def synthetic_vote_k(items: list[EvalItem]) -> dict[str, float]:
+    """Majority vote over the FIRST k sampled judgments of each held-out pair and order, k = 1, 2, 4, ..., maj_k (one
+    set of samples, no resampling per k), scored by the headline rule (no majority = 0.5), with the generated tokens
+    per judgment each k costs: `synthetic/vote_k/accuracy_k<k>`, `synthetic/vote_k/tokens_k<k>`, and
+    `synthetic/accuracy_maj<maj_k>`, the synthetic twin of `rewardbench/overall_maj<k>`."""
+    if not items or any("verdicts_k" not in i.extra or "tokens_k" not in i.extra for i in items):
+        return {}
+    max_k = min(len(i.extra["verdicts_k"]) for i in items)
+    out = {}
+    for k in vote_ks(max_k):
+        out[f"synthetic/vote_k/accuracy_k{k}"] = sum(item_score(majority_vote(i.extra["verdicts_k"][:k]), i.chosen_label) for i in items) / len(items)
+        out[f"synthetic/vote_k/tokens_k{k}"] = sum(sum(i.extra["tokens_k"][:k]) for i in items) / len(items)
+    out[f"synthetic/accuracy_maj{max_k}"] = out[f"synthetic/vote_k/accuracy_k{max_k}"]
     return out
 
 
@@ -225,12 +249,13 @@ class Benchmark:
     enabled: Callable[[EvalConfig], bool]
     config: Callable[[EvalConfig], dict]  # this benchmark's part of `eval`, for its cache key
     data: Callable[[EvalConfig, str], str | None]  # fingerprint of its data (None: uses the pairs)
-    maj_k: Callable[[EvalConfig], int]
+    maj_k: Callable[[EvalConfig], int]  # sampled judgments per item and order for majority vote (1 = none)
     score: Callable[[list[EvalItem], EvalConfig], dict[str, float]]
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "synthetic": Benchmark(lambda c: c.synthetic, lambda c: {}, lambda c, root: None, lambda c: 1, synthetic_score),
+    # votes enter the synthetic key only when asked for, so the keys of runs without them do not change
+    "synthetic": Benchmark(lambda c: c.synthetic, lambda c: _synthetic_votes(c), lambda c, root: None, lambda c: c.synthetic_maj_k, synthetic_score),
     "rewardbench": Benchmark(
         lambda c: c.rewardbench.enabled, lambda c: as_dict(c.rewardbench),
         lambda c, root: source_fingerprint(c.rewardbench.source, c.rewardbench.revision, root), lambda c: c.rewardbench.maj_k, rewardbench_score,
@@ -240,6 +265,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         lambda c, root: source_fingerprint(c.mtbench.source, c.mtbench.revision, root), lambda c: 1, mtbench_score,
     ),
 }
+
+
+def _synthetic_votes(c: EvalConfig) -> dict:
+    rb = c.rewardbench
+    return {"maj_k": c.synthetic_maj_k, "maj_temperature": rb.maj_temperature, "maj_top_p": rb.maj_top_p} if c.synthetic_maj_k > 1 else {}
 
 
 def config_part(name: str, cfg: EvalConfig) -> dict:
