@@ -10,7 +10,13 @@ MT-Bench questions, both turns):
   of GPT-3 (Brown et al. 2020, App. C) and the lm-eval decontamination tool: long enough that common phrases
   ("write a python function that takes a list of") do not match, short enough that a prompt re-wrapped in another
   template (HumanEval's docstring inside RewardBench's "Write a Python function ... to solve the following
-  problem:") still does. Prompts shorter than n words can only match exactly.
+  problem:") still does. Prompts shorter than n words can only match exactly, and
+- the same Python function signature: the instruction defines (`def name(params) -> ret:`) the function a benchmark
+  prompt asks for (RewardBench's hep-python: "Write a Python function `name(params) -> ret` to solve ..."), name,
+  parameter names, annotations and return type alike. A coding task's statement can be shorter than one 13-gram
+  (HumanEval/23 `strlen`: "Return length of given string", 10 words with its examples), and HumanEvalPack rewrote a
+  few docstrings, but the signature is the problem's identity: every HumanEval problem is a hep-python prompt, and
+  this rule finds the ones whose words alone do not match.
 """
 from __future__ import annotations
 
@@ -32,6 +38,25 @@ def normalise(text: str) -> str:
     return " ".join(words(text))
 
 
+# `def name(params) -> ret:` as code defines it; `name(params) -> ret` in backticks as a coding prompt asks for it
+_DEF = re.compile(r"\bdef\s+([A-Za-z_]\w*)\s*\(([^)]*)\)\s*(?:->\s*([^:\n]+?))?\s*:")
+_ASKED = re.compile(r"`([A-Za-z_]\w*)\(([^)`]*)\)\s*(?:->\s*([^`]+?))?\s*`")
+
+
+def _signature(name: str, params: str, ret: str | None) -> str:
+    return " ".join([name.casefold(), "(", *words(params), ")", *words(ret or "")])
+
+
+def defined_signatures(text: str) -> set[str]:
+    """Normalised signatures of the Python functions a text defines."""
+    return {_signature(*m.groups()) for m in _DEF.finditer(text)}
+
+
+def asked_signatures(text: str) -> set[str]:
+    """Normalised signatures of the Python functions a prompt asks for in backticks."""
+    return {_signature(*m.groups()) for m in _ASKED.finditer(text)}
+
+
 def ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     w = words(text)
     return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
@@ -51,7 +76,7 @@ class Match:
     benchmark: str
     subset: str
     benchmark_id: str
-    how: str  # "exact" | "ngram"
+    how: str  # "exact" | "ngram" | "signature"
 
 
 class Index:
@@ -61,19 +86,25 @@ class Index:
         self.n = n
         self.exact: dict[str, list[BenchmarkPrompt]] = {}
         self.grams: dict[tuple[str, ...], list[BenchmarkPrompt]] = {}
+        self.signatures: dict[str, list[BenchmarkPrompt]] = {}
         for p in prompts:
             self.exact.setdefault(normalise(p.text), []).append(p)
             for g in ngrams(p.text, n):
                 self.grams.setdefault(g, []).append(p)
+            for sig in asked_signatures(p.text):
+                self.signatures.setdefault(sig, []).append(p)
 
     def matches(self, instruction_id: str, text: str) -> list[Match]:
-        """Every benchmark prompt this instruction matches (exact first; n-gram for the others)."""
+        """Every benchmark prompt this instruction matches (exact first, then n-gram, then signature)."""
         found: dict[tuple[str, str, str], Match] = {}
         for p in self.exact.get(normalise(text), []):
             found[(p.benchmark, p.subset, p.id)] = Match(instruction_id, p.benchmark, p.subset, p.id, "exact")
         for g in ngrams(text, self.n):
             for p in self.grams.get(g, []):
                 found.setdefault((p.benchmark, p.subset, p.id), Match(instruction_id, p.benchmark, p.subset, p.id, "ngram"))
+        for sig in defined_signatures(text) if "def" in text else ():
+            for p in self.signatures.get(sig, []):
+                found.setdefault((p.benchmark, p.subset, p.id), Match(instruction_id, p.benchmark, p.subset, p.id, "signature"))
         return sorted(found.values(), key=lambda m: (m.benchmark, m.subset, m.benchmark_id))
 
 
@@ -82,17 +113,19 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-./ ]")
 
 def counts(matches: Iterable[Match]) -> dict[str, int]:
     """Contaminated instructions per benchmark and per benchmark/subset (an instruction counts once in each), in
-    all (`matched`), with an exact match (`exact`) and with n-gram matches only (`ngram_only`). Subset names are
+    all (`matched`), with an exact match (`exact`), with an n-gram match but no exact one (`ngram_only`) and by
+    signature alone (`signature_only`). Subset names are
     made safe as metric names (MLflow allows letters, digits, `_-./` and space)."""
     by: dict[str, set[str]] = {}
-    exact: set[str] = set()
+    how: dict[str, set[str]] = {"exact": set(), "ngram": set(), "signature": set()}
     for m in matches:
         for name in ("matched", m.benchmark, f"{m.benchmark}/{m.subset}"):
             by.setdefault(_UNSAFE.sub("_", name), set()).add(m.instruction_id)
-        if m.how == "exact":
-            exact.add(m.instruction_id)
+        how[m.how].add(m.instruction_id)
     if by:
-        by["exact"], by["ngram_only"] = exact, by["matched"] - exact
+        by["exact"] = how["exact"]
+        by["ngram_only"] = how["ngram"] - how["exact"]
+        by["signature_only"] = how["signature"] - how["ngram"] - how["exact"]
     return {k: len(v) for k, v in sorted(by.items())}
 
 

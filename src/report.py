@@ -47,7 +47,7 @@ VOTE_K_CURVES = {"rewardbench": "overall", "synthetic": "accuracy"}
 VOTE_K = re.compile(r"^(rewardbench|synthetic)/vote_k/(overall|accuracy|tokens)_k(\d+)$")
 # Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
 # the label-noise audit of the pairs (`audit/*`, pools with reference answers).
-DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
+DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|signature_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
 
 
 @dataclass

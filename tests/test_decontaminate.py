@@ -60,10 +60,17 @@ def test_humaneval_problems_that_are_hep_python_prompts(index, data_root, reward
 
     by_docstring = {r["task_id"] for r in humaneval if any(docstring(r["prompt"]) in h for h in hep)}
     assert len(by_docstring) == 159
-    # The 13-gram rule finds all of them but one: HumanEval/23 (`strlen`), whose whole docstring is 10 words,
-    # shorter than one n-gram. It finds three more whose docstring the regex above does not isolate.
-    assert by_docstring - dropped == {"HumanEval/23"}
-    assert len(dropped) == 161
+    assert by_docstring <= dropped
+    # ... and the other five are hep-python prompts too (each asks for the same function): 10, 32 and 64 define a
+    # helper before the task, so the regex above reads the helper's docstring (the 13-gram rule matches them);
+    # 23, 38 and 50 state their task in 10-11 words, shorter than one 13-gram (the signature rule matches them).
+    assert len(dropped) == 164
+    how: dict[str, set[str]] = {}
+    for m in found:
+        if m.subset == "hep-python":
+            how.setdefault(m.instruction_id, set()).add(m.how)
+    assert {i for i, h in how.items() if h == {"signature"}} == {"HumanEval/23", "HumanEval/38", "HumanEval/50"}
+    assert counts(found)["signature_only"] == 3
 
 
 def test_mbpp_is_clean(index, data_root):
@@ -88,6 +95,17 @@ def test_normalisation_and_short_prompts():
     long = "prefix " + " ".join(f"w{i}" for i in range(3, 16)) + " suffix"  # shares exactly one 13-gram
     assert [(m.benchmark_id, m.how) for m in idx.matches("z", long)] == [("2", "ngram")]
     assert idx.matches("z", "prefix " + " ".join(f"w{i}" for i in range(3, 15))) == []  # 12 shared words
+
+
+def test_signature_rule():
+    """A function defined with the signature a coding prompt asks for matches; the same name with other parameters,
+    or the signature merely mentioned (no `def`), does not."""
+    idx = Index([BenchmarkPrompt("rewardbench", "hep-python", "7", "Write a Python function `strlen(string: str) -> int` to solve the following problem:\nReturn length of given string")])
+    assert [m.how for m in idx.matches("a", "def strlen(string: str) -> int:\n    ...")] == ["signature"]
+    assert [m.how for m in idx.matches("b", "def strlen( string:str )->int :")] == ["signature"]  # spacing is not identity
+    assert idx.matches("c", "def strlen(s: str) -> int:") == []
+    assert idx.matches("d", "def strlen(string: str):") == []
+    assert idx.matches("e", "What does strlen(string: str) -> int do?") == []
 
 
 def test_near_duplicate_groups():

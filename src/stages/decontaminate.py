@@ -4,7 +4,7 @@ Runs before classification and generation, so no model time is spent on a benchm
 pool's sources (before the length filter: the counts describe the source, whatever `max_chars` a job uses) is
 compared with every prompt of each enabled benchmark: RewardBench prompts (`eval.rewardbench.source`) and MT-Bench
 questions, both turns (the user turns of `eval.mtbench.source`, the human-judgment file the run scores against),
-by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram). The benchmark index is built
+by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram, same Python signature). The benchmark index is built
 once per cache unit.
 
 One cache unit per (pool, benchmark files), `decontam/<key>`: its rows are the matches (the matched ids, logged as an artifact),
@@ -24,7 +24,7 @@ from .evaluate import EvalConfig, _source, source_fingerprint
 from .select import DatasetConfig, source_fingerprints, source_rows
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it)
 
 
 def _benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:
@@ -86,7 +86,7 @@ def run(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[list[d
         seen.add(rid)
         rows += [{"instruction_id": rid, "benchmark": m.benchmark, "subset": m.subset, "benchmark_id": m.benchmark_id,
                   "how": m.how, "where": where} for m in index.matches(rid, text)]
-    zero = dict.fromkeys(["matched", "exact", "ngram_only", *_benchmarks(cfg)], 0)  # logged as 0 too: runs compare
+    zero = dict.fromkeys(["matched", "exact", "ngram_only", "signature_only", *_benchmarks(cfg)], 0)  # logged as 0 too: runs compare
     stats = {"rows": n, "benchmark_prompts": len(prompts), **zero,
              **counts(Match(r["instruction_id"], r["benchmark"], r["subset"], r["benchmark_id"], r["how"]) for r in rows)}
     log.info("decontaminate: %d of %d pool rows match a prompt of %s (%d prompts; %.1fs): %s", stats["matched"], n,
