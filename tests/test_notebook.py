@@ -59,6 +59,14 @@ def test_notebook_runs_on_fake_sweep(tmp_path, monkeypatch, python3_kernel):
     for run in client.search_runs([exp.experiment_id], "tags.`ste.kind` = 'job'"):
         for step in range(len(client.get_metric_history(run.info.run_id, "synthetic/accuracy"))):
             client.log_metric(run.info.run_id, "filter/keep_rate", 0.5 + 0.1 * step, step=step)
+            client.log_metric(run.info.run_id, "rewardbench/position/frac_A", 0.6 + 0.1 * step, step=step)
+        # the training-data checks (step 0) and a vote-k curve at the final iteration
+        client.log_metric(run.info.run_id, "audit/chosen_wrong", 0.25, step=0)
+        client.log_metric(run.info.run_id, "decontam/matched", 37, step=0)
+        last = len(client.get_metric_history(run.info.run_id, "synthetic/accuracy")) - 1
+        for k, acc in ((1, 0.5), (2, 0.625)):
+            client.log_metric(run.info.run_id, f"synthetic/vote_k/accuracy_k{k}", acc, step=last)
+            client.log_metric(run.info.run_id, f"synthetic/vote_k/tokens_k{k}", 10.0 * k, step=last)
 
     monkeypatch.setenv("STE_STORE", f"sqlite:///{store / 'mlflow.db'}")
     monkeypatch.setenv("STE_SWEEP", "/sweeps/x")
@@ -77,5 +85,6 @@ def test_notebook_runs_on_fake_sweep(tmp_path, monkeypatch, python3_kernel):
     assert "FAILED" in text and "FINISHED" in text
     assert "mtbench/agreement_s1" in text  # listed as not logged, not an error
     assert "vs_first_delta" in text and "p_value" in text  # the uncertainty table
+    assert "audit/chosen_wrong" in text and "decontam/matched" in text  # the training-data checks table
     images = [o for o in outputs if o["output_type"] in ("display_data", "execute_result") and "image/png" in o["data"]]
-    assert len(images) >= 3
+    assert len(images) >= 5  # headline, sections, process, position bias, vote-k
