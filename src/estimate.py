@@ -110,7 +110,9 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
     evaluation = Work()
     if ev.synthetic:
         held = n * d.heldout_fraction * 2
-        evaluation += Work(held * min(_template_tokens(etpl) + instr + 2 * min(answer, _tok(c)), budget), held * ejudgment)
+        k = ev.synthetic_maj_k  # greedy, then (k > 1) k samples in a second call that prefills the prompt again
+        evaluation += Work(held * min(_template_tokens(etpl) + instr + 2 * min(answer, _tok(c)), budget) * (2 if k > 1 else 1),
+                           held * ejudgment * (1 + (k if k > 1 else 0)))
     for name, enabled, items_of in (("rewardbench", ev.rewardbench.enabled, evaluate.rewardbench_items),
                                     ("mtbench", ev.mtbench.enabled, evaluate.mtbench_items)):
         if not enabled:

@@ -129,6 +129,9 @@ def test_estimate_counts_follow_the_config(make_cfg):
     twice_n = estimate.estimate(Job.from_config(make_cfg(*paper, "judging.n=30")), False)
     assert twice_n["judge (iteration 1)"]["gpu_hours"] > 1.9 * base["judge (iteration 1)"]["gpu_hours"]
     assert twice_n["train"] == base["train"] and twice_n["generate"] == base["generate"]
+    # votes on the held-out pairs cost evaluation time, nothing else
+    votes = estimate.estimate(Job.from_config(make_cfg(*paper, "eval.synthetic_maj_k=8")), False)
+    assert votes["evaluate"]["gpu_hours"] > base["evaluate"]["gpu_hours"] and votes["judge (iteration 1)"] == base["judge (iteration 1)"]
     # the paper's seed is a mixture of experts: a Mixtral token costs its 39B active parameters, not 141B
     llama = estimate.estimate(Job.from_config(make_cfg(*paper, "seed=llama")), False)
     ratio = base["generate"]["gpu_hours"] / llama["generate"]["gpu_hours"]
