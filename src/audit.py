@@ -2,8 +2,11 @@
 
 The method assumes that the answer to x (chosen) beats the answer to the modified instruction x' (rejected).
 Where the pool carries a reference final answer (GSM8K `#### 18`, MATH `\\boxed{...}`), that assumption can be
-checked without a model: extract each response's final answer and compare it with the reference. No code is
-executed here (unit-test audits of code pools are a separate, opt-in sandbox).
+checked without a model: extract each response's final answer and compare it with the reference. Code pools
+(HumanEval `test` + `entry_point`, MBPP `test_list` + `test_setup_code`) are checked by running their unit tests on
+each response: this module only assembles the programs (`code_program`); `src/sandbox.py` runs them, and only under
+the opt-in `audit=execute`. Where no reference exists, an audit judge's votes estimate the same thing
+(`judge_outcome`, `judge_audit_stats`: `audit/judge/*`, kept apart from the exact cells).
 
 Outcomes per pair, with chosen right/wrong x rejected right/wrong:
   clean          chosen right, rejected wrong   (the label is what the method assumes)
@@ -13,20 +16,13 @@ Outcomes per pair, with chosen right/wrong x rejected right/wrong:
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import re
 from fractions import Fraction
 from typing import Iterable
 
 OUTCOMES = ("clean", "inverted", "both_right", "neither_right")
-VERSION = 1  # of the audit stage's output (the pipeline's `audit` unit): bump when the reading of answers changes
-
-
-def key(generate_key: str) -> str:
-    """The audit unit's key: the pairs (whose key names the selected instructions and their references)."""
-    from .cache import make_key
-
-    return make_key("audit", VERSION, {}, {"pairs": generate_key})
-
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
@@ -106,8 +102,7 @@ def same_answer(predicted: str | None, reference: str) -> bool:
 
 
 def outcome(chosen: str, rejected: str, reference: str) -> str:
-    c, r = same_answer(final_answer(chosen), reference), same_answer(final_answer(rejected), reference)
-    return {(True, False): "clean", (False, True): "inverted", (True, True): "both_right", (False, False): "neither_right"}[(c, r)]
+    return cell(same_answer(final_answer(chosen), reference), same_answer(final_answer(rejected), reference))
 
 
 def audit_stats(outcomes: Iterable[str]) -> dict[str, float]:
@@ -150,3 +145,128 @@ def audit_pairs(references: dict[str, str | None], pairs: Iterable) -> tuple[lis
         stats["audit/no_answer/chosen"] = sum(row["chosen_answer"] is None for row in rows) / len(rows)
         stats["audit/no_answer/rejected"] = sum(row["rejected_answer"] is None for row in rows) / len(rows)
     return rows, stats
+
+
+def cell(chosen_right: bool, rejected_right: bool) -> str:
+    """The outcome of a pair from whether each response is right (by answer or by unit tests)."""
+    return {(True, False): "clean", (False, True): "inverted", (True, True): "both_right", (False, False): "neither_right"}[(chosen_right, rejected_right)]
+
+
+# ---- code pools: a response + the reference unit tests -> one program (run by src/sandbox.py, opt-in) ----
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # an unclosed fence: a response cut off
+
+
+def extract_code(response: str, name: str | None = None) -> str:
+    """The code of a response: its ``` fenced blocks (python or unlabelled; a block left open by a cut-off response
+    runs to the end), preferring the first that defines `name`, else the first that defines a function, else the
+    first; no fence: the whole text."""
+    blocks = [body for lang, body in _FENCE.findall(response) if lang.lower() in ("", "python", "python3", "py")]
+    if not blocks:
+        return response
+    for pattern in ([rf"(?m)^\s*def\s+{re.escape(name)}\s*\("] if name else []) + [r"(?m)^\s*def\s+\w+\s*\("]:
+        hit = next((b for b in blocks if re.search(pattern, b)), None)
+        if hit is not None:
+            return hit
+    return blocks[0]
+
+
+def _defines(code: str, name: str) -> bool:
+    return re.search(rf"(?m)^def\s+{re.escape(name)}\s*\(", code) is not None
+
+
+def humaneval_program(prompt: str, entry_point: str, test: str, response: str) -> str:
+    """A HumanEval problem's test program for one response. A response that defines `entry_point` at top level is
+    the whole function: it follows the prompt's part before that `def` (imports, helper functions). Otherwise it is
+    the body: it completes the prompt (the official harness's prompt + completion), indented by 4 spaces when its
+    first line is not. Then the problem's `check(candidate)` is called on `entry_point`."""
+    code = extract_code(response, entry_point).rstrip() + "\n"
+    if _defines(code, entry_point):
+        head = prompt[: re.search(rf"(?m)^def\s+{re.escape(entry_point)}\s*\(", prompt).start()] if _defines(prompt, entry_point) else prompt
+        program = head + code
+    else:
+        first = next((line for line in code.splitlines() if line.strip()), "")
+        if first and not first[0].isspace():
+            code = "".join("    " + line if line.strip() else line for line in code.splitlines(keepends=True))
+        program = prompt + code
+    return f"{program}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+def _tested_name(tests: list[str], setup: str) -> str | None:
+    """The function MBPP's asserts call: the first called name that is neither a builtin nor defined by the setup."""
+    skip = set(dir(builtins))
+    try:
+        skip |= {n.id for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        skip |= {n.name for n in ast.walk(ast.parse(setup)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    except SyntaxError:
+        pass
+    for t in tests:
+        try:
+            tree = ast.parse(t)
+        except SyntaxError:
+            continue
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id not in skip:
+                return n.func.id
+    return None
+
+
+def mbpp_program(test_list: list[str], test_setup_code: str, response: str) -> str:
+    """An MBPP problem's test program for one response: the code, the setup, the asserts. MBPP's instruction
+    does not name the function its asserts call; a response that defines no top-level function of that name
+    but defines others has its last one bound to the name (the test then checks what it computes, not the name
+    it guessed)."""
+    name = _tested_name(test_list, test_setup_code)
+    code = extract_code(response, name).rstrip() + "\n"
+    if name and not _defines(code, name):
+        defined = re.findall(r"(?m)^def\s+(\w+)\s*\(", code)
+        if defined:
+            code += f"\n{name} = {defined[-1]}\n"
+    return code + "\n" + test_setup_code.replace("\r\n", "\n") + "\n" + "\n".join(test_list) + "\n"
+
+
+def has_unit_tests(row: dict) -> bool:
+    return ("test" in row and "entry_point" in row and "prompt" in row) or "test_list" in row
+
+
+def code_program(row: dict, response: str) -> str:
+    """The test program of `response` for a pool row that carries unit tests (HumanEval or MBPP fields)."""
+    if "test" in row and "entry_point" in row and "prompt" in row:
+        return humaneval_program(row["prompt"], row["entry_point"], row["test"], response)
+    if "test_list" in row:
+        return mbpp_program(list(row["test_list"]), row.get("test_setup_code") or "", response)
+    raise ValueError(f"row has no unit tests (HumanEval test/entry_point/prompt or MBPP test_list): keys {sorted(row)}")
+
+
+# ---- pools without references: an audit judge's votes (estimates, `audit/judge/*`) ----
+
+def judge_outcome(votes: Iterable[tuple[str, str | None]]) -> str:
+    """Majority of an audit judge's votes on one pair, over both orders and k samples each: (order, verdict) with
+    order "chosen_first" (chosen shown as A) or "chosen_second". "chosen", "rejected", or "undecided" (a tie,
+    votes without a verdict not counted)."""
+    for_chosen = for_rejected = 0
+    for order, verdict in votes:
+        if verdict is None:
+            continue
+        if verdict == ("A" if order == "chosen_first" else "B"):
+            for_chosen += 1
+        else:
+            for_rejected += 1
+    return "chosen" if for_chosen > for_rejected else "rejected" if for_rejected > for_chosen else "undecided"
+
+
+def judge_audit_stats(rows: list[dict]) -> dict[str, float]:
+    """Shares of the pairs by the audit judge's majority: `audit/judge/prefers_rejected` (the estimated label
+    noise: the judge says the rejected answer is better), `audit/judge/prefers_chosen`, `audit/judge/undecided`
+    (sum 1); `audit/judge/no_verdict` (share of votes without one), `audit/judge/pairs`, `audit/judge/votes`.
+    Rows: {"majority": ..., "votes": [[order, verdict], ...]}."""
+    n = len(rows)
+    stats: dict[str, float] = {"audit/judge/pairs": float(n)}
+    if not n:
+        return stats
+    votes = [v for r in rows for _, v in r["votes"]]
+    stats.update({f"audit/judge/prefers_{m}" if m != "undecided" else "audit/judge/undecided": sum(r["majority"] == m for r in rows) / n
+                  for m in ("chosen", "rejected", "undecided")})
+    stats["audit/judge/votes"] = float(len(votes))
+    stats["audit/judge/no_verdict"] = sum(v is None for v in votes) / len(votes) if votes else 0.0
+    return stats

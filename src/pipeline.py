@@ -1,6 +1,6 @@
 """The self-taught loop: plan every stage's cache key from the config, then run what is not cached.
 
-    decontam -> select -> generate [-> audit] -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
+    decontam -> select -> generate [-> audit] [-> audit_judge] -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
 
 `plan` is the one place that decides: each step's key (computed by its stage module's `key()`), the model that runs
 it, the train outputs it wears and starts from, and the outputs it reads. `Runner` executes the steps as planned.
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import audit, estimate, launch
+from . import estimate, launch
 from .cache import Partial, StageCache, check
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
@@ -28,7 +28,8 @@ from .filters import FilterConfig
 from .launch import LaunchConfig
 from .models.base import Generator, ModelSpec
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from .stages import decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from .stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from .stages.audit import AuditConfig
 from .stages.evaluate import EvalConfig
 from .stages.generate import NegativesConfig
 from .stages.judge import JudgingConfig
@@ -73,6 +74,7 @@ class Job:
     train: TrainConfig
     launch: LaunchConfig
     eval: EvalConfig
+    audit: AuditConfig
     tracking: TrackingConfig
     pipeline: PipelineConfig
     iterations: int
@@ -85,7 +87,7 @@ class Job:
         groups = {
             "seed": ModelSpec, "judge": ModelSpec, "dataset": DatasetConfig, "negatives": NegativesConfig,
             "judging": JudgingConfig, "filter": FilterConfig, "train": TrainConfig, "launch": LaunchConfig, "eval": EvalConfig,
-            "tracking": TrackingConfig, "pipeline": PipelineConfig,
+            "audit": AuditConfig, "tracking": TrackingConfig, "pipeline": PipelineConfig,
         }
         missing = [g for g in groups if g not in cfg]
         if missing:
@@ -115,6 +117,7 @@ def check_lengths(job: Job) -> None:
         (job.seed, n.answer_max_new_tokens + n.modify_max_new_tokens, "negatives.answer_max_new_tokens+modify_max_new_tokens"),
         (job.judge, job.judging.max_new_tokens, "judging.max_new_tokens"),
         (job.judge, job.eval.max_new_tokens, "eval.max_new_tokens"),
+        *([(job.audit.model, job.audit.max_new_tokens, "audit.max_new_tokens")] if job.audit.judge else []),
     ]:
         msg = check_fits(spec, tokens, where)
         if msg:
@@ -159,9 +162,11 @@ def plan(job: Job) -> list[Step]:
                       inputs={"classify": ("classify", cls), "contaminated": ("decontam", dec)}, seed=rs))
     gen = generate.key(job.negatives, sel, job.seed, rs, job.pipeline.chunk_for(job.seed))
     steps.append(Step("generate", 0, gen, job.seed.name, job.negatives, job.seed, inputs={"instructions": ("select", sel)}, seed=rs))
-    if any(s.reference_field for s in job.dataset.sources):  # label-noise audit of the pairs against the references
-        steps.append(Step("audit", 0, audit.key(gen), "-", None, inputs={"instructions": ("select", sel), "pairs": ("generate", gen)}))
     pairs = {"pairs": ("generate", gen)}
+    if audit.planned(job.audit, job.dataset):  # label-noise audit of the pairs against references (answers, unit tests)
+        steps.append(Step("audit", 0, audit.key(job.audit, gen), "-", (job.audit, job.dataset), inputs={"instructions": ("select", sel), **pairs}))
+    if job.audit.judge:  # ... and its estimate by an audit judge model
+        steps.append(Step("audit_judge", 0, audit.judge_key(job.audit, gen, rs), job.audit.model.name, job.audit, job.audit.model, inputs=pairs, seed=rs))
 
     benches = [b for b, spec in evaluate.BENCHMARKS.items() if spec.enabled(job.eval)]
     previous: dict[str, str] = {}
@@ -280,7 +285,10 @@ def preflight(job: Job) -> list[str]:
         source = getattr(getattr(job.eval, b, None), "source", None)
         if spec.enabled(job.eval) and source and source.endswith((".jsonl", ".jsonl.gz", ".json", ".parquet")):
             check_readable(resolve(source, job.data_root))
-    for role, spec in (("seed", job.seed), ("judge", job.judge)):
+    if job.audit.execute:  # opt-in code execution on a pool with neither unit tests nor references: say so now
+        audit.check_auditable(job.dataset, job.data_root)
+    roles = (("seed", job.seed), ("judge", job.judge), *((("audit.model", job.audit.model),) if job.audit.judge else ()))
+    for role, spec in roles:
         try:
             model_preflight(spec)
         except RuntimeError as e:
@@ -426,12 +434,21 @@ class Runner:
                                f"(dropped: {meta['stats'].get('dropped')})")
 
     def _audit(self, st: Step) -> None:
+        acfg, dataset = st.config
+
         def compute(p: Partial):
             inputs = self._inputs(st)
-            return audit.audit_pairs({i.id: i.reference for i in inputs["instructions"]}, inputs["pairs"])
+            return audit.run(acfg, dataset, self.job.data_root, inputs["instructions"], inputs["pairs"])
 
-        rows, meta, cached = self.stage(st, compute, {})
+        rows, meta, cached = self.stage(st, compute, {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {})
         self._log_stage(st, meta, cached, rows, "")  # audit/* shares, named already
+
+    def _audit_judge(self, st: Step) -> None:
+        rows, meta, cached = self.stage(
+            st, lambda p: audit.run_judge(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec)),
+            audit.judge_config(st.config),
+        )
+        self._log_stage(st, meta, cached, rows, "")  # audit/judge/* shares, named already
 
     def _judge(self, st: Step) -> None:
         rows, meta, cached = self.stage(
