@@ -41,6 +41,8 @@ def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:
     hc = HydraConfig.get()
     order = ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "pipeline"]
     raw = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None and k != "local"}
+    # a group chosen inside another (model@audit.model) is named by where it lands: MLflow params allow no "@"
+    raw = {k.split("@", 1)[1] if "@" in k else k: v for k, v in raw.items()}
     choices = {k: raw[k] for k in sorted(raw, key=lambda k: (order.index(k) if k in order else len(order), k))}
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
