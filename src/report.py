@@ -46,8 +46,10 @@ DRIFT = re.compile(r"^(synthetic|rewardbench|mtbench)/position/(frac_A|flips|fli
 VOTE_K_CURVES = {"rewardbench": "overall", "synthetic": "accuracy"}
 VOTE_K = re.compile(r"^(rewardbench|synthetic)/vote_k/(overall|accuracy|tokens)_k(\d+)$")
 # Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
-# the label-noise audit of the pairs (`audit/*`, pools with reference answers).
-DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|signature_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither))$")
+# the label-noise audit of the pairs (`audit/*`, exact: reference answers or unit tests; `audit/judge/*`, an audit
+# judge's estimate where no reference exists).
+DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|signature_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither)"
+                         r"|audit/judge/(pairs|prefers_rejected|undecided))$")
 
 
 @dataclass
@@ -368,7 +370,9 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
         lines += ["| " + label(j, axes(jobs)) + " | " + " | ".join(_fmt(v) for v in [*(j.at(m, 0) for m in checks),
                   j.at("judge/correct_rate", 1), j.final("synthetic/accuracy")]) + " |" for j in jobs]
         lines += ["", "`audit/chosen_wrong`: share of pairs whose chosen answer is wrong by the reference; a judge that agrees "
-                      "with such a label is counted correct (`judge/correct_rate`), so the audit bounds what the filter can trust."]
+                      "with such a label is counted correct (`judge/correct_rate`), so the audit bounds what the filter can trust. "
+                      "`audit/judge/prefers_rejected`: share of pairs an audit judge's majority (both orders, k votes each) "
+                      "prefers the rejected answer on, an estimate of the same noise where no reference exists."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -247,3 +247,21 @@ def test_training_data_checks_are_shown_beside_judge_accuracy(tmp_path):
     assert "| 0.250 | 0.625 | 8.000 | 3.000 | 0.688 | 0.750 |" in table
     plain = _job(client, exp, "code", ["dataset=code"], [0.5, 0.6])
     assert plain and "## Training-data checks" not in (build(store, None, tmp_path / "r2") / "report.md").read_text()
+
+
+def test_audit_judge_estimates_are_shown_with_the_training_data_checks(tmp_path):
+    """audit/judge/* (audit=judge, pools without references) get columns of their own beside judge accuracy."""
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    rid = _job(client, exp, "code", ["dataset=code", "audit=judge"], [0.5, 0.75])
+    for name, value in {"audit/judge/pairs": 6, "audit/judge/prefers_rejected": 0.5, "audit/judge/undecided": 1 / 6,
+                        "audit/judge/votes": 36}.items():
+        client.log_metric(rid, name, value, step=0)
+    client.log_metric(rid, "judge/correct_rate", 0.625, step=1)
+    table = (build(store, None, tmp_path / "r") / "report.md").read_text().split("## Training-data checks")[1].split("\n## ")[0]
+    assert "| audit/judge/pairs | audit/judge/prefers_rejected | audit/judge/undecided | judge/correct_rate@1 |" in table
+    assert "| 6.000 | 0.500 | 0.167 | 0.625 | 0.750 |" in table
