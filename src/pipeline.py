@@ -549,6 +549,9 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
     job = Job.from_config(cfg)
     check_lengths(job)
+    if job.audit.judge and as_dict(job.audit.model) == as_dict(job.seed):
+        log.warning("audit.model is the seed model (%s): the audit judge then grades its own pairs; pick another with "
+                    "model@audit.model=<preset>", job.seed.name)
     steps = plan(job)
     problems = preflight(job)
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
