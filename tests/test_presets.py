@@ -31,7 +31,7 @@ def test_every_sweep_point_composes(make_cfg, name):
     assert len(keys) == len(list(itertools.product(*axes)))  # every point is a distinct experiment
 
 
-@pytest.mark.parametrize("group", ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking"])
+@pytest.mark.parametrize("group", ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "audit"])
 def test_every_group_option_is_valid(make_cfg, group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         Job.from_config(make_cfg(f"{group}={option}"))
