@@ -64,7 +64,7 @@ def _template_tokens(t) -> float:
 
 
 def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[str, Work]]:
-    """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge") that runs it."""
+    """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge", "audit") that runs it."""
     from .stages import evaluate, generate, judge
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
@@ -140,6 +140,10 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
         if iters > 1:
             out["judge (iterations 2+)"] = ("judge", Work(judge_work.prefill * (iters - 1), judge_work.decode * (iters - 1)))
         out["train"] = ("judge", Work(train=train_work.train * iters))
+    au = job.audit
+    if au.judge:  # every pair (train and held out) in both orders, k samples sharing one prefill, on the audit model
+        aprompt = min(_template_tokens(jtpl) + instr + 2 * min(answer, _tok(au.max_response_chars)), au.model.max_model_len - au.max_new_tokens)
+        out["audit judge"] = ("audit", Work(n * 2 * aprompt, n * 2 * au.k * _gen(au.max_new_tokens, TYPICAL["judgment"], upper)))
     return out
 
 
@@ -161,7 +165,7 @@ def estimate(job, upper: bool, data_root: str | None = None) -> dict[str, dict[s
     """{stage: {"gpu_hours", "wall_hours"}}, or None when a model's size is unknown."""
     from .launch import full_finetune, model_shape
 
-    specs = {"seed": job.seed, "judge": job.judge}
+    specs = {"seed": job.seed, "judge": job.judge, **({"audit": job.audit.model} if job.audit.judge else {})}
     shapes = {r: model_shape(s) for r, s in specs.items()}
     out = {}
     for stage, (role, work) in stage_work(job, upper, data_root).items():

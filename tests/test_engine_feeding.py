@@ -132,6 +132,9 @@ def test_estimate_counts_follow_the_config(make_cfg):
     # votes on the held-out pairs cost evaluation time, nothing else
     votes = estimate.estimate(Job.from_config(make_cfg(*paper, "eval.synthetic_maj_k=8")), False)
     assert votes["evaluate"]["gpu_hours"] > base["evaluate"]["gpu_hours"] and votes["judge (iteration 1)"] == base["judge (iteration 1)"]
+    # an audit judge is one more stage, on its own model (here the paper's seed)
+    audited = estimate.estimate(Job.from_config(make_cfg(*paper, "audit=judge", "model@audit.model=mixtral")), False)
+    assert audited["audit judge"]["gpu_hours"] > 0 and {k: v for k, v in audited.items() if k != "audit judge"} == base
     # the paper's seed is a mixture of experts: a Mixtral token costs its 39B active parameters, not 141B
     llama = estimate.estimate(Job.from_config(make_cfg(*paper, "seed=llama")), False)
     ratio = base["generate"]["gpu_hours"] / llama["generate"]["gpu_hours"]
