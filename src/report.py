@@ -211,17 +211,31 @@ def interval(metric: str, items: dict) -> tuple[float, float] | None:
 
 
 def paired(metric: str, a: dict, b: dict) -> dict[str, float] | None:
-    """The paired comparison of run b against run a on one reported number (or a benchmark's headline)."""
+    """The paired comparison of run b against run a on one reported number (or a benchmark's headline); None where
+    the number is undefined for either run (an MT-Bench agreement with no decisive verdict). Where a RewardBench
+    subset holds one item the interval cannot vary (as in `interval`): it is NaN, the swap test's p-value stays."""
     metric = ITEM_BENCHMARKS.get(metric, metric)
     if _setup(metric):
         s = _setup(metric)
-        return paired_ratio_test({k: v[s] for k, v in a.items()}, {k: v[s] for k, v in b.items()})
+        t = paired_ratio_test({k: v[s] for k, v in a.items()}, {k: v[s] for k, v in b.items()})
+        return None if math.isnan(t["delta"]) else t
     if metric == "rewardbench/overall":
         try:
-            return paired_stratified_test(a, b, _official_overall)
+            t = paired_stratified_test(a, b, _official_overall)
         except ValueError:
             return None
+        sizes: dict[str, int] = {}
+        for subset, _ in set(a) & set(b):
+            sizes[subset] = sizes.get(subset, 0) + 1
+        if sizes and min(sizes.values()) < 2:
+            t = {**t, "lower": float("nan"), "upper": float("nan")}
+        return t
     return paired_test(a, b)
+
+
+def _paired_cell(t: dict[str, float]) -> str:
+    ci = "" if math.isnan(t["lower"]) else f" [{t['lower']:+.3f}, {t['upper']:+.3f}]"
+    return f"{t['delta']:+.3f}{ci} p={t['p_value']:.3f} (n={int(t['n_items'])})"
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -286,7 +300,7 @@ def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
             if base is not None and j is not base and bench in j.items and bench in base.items:
                 t = paired(metric, base.items[bench], j.items[bench])
                 if t is not None and t["n_items"]:
-                    row[f"{metric} vs first job"] = f"{t['delta']:+.3f} [{t['lower']:+.3f}, {t['upper']:+.3f}] p={t['p_value']:.3f} (n={int(t['n_items'])})"
+                    row[f"{metric} vs first job"] = _paired_cell(t)
         rows.append(row)
     return rows
 
@@ -351,8 +365,9 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
                       "recomputed; for MT-Bench the agreement pooled over expert comparisons, (question, model pair, turn) "
                       "keys resampled within their turn; for synthetic pairs the mean over items. Paired: the same number's "
                       "difference vs the first job on the same resampled items, with a p-value from swapping the two jobs' "
-                      "scores item by item. No RewardBench interval where a subset holds one item "
-                      "(`eval.rewardbench.per_subset=1`): resampling within it cannot vary, so it would read 0 wide."]
+                      "scores item by item. No RewardBench interval (nor paired interval: the p-value stays) where a subset holds one "
+                      "item (`eval.rewardbench.per_subset=1`): resampling within it cannot vary, so it would read 0 wide; no "
+                      "paired test where the number is undefined for a job (MT-Bench agreement with no decisive verdict)."]
     rep = replicates(jobs)
     if rep:
         lines += ["", "## Replicates: spread across whole training runs (`random_seed`)", "",

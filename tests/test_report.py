@@ -265,3 +265,25 @@ def test_audit_judge_estimates_are_shown_with_the_training_data_checks(tmp_path)
     table = (build(store, None, tmp_path / "r") / "report.md").read_text().split("## Training-data checks")[1].split("\n## ")[0]
     assert "| audit/judge/pairs | audit/judge/prefers_rejected | audit/judge/undecided | judge/correct_rate@1 |" in table
     assert "| 6.000 | 0.500 | 0.167 | 0.625 | 0.750 |" in table
+
+
+def test_paired_is_honest_where_the_number_or_its_interval_is_undefined():
+    """One item per RewardBench subset: the paired interval cannot vary, so it is NaN (the p-value stays); an MT-Bench
+    agreement with no decisive verdict in one run: no paired test (was printed as '+nan [+nan, +nan] p=nan')."""
+    import math
+
+    from src.benchmarks.rewardbench import SUBSET_SIZES as SUBSET_COUNTS
+    from src.report import _paired_cell, paired
+
+    a = {(s, "1"): 1.0 for s in SUBSET_COUNTS}
+    b = {(s, "1"): (0.0 if s.startswith("hep") else 1.0) for s in SUBSET_COUNTS}
+    t = paired("rewardbench/overall", a, b)
+    assert t["delta"] < 0 and math.isnan(t["lower"]) and math.isnan(t["upper"]) and 0 < t["p_value"] <= 1
+    assert "[" not in _paired_cell(t) and "p=" in _paired_cell(t)
+    two = {**a, **{(s, "2"): 1.0 for s in SUBSET_COUNTS}}
+    t2 = paired("rewardbench/overall", two, {**b, **{(s, "2"): 0.0 for s in SUBSET_COUNTS}})
+    assert not math.isnan(t2["lower"]) and "[" in _paired_cell(t2)
+    decided = {("turn1", "q1"): {"s1": (1, 1), "s2": (1, 1)}, ("turn1", "q2"): {"s1": (0, 1), "s2": (1, 1)}}
+    undecided = {k: {"s1": (0, 0), "s2": (0, 0)} for k in decided}
+    assert paired("mtbench/agreement_s1", decided, undecided) is None
+    assert paired("mtbench/agreement_s1", decided, decided)["delta"] == 0.0
