@@ -15,8 +15,9 @@ MT-Bench questions, both turns):
   prompt asks for (RewardBench's hep-python: "Write a Python function `name(params) -> ret` to solve ..."), name,
   parameter names, annotations and return type alike. A coding task's statement can be shorter than one 13-gram
   (HumanEval/23 `strlen`: "Return length of given string", 10 words with its examples), and HumanEvalPack rewrote a
-  few docstrings, but the signature is the problem's identity: every HumanEval problem is a hep-python prompt, and
-  this rule finds the ones whose words alone do not match.
+  few docstrings, but the signature names the problem: every HumanEval problem is a hep-python prompt, and this
+  rule finds the ones whose words alone do not match (not always uniquely: HumanEval/133 and /142 are both
+  `sum_squares(lst)`).
 """
 from __future__ import annotations
 
