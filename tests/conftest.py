@@ -76,14 +76,14 @@ def standalone_eval(results: Path, args: list[str]) -> subprocess.CompletedProce
     return proc
 
 
-def eval_run(results: Path):
-    """The single `ste.kind=eval` run in the SQLite store under `results` (the caller checks its status)."""
+def only_run(results: Path, kind: str = "job"):
+    """(client, the single `ste.kind=<kind>` run) of the SQLite store under `results` (the caller checks its status)."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{results / 'mlflow.db'}")
     client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'eval'")
-    return run
+    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], f"tags.`ste.kind` = '{kind}'")
+    return client, run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from src.audit import audit_stats, final_answer, outcome, reference_answer, same_answer
-from tests.conftest import DATA_ROOT
+from tests.conftest import DATA_ROOT, only_run
 
 
 def test_references_of_every_gsm8k_and_math_row_are_found():
@@ -75,17 +75,13 @@ def test_audit_pairs_on_real_gsm8k_references():
 def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
     """The real CLI on the tiny random model, MLflow on, pool with references (GSM8K): the audit stage logs its
     shares at iteration 0 and its rows as an artifact; the decontam stage logs its counts (GSM8K train: none)."""
-    import mlflow
-
     from tests.conftest import TINY
     from tests.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("dataset", "tracking=", "iterations=", "eval.mtbench"))]
     cli(tmp_path, *overrides, "dataset=gsm8k", "dataset.limit=4", "dataset.max_scan=8", "dataset.heldout_fraction=0.25",
         "iterations=0", "eval.mtbench.enabled=false")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'job'")
+    client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     cells = ["audit/both", "audit/neither", "audit/both_right", "audit/neither_right"]

@@ -11,7 +11,7 @@ import pytest
 from src.audit import code_program, extract_code, humaneval_program, mbpp_program
 from src.records import Instruction, Pair
 from src.sandbox import SandboxConfig, run
-from tests.conftest import DATA_ROOT, TINY
+from tests.conftest import DATA_ROOT, TINY, only_run
 
 HE = [json.loads(l) for l in gzip.open(DATA_ROOT / "code/HumanEval.jsonl.gz", "rt")]
 MBPP = [json.loads(l) for l in open(DATA_ROOT / "code/mbpp.jsonl")]
@@ -148,16 +148,12 @@ def test_bad_audit_config_fails_with_one_line_naming_the_key(make_cfg):
 def test_tiny_run_with_audit_execute_on_code_prompts_logs_audit_metrics(tmp_path):
     """The real CLI, tiny random model, MLflow on, `audit=execute` on `dataset=code_prompts`: every pair's chosen and
     rejected response is run against its problem's unit tests in the sandbox; the shares are logged at step 0."""
-    import mlflow
-
     from tests.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("dataset", "tracking=", "iterations=", "eval.mtbench"))]
     cli(tmp_path, *overrides, "dataset=code_prompts", "dataset.limit=4", "dataset.max_scan=8", "audit=execute",
         "iterations=0", "eval.mtbench.enabled=false")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.tracking.MlflowClient()
-    (r,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'job'")
+    client, r = only_run(tmp_path)
     m = r.data.metrics
     assert r.info.status == "FINISHED"
     assert m["audit/pairs"] == m["audit/executed_pairs"] == m["generate/pairs"] >= 1

@@ -3,7 +3,7 @@
 import json
 
 from src.audit import judge_audit_stats, judge_outcome
-from tests.conftest import TINY
+from tests.conftest import TINY, only_run
 
 
 def test_majority_over_both_orders_and_k_samples():
@@ -27,17 +27,13 @@ def test_tiny_run_with_audit_judge_logs_its_votes_to_mlflow(tmp_path):
     (tiny_random here; a different model than the seed is the point of the real thing), k=2 per order: every pair
     gets 2 orders x 2 votes, the shares of its majority are logged at step 0 as audit/judge/*, its rows as an
     artifact; the exact audit does not run (no references), and a rerun reuses the cached votes."""
-    import mlflow
-
     from tests.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("tracking=", "iterations=", "eval.mtbench"))]
     args = [*overrides, "audit=judge", "model@audit.model=tiny_random", "audit.k=2", "audit.max_new_tokens=8",
             "audit.max_response_chars=150", "iterations=0", "eval.mtbench.enabled=false"]
     cli(tmp_path, *args)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("ste").experiment_id], "tags.`ste.kind` = 'job'")
+    client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
     for metric in ["audit/judge/pairs", "audit/judge/prefers_rejected", "audit/judge/prefers_chosen", "audit/judge/undecided",

@@ -5,7 +5,7 @@ import pytest
 from src.cache import StageCache
 from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
-from tests.conftest import DATA_ROOT, eval_run, model_cache, standalone_eval
+from tests.conftest import DATA_ROOT, model_cache, only_run, standalone_eval
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_standalone_evaluate_cli_logs_an_eval_run(tmp_path):
     args = ["model=tiny_random", "eval.max_new_tokens=4", "eval.max_response_chars=150", "eval.rewardbench.per_subset=1",
             "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"]
     standalone_eval(tmp_path, args)
-    run = eval_run(tmp_path)
+    _, run = only_run(tmp_path, "eval")
     assert run.info.status == "FINISHED"
     assert {"rewardbench/overall", "rewardbench/chat_hard", "mtbench/agreement_s1"} <= set(run.data.metrics)
     # A second call is served from the cache.

@@ -17,7 +17,7 @@ from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
 from src.stages.judge import fit_prompts, judge_template, render, token_budget
 from src.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from tests.conftest import DATA_ROOT, REPO, eval_run, model_cache, standalone_eval
+from tests.conftest import DATA_ROOT, REPO, model_cache, only_run, standalone_eval
 
 # (text, RewardBench process_judgement, FastChat per-order verdict, the paper's rule)
 TEXTS = [
@@ -205,11 +205,11 @@ def test_every_eval_preset_logs_majority_vote_to_mlflow(tmp_path, preset, monkey
     """Each eval preset once with MLflow on (SQLite store under tmp_path) and maj_k=2: the run finishes and the
     majority-vote metrics, named in MLflow's alphabet, are logged; the prompt is logged as a param."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded, so teardown restores the variable's absence...
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")      # ...after eval_run's mlflow.set_tracking_uri exports it again
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")      # ...after only_run's mlflow.set_tracking_uri exports it again
     standalone_eval(tmp_path, ["model=tiny_random", f"eval={preset}", "tracking=mlflow", "eval.max_new_tokens=4",
                                "eval.max_response_chars=150", "eval.rewardbench.per_subset=1", "eval.rewardbench.maj_k=2",
                                "eval.mtbench.max_keys=2", f"pipeline.model_cache_dir={model_cache()}"])
-    run = eval_run(tmp_path)
+    _, run = only_run(tmp_path, "eval")
     assert run.info.status == "FINISHED"
     logged = run.data.metrics
     assert {"rewardbench/overall_maj2", "rewardbench/chat_hard_maj2", "rewardbench/parse_fail_maj2"} <= set(logged)
