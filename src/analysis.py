@@ -1,5 +1,5 @@
 """What a reviewer asks of a self-taught judge across iterations: what extra votes buy (the k values of a vote-k
-curve; the curve itself is `stages/evaluate.py::vote_k_curve`, on the official overall), and whether position bias
+curve; the curve itself is `stages/evaluate.py::vote_k`, on RewardBench's official overall and on held-out pairs), and whether position bias
 grows as the judge trains on itself (Meta-Rewarding, Wu et al. 2024, saw it grow). Pure functions over per-item
 verdicts; the evaluate stage's rows carry them.
 """

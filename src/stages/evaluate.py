@@ -166,18 +166,14 @@ def synthetic_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float]:
 
 
 def synthetic_vote_k(items: list[EvalItem]) -> dict[str, float]:
-    """Majority vote over the FIRST k sampled judgments of each held-out pair and order, k = 1, 2, 4, ..., maj_k (one
-    set of samples, no resampling per k), scored by the headline rule (no majority = 0.5), with the generated tokens
-    per judgment each k costs: `synthetic/vote_k/accuracy_k<k>`, `synthetic/vote_k/tokens_k<k>`, and
-    `synthetic/accuracy_maj<maj_k>`, the synthetic twin of `rewardbench/overall_maj<k>`."""
-    if not items or any("verdicts_k" not in i.extra or "tokens_k" not in i.extra for i in items):
-        return {}
-    max_k = min(len(i.extra["verdicts_k"]) for i in items)
-    out = {}
-    for k in vote_ks(max_k):
-        out[f"synthetic/vote_k/accuracy_k{k}"] = sum(item_score(majority_vote(i.extra["verdicts_k"][:k]), i.chosen_label) for i in items) / len(items)
-        out[f"synthetic/vote_k/tokens_k{k}"] = sum(sum(i.extra["tokens_k"][:k]) for i in items) / len(items)
-    out[f"synthetic/accuracy_maj{max_k}"] = out[f"synthetic/vote_k/accuracy_k{max_k}"]
+    """`vote_k` on held-out pairs, scored by the headline rule (no majority = 0.5): `synthetic/vote_k/accuracy_k<k>`,
+    `synthetic/vote_k/tokens_k<k>`, and `synthetic/accuracy_maj<maj_k>`, the synthetic twin of
+    `rewardbench/overall_maj<k>`."""
+    out = vote_k(items, "synthetic", "accuracy",
+                 lambda k: sum(item_score(majority_vote(i.extra["verdicts_k"][:k]), i.chosen_label) for i in items) / len(items))
+    if out:
+        max_k = min(len(i.extra["verdicts_k"]) for i in items)
+        out[f"synthetic/accuracy_maj{max_k}"] = out[f"synthetic/vote_k/accuracy_k{max_k}"]
     return out
 
 
@@ -196,21 +192,28 @@ def rewardbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float
     return out
 
 
-def vote_k_curve(items: list[EvalItem]) -> dict[str, float]:
-    """The official overall of a majority vote over the FIRST k samples, k = 1, 2, 4, ..., maj_k, from the one set of
-    maj_k samples per item and order (no resampling per k), with the generated tokens per judgment each k costs:
-    `rewardbench/vote_k/overall_k<k>`, `rewardbench/vote_k/tokens_k<k>`."""
-    with_k = [i for i in items if "verdicts_k" in i.extra and "tokens_k" in i.extra]
-    if not with_k or len(with_k) < len(items):
+def vote_k(items: list[EvalItem], bench: str, name: str, score: Callable[[int], float]) -> dict[str, float]:
+    """A vote-k curve: `score(k)`, the benchmark's number for a majority over the FIRST k samples, k = 1, 2, 4, ...,
+    maj_k, from the one set of maj_k samples per item and order (no resampling per k), with the generated tokens per
+    judgment each k costs: `<bench>/vote_k/<name>_k<k>`, `<bench>/vote_k/tokens_k<k>`. Empty unless every item
+    carries its samples."""
+    if not items or any("verdicts_k" not in i.extra or "tokens_k" not in i.extra for i in items):
         return {}
     out = {}
-    for k in vote_ks(min(len(i.extra["verdicts_k"]) for i in with_k)):
-        records = [{"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
-                    "chosen_label": i.chosen_label, "verdict": i.verdict, "verdicts_k": i.extra["verdicts_k"][:k]} for i in with_k]
-        m = rewardbench.rewardbench_metrics(records)
-        out[f"rewardbench/vote_k/overall_k{k}"] = m[f"rewardbench/overall_maj{k}"]  # k = 1: the first sample alone
-        out[f"rewardbench/vote_k/tokens_k{k}"] = sum(sum(i.extra["tokens_k"][:k]) for i in with_k) / len(with_k)
+    for k in vote_ks(min(len(i.extra["verdicts_k"]) for i in items)):
+        out[f"{bench}/vote_k/{name}_k{k}"] = score(k)
+        out[f"{bench}/vote_k/tokens_k{k}"] = sum(sum(i.extra["tokens_k"][:k]) for i in items) / len(items)
     return out
+
+
+def vote_k_curve(items: list[EvalItem]) -> dict[str, float]:
+    """`vote_k` on RewardBench's official overall: `rewardbench/vote_k/overall_k<k>`, `rewardbench/vote_k/tokens_k<k>`."""
+    def overall(k: int) -> float:
+        records = [{"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
+                    "chosen_label": i.chosen_label, "verdict": i.verdict, "verdicts_k": i.extra["verdicts_k"][:k]} for i in items]
+        return rewardbench.rewardbench_metrics(records)[f"rewardbench/overall_maj{k}"]  # k = 1: the first sample alone
+
+    return vote_k(items, "rewardbench", "overall", overall)
 
 
 def mtbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
