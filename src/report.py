@@ -392,6 +392,21 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
     return "\n".join(lines) + "\n"
 
 
+def vote_k_benches(jobs: list[JobResult]) -> list[str]:
+    """The benchmarks some job logged a vote-k curve for."""
+    return [b for b in VOTE_K_CURVES if any(VOTE_K.match(m) and m.startswith(b + "/") for j in jobs for m in j.history)]
+
+
+def vote_k_series(job: JobResult, bench: str) -> tuple[list[int], list[float], list[float | None]] | None:
+    """(k values, the benchmark's number at each k, generated tokens per judgment at each k) at the job's final
+    iteration, or None where the job logged no complete curve."""
+    name, last = VOTE_K_CURVES[bench], job.final_iteration
+    ks = sorted(int(VOTE_K.match(m).group(3)) for m in job.history if VOTE_K.match(m) and m.startswith(f"{bench}/vote_k/{name}_k"))
+    acc = [job.at(f"{bench}/vote_k/{name}_k{k}", last) for k in ks]
+    tok = [job.at(f"{bench}/vote_k/tokens_k{k}", last) for k in ks]
+    return (ks, acc, tok) if ks and None not in acc else None
+
+
 def plot(jobs: list[JobResult], out: Path) -> list[str]:
     axes_names = axes(jobs)
     import matplotlib
@@ -442,23 +457,20 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
              if any(m in j.history for j in jobs)]
     if drift:
         files.append(curves(drift, "position_bias_and_flips.png", (-0.05, 1.05)))
-    benches = [b for b in VOTE_K_CURVES if any(VOTE_K.match(m) and m.startswith(b + "/") for j in jobs for m in j.history)]
+    benches = vote_k_benches(jobs)
     if benches:
         fig, axs = plt.subplots(1, len(benches), figsize=(6 * len(benches), 3.6), squeeze=False)
         for ax, bench in zip(axs[0], benches):
-            name = VOTE_K_CURVES[bench]
             for j in jobs:
-                last = j.final_iteration
-                ks = sorted(int(VOTE_K.match(m).group(3)) for m in j.history if VOTE_K.match(m) and m.startswith(f"{bench}/vote_k/{name}_k"))
-                acc = [j.at(f"{bench}/vote_k/{name}_k{k}", last) for k in ks]
-                tok = [j.at(f"{bench}/vote_k/tokens_k{k}", last) for k in ks]
-                if ks and None not in acc:
+                series = vote_k_series(j, bench)
+                if series:
+                    ks, acc, tok = series
                     ax.plot(ks, acc, marker="o", label=label(j, axes_names))
                     for k, a, t in zip(ks, acc, tok):
                         ax.annotate(f"{t:.0f} tok" if t is not None else "", (k, a), fontsize=6, textcoords="offset points", xytext=(0, 5))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("k (majority vote over the first k samples)")
-            ax.set_title(f"{bench}/{name} vs votes (final iteration; tokens per judgment)", fontsize=9)
+            ax.set_title(f"{bench}/{VOTE_K_CURVES[bench]} vs votes (final iteration; tokens per judgment)", fontsize=9)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
