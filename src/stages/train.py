@@ -14,6 +14,7 @@ resumes training from the last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ def run(
         return {"trained": False, "produced": "none", "examples": 0, "dropped_too_long": too_long}
     import torch
     from peft import LoraConfig, PeftModel
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     peft_config = None
     if previous_adapter is not None and is_full_model(previous_adapter):
@@ -236,40 +237,15 @@ def run(
             target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
         )
     ckpt_dir = out_dir / "checkpoints"
-    common = dict(
-        output_dir=str(ckpt_dir),
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        adam_beta2=cfg.adam_beta2,
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        max_length=cfg.max_length,
-        logging_steps=1,
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        seed=seed,
-        data_seed=seed,
-        report_to="none",  # MLflow through _mlflow_callback (pruned params)
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    args = training_arguments(cfg, ckpt_dir, seed, os.environ)
     data = _dataset(examples, cfg.method)
     callbacks = [_mlflow_callback()] if report_to_mlflow else None
     if cfg.method == "dpo":
-        losses = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
-        args = DPOConfig(**common, beta=cfg.beta, loss_type=losses[0], loss_weights=losses[1])
         # With a LoRA model TRL uses the adapter-disabled base as the reference: no second copy in memory. A full
         # fine-tune gets a frozen copy of the starting model as reference (TRL loads it), as RAM's recipe does.
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=callbacks)
     else:
-        args = SFTConfig(**common, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=callbacks)
     resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
@@ -305,6 +281,59 @@ def run(
         "dropped_too_long": too_long,
         "dropped_unbalanced": rebalanced,
     }
+
+
+def training_arguments(cfg: TrainConfig, ckpt_dir: Path, seed: int, env):
+    """The TRL config (SFTConfig or DPOConfig) a train stage builds its trainer with, in the environment `env` that
+    `accelerate launch` gives each process (os.environ in this process). A function so a CPU test can build it for
+    every `launch` option."""
+    import torch
+    from trl import DPOConfig, SFTConfig
+
+    common = dict(
+        output_dir=str(ckpt_dir),
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=cfg.adam_beta2,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        max_length=cfg.max_length,
+        logging_steps=1,
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",  # MLflow through _mlflow_callback (pruned params)
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        gradient_checkpointing=gradient_checkpointing(env),
+    )
+    if cfg.method == "dpo":
+        losses = (["sigmoid", "sft"], [1.0, cfg.sft_weight]) if cfg.sft_weight > 0 else (["sigmoid"], [1.0])
+        return DPOConfig(**common, beta=cfg.beta, loss_type=losses[0], loss_weights=losses[1])
+    return SFTConfig(**common, completion_only_loss=True)
+
+
+def gradient_checkpointing(env) -> bool:
+    """Whether the trainer recomputes activations itself (`TrainingArguments.gradient_checkpointing`).
+
+    TRL 1.16 turns it on by default (`trl/trainer/base_config.py`). Under an FSDP launch with activation
+    checkpointing (`launch.activation_checkpointing`, which `accelerate launch` passes to every process as
+    FSDP_ACTIVATION_CHECKPOINTING), FSDP wraps each decoder layer in its own checkpoint, and transformers refuses
+    both at once when the Trainer is built (`trainer.py`: "The activation_checkpointing in FSDP config and the
+    gradient_checkpointing in training arg can't be set to True simultaneously"). FSDP's does the job there; every
+    other launch keeps TRL's default."""
+    from accelerate.utils import str_to_bool
+
+    fsdp = str_to_bool(env.get("ACCELERATE_USE_FSDP", "false")) == 1
+    fsdp_checkpointing = str_to_bool(env.get("FSDP_ACTIVATION_CHECKPOINTING", "false")) == 1
+    return not (fsdp and fsdp_checkpointing)
 
 
 def is_full_model(path: Path) -> bool:
