@@ -216,3 +216,15 @@ def test_every_eval_preset_logs_majority_vote_to_mlflow(tmp_path, preset, monkey
     assert logged["rewardbench/maj_k"] == 2 and 0.0 <= logged["rewardbench/overall_maj2"] <= 1.0
     assert ("rewardbench/constrained/overall_maj2" in logged) == (preset == "cpu")  # full: official rule only
     assert run.data.params["prompt.eval"].startswith("self_taught_eval.json@")
+
+
+def test_single_call_negatives_template_is_rams_worse_response_byte_for_byte():
+    """RAM's worse_response prompt, as the paper's single-call negatives use it. Its first line ends
+    "AI Assistant. " with a trailing space (an editor's whitespace cleanup once dropped it)."""
+    from src.stages.generate import NegativesConfig, templates
+
+    release = json.loads((DATA_ROOT / "selftaught_evaluator_release" / "prompt_templates.json").read_text())
+    t = templates(NegativesConfig(mode="single_call"))["single_call"]
+    assert t.text == release["worse_response"]
+    assert t.text.splitlines()[0].endswith("AI Assistant. ")
+    assert (REPO / "src" / "prompts" / "worse_response.txt").read_bytes() == release["worse_response"].encode()
