@@ -25,8 +25,11 @@ def test_constants_are_the_official_ones():
     assert rb.EXAMPLE_COUNTS["math-prm"] == 984
     assert all(rb.EXAMPLE_COUNTS[f"hep-{x}"] == 164 for x in ("cpp", "go", "java", "js", "python", "rust"))
     # upstream constants.py has these two swapped relative to the data; kept as official
-    assert rb.EXAMPLE_COUNTS["xstest-should-refuse"] == 250
-    assert rb.EXAMPLE_COUNTS["xstest-should-respond"] == 154
+    # reward-bench v0.1.3+ (commit 6552e93) and the leaderboard: the real split sizes; v0.1.2 had them swapped
+    assert rb.EXAMPLE_COUNTS["xstest-should-refuse"] == 154
+    assert rb.EXAMPLE_COUNTS["xstest-should-respond"] == 250
+    assert rb.WEIGHTS["v0.1.2"]["xstest-should-refuse"] == 250 and rb.WEIGHTS["v0.1.2"]["xstest-should-respond"] == 154
+    assert rb.WEIGHTS_DEFAULT == "v0.1.3" and rb.WEIGHTS["v0.1.3"] is rb.EXAMPLE_COUNTS
     assert set(rb.EXAMPLE_COUNTS) == {s for subs in rb.SUBSET_MAPPING.values() for s in subs}
     assert list(rb.SUBSET_MAPPING) == ["Chat", "Chat Hard", "Safety", "Reasoning"]
     assert sum(rb.SUBSET_SIZES.values()) == 2985
@@ -46,9 +49,9 @@ def test_section_scores_weighted_mean_of_present_subsets_and_zero_for_absent():
     acc = {"alpacaeval-easy": 1.0, "mt-bench-easy": 0.5, "xstest-should-refuse": 1.0, "xstest-should-respond": 0.0}
     sec = rb.section_scores(acc)
     assert sec["Chat"] == pytest.approx((100 * 1.0 + 28 * 0.5) / 128)
-    assert sec["Safety"] == pytest.approx(250 / 404)  # official (swapped) weights
+    assert sec["Safety"] == pytest.approx(154 / 404)  # v0.1.3+ weights (v0.1.2: 250 / 404)
     assert sec["Chat Hard"] == 0 and sec["Reasoning"] == 0
-    assert rb.overall(sec) == pytest.approx((114 / 128 + 250 / 404) / 4)
+    assert rb.overall(sec) == pytest.approx((114 / 128 + 154 / 404) / 4)
 
 
 def test_overall_is_plain_mean_of_four_sections():
@@ -345,3 +348,16 @@ def test_mtbench_stratified_slice():
     rebuilt = mt.human_rows_from_keyed(everything)
     experts = [r for r in rows if r["judge"].startswith("expert")]
     assert len([r for r in rebuilt if r["judge"].startswith("expert")]) == len(experts)
+
+
+def test_safety_section_weights_follow_the_chosen_reward_bench_version():
+    """xstest-should-refuse right, should-respond wrong: v0.1.3 weighs them 154 / 250, v0.1.2 250 / 154."""
+    acc = {"xstest-should-refuse": 1.0, "xstest-should-respond": 0.0}
+    assert rb.section_scores(acc)["Safety"] == pytest.approx(154 / 404)
+    assert rb.section_scores(acc, "v0.1.3")["Safety"] == pytest.approx(154 / 404)
+    assert rb.section_scores(acc, "v0.1.2")["Safety"] == pytest.approx(250 / 404)
+    records = [_rec("xstest-should-refuse", 1, "chosen_first", "A"), _rec("xstest-should-respond", 2, "chosen_first", "B")]
+    assert rb.rewardbench_metrics(records)["rewardbench/safety"] == pytest.approx(154 / 404)
+    assert rb.rewardbench_metrics(records, "v0.1.2")["rewardbench/safety"] == pytest.approx(250 / 404)
+    with pytest.raises(ValueError, match="v0.1.3"):
+        rb.section_scores(acc, "v9")

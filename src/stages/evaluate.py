@@ -51,6 +51,9 @@ class RewardBenchConfig:
     maj_temperature: float = 0.7
     maj_top_p: float = 0.9
     slice_seed: int = 0  # fixed apart from random_seed, so runs with different seeds score the same items
+    # Section weights of this reward-bench version (benchmarks/rewardbench.py WEIGHTS): v0.1.3 = current and the
+    # leaderboard; v0.1.2 = the earlier xstest counts (250 / 154 swapped), for numbers published with it.
+    weights: str = "v0.1.3"
 
 
 @dataclass
@@ -88,6 +91,8 @@ class EvalConfig:
             raise ConfigError(f"{where}.synthetic_maj_k and {where}.rewardbench.maj_k must be >= 1")
         if self.rewardbench.orders not in ("both", "one"):
             raise ConfigError(f"{where}.rewardbench.orders={self.rewardbench.orders!r}: use both or one")
+        if self.rewardbench.weights not in rewardbench.WEIGHTS:
+            raise ConfigError(f"{where}.rewardbench.weights={self.rewardbench.weights!r}: one of {', '.join(rewardbench.WEIGHTS)} (reward-bench versions)")
 
 
 @dataclass
@@ -185,10 +190,11 @@ def rewardbench_score(items: list[EvalItem], cfg: EvalConfig) -> dict[str, float
             for i in items
         ]
 
-    out = {**rewardbench.rewardbench_metrics(records(lambda i: i.verdict, "verdicts_k")), **clip_stats("rewardbench", items),
-           **vote_k_curve(items)}
+    w = cfg.rewardbench.weights
+    out = {**rewardbench.rewardbench_metrics(records(lambda i: i.verdict, "verdicts_k"), w), **clip_stats("rewardbench", items),
+           **vote_k_curve(items, w)}
     if has_constrained(items):
-        out.update(_renamed(rewardbench.rewardbench_metrics(records(constrained, "verdicts_k_constrained")), "rewardbench"))
+        out.update(_renamed(rewardbench.rewardbench_metrics(records(constrained, "verdicts_k_constrained"), w), "rewardbench"))
     return out
 
 
@@ -206,12 +212,12 @@ def vote_k(items: list[EvalItem], bench: str, name: str, score: Callable[[int], 
     return out
 
 
-def vote_k_curve(items: list[EvalItem]) -> dict[str, float]:
+def vote_k_curve(items: list[EvalItem], weights: str = rewardbench.WEIGHTS_DEFAULT) -> dict[str, float]:
     """`vote_k` on RewardBench's official overall: `rewardbench/vote_k/overall_k<k>`, `rewardbench/vote_k/tokens_k<k>`."""
     def overall(k: int) -> float:
         records = [{"subset": i.extra["subset"], "section": i.extra["section"], "id": i.extra["id"], "order": i.order,
                     "chosen_label": i.chosen_label, "verdict": i.verdict, "verdicts_k": i.extra["verdicts_k"][:k]} for i in items]
-        return rewardbench.rewardbench_metrics(records)[f"rewardbench/overall_maj{k}"]  # k = 1: the first sample alone
+        return rewardbench.rewardbench_metrics(records, weights)[f"rewardbench/overall_maj{k}"]  # k = 1: the first sample alone
 
     return vote_k(items, "rewardbench", "overall", overall)
 
