@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -222,16 +223,42 @@ def accelerate_config(launch: LaunchConfig, cpu: bool) -> dict:
     return cfg
 
 
-def launch_command(launch: LaunchConfig, config_file: Path, request: Path, cpu: bool) -> list[str]:
+def allocation_problems(launch: LaunchConfig, env, which=shutil.which) -> list[str]:
+    """Why this process cannot start a `launch` that spans several machines, checked at preflight (before any
+    model loads, so a one-node allocation fails in seconds, not at the first train stage after ~140 GPU-hours of
+    generation): it must run inside a SLURM allocation of at least `num_machines` nodes, with `srun` on PATH."""
+    if launch.num_machines <= 1:
+        return []
+    get = f"e.g. sbatch --nodes={launch.num_machines} scripts/slurm_paper.sbatch (or salloc --nodes={launch.num_machines})"
+    problems = []
+    if which("srun") is None:
+        problems.append(f"launch: num_machines={launch.num_machines} trains through srun, which is not on PATH here; "
+                        f"run inside a SLURM allocation: {get}")
+    nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
+    if not env.get("SLURM_JOB_ID") or not nodes:
+        problems.append(f"launch: num_machines={launch.num_machines} needs a SLURM allocation of "
+                        f"{launch.num_machines} nodes and this process is not in one (no SLURM_JOB_ID / SLURM_JOB_NUM_NODES): {get}")
+    elif int(nodes) < launch.num_machines:
+        problems.append(f"launch: num_machines={launch.num_machines} but this allocation (job {env['SLURM_JOB_ID']}) "
+                        f"has {nodes} node(s): {get}")
+    return problems
+
+
+def launch_command(launch: LaunchConfig, config_file: Path, request: Path, cpu: bool, env=None) -> list[str]:
     """The command that starts the training processes. Several machines: one `accelerate launch` per node via
-    srun, node rank and rendezvous host from SLURM (the loop runs on the allocation's first node)."""
+    srun, node rank and rendezvous host from SLURM (the loop runs on the allocation's first node). srun gets the
+    allocation's CPUs per task explicitly: since Slurm 22.05 it no longer inherits sbatch's --cpus-per-task, and
+    a node's 8 ranks would share one core."""
+    env = os.environ if env is None else env
     acc = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     if launch.world_size > 1 and (cpu or launch.strategy == "ddp"):
         acc.append("--multi_gpu")  # on CPU this still starts N processes; each picks gloo (use_cpu)
     if launch.num_machines > 1:
         script = " ".join(acc) + (' --machine_rank "$SLURM_NODEID" --main_process_ip '
                                   '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" -m src.launch ' + str(request))
-        return ["srun", f"--nodes={launch.num_machines}", "--ntasks-per-node=1", "bash", "-c", script]
+        cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
+        return ["srun", f"--nodes={launch.num_machines}", "--ntasks-per-node=1",
+                *([f"--cpus-per-task={cpus}"] if cpus else []), "bash", "-c", script]
     return acc + ["-m", "src.launch", str(request)]
 
 

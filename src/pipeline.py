@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -287,6 +288,8 @@ def preflight(job: Job) -> list[str]:
             check_readable(resolve(source, job.data_root))
     if job.audit.execute:  # opt-in code execution on a pool with neither unit tests nor references: say so now
         audit.check_auditable(job.dataset, job.data_root)
+    if job.iterations:  # a multi-node launch needs the nodes and srun now, not at the first train stage
+        problems += launch.allocation_problems(job.launch, os.environ)
     roles = (("seed", job.seed), ("judge", job.judge), *((("audit.model", job.audit.model),) if job.audit.judge else ()))
     for role, spec in roles:
         try:
