@@ -11,6 +11,8 @@ values and the dataclass the one source of types and bounds.)
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import dataclasses
 import types
 import typing
@@ -25,9 +27,25 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key."""
 
 
-def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None, max: float | None = None) -> Any:
-    """A dataclass field with help text and inclusive bounds, checked by `typed()`."""
-    return dataclasses.field(default=default, metadata={"help": help, "min": min, "max": max})
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, min: float | None = None, max: float | None = None,
+         gt: float | None = None, lt: float | None = None, factory: Any = None) -> Any:
+    """A dataclass field with help text and bounds, checked by `typed()` before anything loads: inclusive
+    (`min`, `max`) or exclusive (`gt`, `lt`). A None value of an optional field is not checked. `factory`: a
+    default_factory instead of a default."""
+    meta = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _bounds_error(value: float, meta: Mapping) -> str | None:
+    """Which bound `value` breaks, as 'must be ...', or None."""
+    lo, hi, gt, lt = meta.get("min"), meta.get("max"), meta.get("gt"), meta.get("lt")
+    parts = [f">= {lo}" if lo is not None else None, f"> {gt}" if gt is not None else None,
+             f"<= {hi}" if hi is not None else None, f"< {lt}" if lt is not None else None]
+    broken = ((lo is not None and value < lo) or (gt is not None and value <= gt)
+              or (hi is not None and value > hi) or (lt is not None and value >= lt))
+    return "must be " + " and ".join(p for p in parts if p) if broken else None
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
@@ -112,12 +130,11 @@ def typed(cls: type[T], node: Any, where: str) -> T:
                 value = [typed(item, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
         elif value is not None or not _optional(hint):
             value = _check(value, hint, f"{where}.{name}")
-            lo, hi = f.metadata.get("min"), f.metadata.get("max")
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if (lo is not None and value < lo) or (hi is not None and value > hi):
-                    bounds = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+                broken = _bounds_error(value, f.metadata)
+                if broken:
                     helptext = f" ({f.metadata['help']})" if f.metadata.get("help") else ""
-                    raise ConfigError(f"{where}.{name}={value!r}: must be {bounds}{helptext}")
+                    raise ConfigError(f"{where}.{name}={value!r}: {broken}{helptext}")
         kwargs[name] = value
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config import knob
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ class TrackingConfig:
     tracking_uri: str | None = None
     artifact_root: str | None = None
     experiment: str = "ste"
-    sample_rows: int = 20
+    sample_rows: int = knob(20, "rows of each stage output logged as a sample table (0 = none)", min=0)
     wandb: bool = False
     wandb_project: str = "ste"
     wandb_mode: str = "offline"

@@ -75,3 +75,51 @@ def test_lr_scheduler_names_are_transformers_own(make_cfg):
     assert list(SCHEDULERS) == [t.value for t in SchedulerType]
     with pytest.raises(ConfigError, match=r"train\.lr_scheduler='cosine_annealing': one of linear, cosine"):
         job(make_cfg, "train.lr_scheduler=cosine_annealing")
+
+
+# Every numeric field's bounds, checked when the job is composed (before the dry run prints and before anything
+# loads): one ConfigError naming the key and the bound. Each of these was accepted before (issue 21).
+OUT_OF_BOUNDS = [
+    ("train.num_epochs=0", r"train\.num_epochs=0: must be > 0"),
+    ("train.num_epochs=-2", r"train\.num_epochs=-2: must be > 0"),
+    ("train.lora_r=0", r"train\.lora_r=0: must be >= 1"),
+    ("train.lora_r=-4", r"train\.lora_r=-4: must be >= 1"),
+    ("train.lora_dropout=1.5", r"train\.lora_dropout=1\.5: must be >= 0 and < 1"),
+    ("train.weight_decay=-1", r"train\.weight_decay=-1: must be >= 0"),
+    ("train.save_steps=0", r"train\.save_steps=0: must be >= 1"),
+    ("train.learning_rate=0", r"train\.learning_rate=0: must be > 0"),
+    ("train.warmup_steps=-1", r"train\.warmup_steps=-1: must be >= 0"),
+    ("eval.rewardbench.per_subset=0", r"eval\.rewardbench\.per_subset=0: must be >= 1"),
+    ("eval.rewardbench.per_subset=-1", r"eval\.rewardbench\.per_subset=-1: must be >= 1"),
+    ("eval.mtbench.max_keys=0", r"eval\.mtbench\.max_keys=0: must be >= 1"),
+    ("eval.mtbench.max_keys=-1", r"eval\.mtbench\.max_keys=-1: must be >= 1"),
+    ("tracking.sample_rows=-1", r"tracking\.sample_rows=-1: must be >= 0"),
+    ("judging.top_p=0", r"judging\.top_p=0: must be > 0 and <= 1"),
+    ("eval.rewardbench.maj_top_p=0", r"eval\.rewardbench\.maj_top_p=0: must be > 0 and <= 1"),
+    ("eval.max_response_chars=0", r"eval\.max_response_chars=0: must be >= 1"),
+    ("judging.max_response_chars=0", r"judging\.max_response_chars=0: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("override,message", OUT_OF_BOUNDS, ids=[o for o, _ in OUT_OF_BOUNDS])
+def test_out_of_bounds_value_is_refused_naming_key_and_bound(make_cfg, override, message):
+    with pytest.raises(ConfigError, match=message):
+        job(make_cfg, override)
+
+
+def test_optional_fields_still_take_null_for_all(make_cfg):
+    j = job(make_cfg, "eval.rewardbench.per_subset=null", "eval.mtbench.max_keys=null")
+    assert j.eval.rewardbench.per_subset is None and j.eval.mtbench.max_keys is None
+
+
+def test_num_epochs_zero_stops_the_cli_dry_run_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import DATA_ROOT, REPO
+
+    proc = subprocess.run([sys.executable, "-m", "src.main", *TINY, "train.num_epochs=0", "pipeline.dry_run=true",
+                           f"data_root={DATA_ROOT}", f"results_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "train.num_epochs=0: must be > 0" in proc.stderr and "Traceback" not in proc.stderr

@@ -39,7 +39,7 @@ class AuditConfig:
     model: Any = None  # the audit judge's model/ preset (a mapping; typed to a ModelSpec by validate)
     k: int = knob(3, "audit judge samples per pair and order", min=1)
     temperature: float = knob(0.7, "audit judge sampling temperature", min=0)
-    top_p: float = knob(0.9, "audit judge nucleus mass", min=0, max=1)
+    top_p: float = knob(0.9, "audit judge nucleus mass", gt=0, max=1)
     max_new_tokens: int = knob(256, "tokens per audit judgment", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["

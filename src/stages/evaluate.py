@@ -45,11 +45,11 @@ class RewardBenchConfig:
     enabled: bool = True
     source: str = "rewardbench/filtered.jsonl.gz"  # relative to data_root, absolute, or allenai/reward-bench
     revision: str | None = None
-    per_subset: int | None = 1  # stratified slice: items per subset (23 subsets); null = all 2,985
+    per_subset: int | None = knob(1, "RewardBench items per subset", min=1)  # stratified slice: items per subset (23 subsets); null = all 2,985
     orders: str = "one"  # both, or one seeded-random order per item as the official runner does
-    maj_k: int = 1  # >1: also sample k judgments per item and order and report majority-vote accuracy
-    maj_temperature: float = 0.7
-    maj_top_p: float = 0.9
+    maj_k: int = knob(1, "RewardBench samples per item and order", min=1)  # >1: also sample k judgments per item and order and report majority-vote accuracy
+    maj_temperature: float = knob(0.7, "vote sampling temperature", min=0)
+    maj_top_p: float = knob(0.9, "vote nucleus mass", gt=0, max=1)
     slice_seed: int = 0  # fixed apart from random_seed, so runs with different seeds score the same items
     # Section weights of this reward-bench version (benchmarks/rewardbench.py WEIGHTS): v0.1.3 = current and the
     # leaderboard; v0.1.2 = the earlier xstest counts (250 / 154 swapped), for numbers published with it.
@@ -61,7 +61,7 @@ class MTBenchConfig:
     enabled: bool = True
     source: str = "mtbench/human_judgments.jsonl.gz"  # relative to data_root, absolute, or lmsys/mt_bench_human_judgments
     revision: str | None = None
-    max_keys: int | None = 6  # distinct (question, model pair, turn) keys, half per turn; null = all
+    max_keys: int | None = knob(6, "MT-Bench keys", min=1)  # distinct (question, model pair, turn) keys, half per turn; null = all
     human_prefixes: list[str] = field(default_factory=lambda: ["expert"])  # whose votes count as "human"
     slice_seed: int = 0
 
@@ -71,12 +71,12 @@ class EvalConfig:
     synthetic: bool = True
     # >1: also sample k judgments per held-out pair and order (sampled like RewardBench's votes:
     # rewardbench.maj_temperature / maj_top_p) for synthetic/accuracy_maj<k> and the synthetic vote-k curve
-    synthetic_maj_k: int = 1
+    synthetic_maj_k: int = knob(1, "held-out samples per pair and order", min=1)
     max_new_tokens: int = knob(32, "reasoning tokens before the verdict", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None
-    max_response_chars: int = 400
+    max_response_chars: int = knob(400, "characters of each response shown to the judge", min=1)
     rewardbench: RewardBenchConfig = field(default_factory=RewardBenchConfig)
     mtbench: MTBenchConfig = field(default_factory=MTBenchConfig)
 

@@ -26,13 +26,13 @@ VERSION = 3  # 2: sampling seeded per pair and order (was per chunk); 3: the pap
 class JudgingConfig:
     n: int = knob(2, "judgments sampled per pair and order", min=1)
     temperature: float = knob(0.7, "sampling temperature (0 = greedy)", min=0)
-    top_p: float = knob(0.9, "nucleus sampling mass", min=0, max=1)
+    top_p: float = knob(0.9, "nucleus sampling mass", gt=0, max=1)
     max_new_tokens: int = knob(48, "tokens generated per judgment", min=1)
     both_orders: bool = True
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None
-    max_response_chars: int = 400
+    max_response_chars: int = knob(400, "characters of each response shown to the judge", min=1)
 
     def validate(self, where: str) -> None:
         if self.verdict not in ("parse", "constrained"):

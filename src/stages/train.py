@@ -42,23 +42,23 @@ class TrainConfig:
     method: str = "sft"
     peft: str = "lora"  # lora: a LoRA adapter; none: full fine-tuning of every weight (the paper)
     init_from: str = "seed"
-    learning_rate: float = knob(1e-3, "peak learning rate", min=0)
-    warmup_steps: int = 0
+    learning_rate: float = knob(1e-3, "peak learning rate", gt=0)
+    warmup_steps: int = knob(0, "optimizer steps of linear warm-up", min=0)
     lr_scheduler: str = "linear"  # any transformers SchedulerType; RAM: cosine
-    weight_decay: float = 0.0  # AdamW; RAM: 0.1
-    adam_beta2: float = 0.999  # AdamW; RAM: 0.95
-    num_epochs: float = 3
+    weight_decay: float = knob(0.0, "AdamW weight decay; RAM: 0.1", min=0)
+    adam_beta2: float = knob(0.999, "AdamW beta2; RAM: 0.95", gt=0, lt=1)
+    num_epochs: float = knob(3, "passes over the examples (0 would leave the judge untrained under a trained name)", gt=0)
     max_steps: int = -1
     per_device_batch_size: int = knob(2, "examples per device per step", min=1)
     gradient_accumulation_steps: int = knob(1, "steps accumulated per update", min=1)
     max_length: int = knob(1024, "longest example in tokens (longer ones are dropped)", min=1)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora_r: int = knob(8, "LoRA rank", min=1)
+    lora_alpha: int = knob(16, "LoRA scale numerator", min=1)
+    lora_dropout: float = knob(0.0, "LoRA dropout probability", min=0, lt=1)
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    save_steps: int = 20
-    beta: float = 0.1  # dpo: strength of the KL anchor to the initial model
-    sft_weight: float = 0.0  # dpo: weight of the NLL term on the chosen judgment (0 = plain DPO)
+    save_steps: int = knob(20, "optimizer steps between resumable checkpoints", min=1)
+    beta: float = knob(0.1, "DPO KL strength", gt=0)  # dpo: strength of the KL anchor to the initial model
+    sft_weight: float = knob(0.0, "DPO NLL weight", min=0)  # dpo: weight of the NLL term on the chosen judgment (0 = plain DPO)
 
     def validate(self, where: str) -> None:
         if self.method not in ("sft", "dpo"):
