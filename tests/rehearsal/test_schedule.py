@@ -26,3 +26,13 @@ def test_steps_not_exceeding_warmup_is_refused():
     job = job_of(["+experiments=paper", "train.gradient_accumulation_steps=16", "dataset.limit=5000"])
     with pytest.raises(ConfigError, match="warmup_steps"):
         schedule.check_schedule(job)
+
+
+def test_gpu_hours_held_counts_the_whole_allocation():
+    """The paper's sbatch job holds 4 x 8 GPUs for the whole run, not only while a stage uses them (§5)."""
+    from src import estimate
+
+    job = job_of(["+experiments=paper"])
+    assert estimate.held_gpus(job) == 32
+    line = estimate.describe(job)
+    assert "GPU-h used" in line and "GPU-h held (32 GPUs" in line
