@@ -36,3 +36,9 @@ def test_gpu_hours_held_counts_the_whole_allocation():
     assert estimate.held_gpus(job) == 32
     line = estimate.describe(job)
     assert "GPU-h used" in line and "GPU-h held (32 GPUs" in line
+
+
+def test_paper_negatives_sample_like_ram():
+    """RAM generated chosen and rejected answers at T 0.7, top-p 0.9; the preset was greedy (§3)."""
+    job = job_of(["+experiments=paper"])
+    assert (job.negatives.temperature, job.negatives.top_p) == (0.7, 0.9)
