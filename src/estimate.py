@@ -185,6 +185,15 @@ def estimate(job, upper: bool, data_root: str | None = None) -> dict[str, dict[s
     return out
 
 
+def held_gpus(job) -> int:
+    """GPUs one allocation must hold for the whole run: the most any stage needs (train: the launch's world)."""
+    specs = [job.seed, job.judge, *([job.audit.model] if job.audit.judge else [])]
+    gpus = [gpus_of(s) for s in specs if on_gpu(s)]
+    if job.iterations and (on_gpu(job.judge) or job.launch.world_size > 1):
+        gpus.append(job.launch.world_size)
+    return max(gpus, default=0)
+
+
 def describe(job, data_root: str | None = None) -> str:
     """The dry run's GPU-hours line(s)."""
     typical, upper = estimate(job, False, data_root), estimate(job, True, data_root)
@@ -195,5 +204,7 @@ def describe(job, data_root: str | None = None) -> str:
     total = sum(v["gpu_hours"] for v in typical.values())
     wall = sum(v["wall_hours"] for v in typical.values())
     parts = ", ".join(f"{k} {v['gpu_hours']:.0f}" if v["gpu_hours"] >= 10 else f"{k} {v['gpu_hours']:.2g}" for k, v in typical.items())
-    return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/estimate.py): ~{total:,.0f} GPU-h, ~{wall:,.0f} h wall "
+    held = wall * held_gpus(job)  # the allocation holds its largest stage's GPUs for the whole run: what is billed
+    return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/estimate.py): ~{total:,.0f} GPU-h used, "
+            f"~{held:,.0f} GPU-h held ({held_gpus(job)} GPUs x ~{wall:,.0f} h wall) "
             f"({parts}); every generation at its max_new_tokens: ~{sum(v['gpu_hours'] for v in upper.values()):,.0f} GPU-h")

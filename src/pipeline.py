@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import estimate, launch
+from . import estimate, launch, schedule
 from .cache import Partial, StageCache, check
 from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
@@ -552,6 +552,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     """One Hydra job: validate, plan, (dry run: print and return), preflight, track, run."""
     job = Job.from_config(cfg)
     check_lengths(job)
+    schedule.check_schedule(job)
     if job.audit.judge and as_dict(job.audit.model) == as_dict(job.seed):
         log.warning("audit.model is the seed model (%s): the audit judge then grades its own pairs; pick another with "
                     "model@audit.model=<preset>", job.seed.name)
@@ -560,7 +561,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
-              + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
+              + "\n" + schedule.describe(job) + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
     if over:
         raise ConfigError(f"train/launch: {over}; choose a launch that fits (README: Running on GPUs)")
     if job.pipeline.dry_run:
