@@ -39,24 +39,62 @@ def _expected() -> tuple[type[BaseException], ...]:
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:
     """(group choices, (sweep id, sweep name) when in a multirun, the job's overrides) from Hydra's runtime config."""
     hc = HydraConfig.get()
-    order = ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "pipeline"]
-    raw = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None and k != "local"}
-    # a group chosen inside another (model@audit.model) is named by where it lands: MLflow params allow no "@"
-    raw = {k.split("@", 1)[1] if "@" in k else k: v for k, v in raw.items()}
-    choices = {k: raw[k] for k in sorted(raw, key=lambda k: (order.index(k) if k in order else len(order), k))}
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
         sweep_dir = str(Path(hc.sweep.dir).resolve())
         # Name: the sweeps/ preset (if any) and the sweep's timestamp, e.g. filters-2026-11-27_22-10-00.
         stamp = f"{Path(hc.sweep.dir).parent.name}_{Path(hc.sweep.dir).name}"
         sweep = (sweep_dir, f"{hc.runtime.choices.get('sweeps') or 'sweep'}-{stamp}")
-    return choices, sweep, overrides(hc)
+    return group_choices(hc.runtime.choices), sweep, overrides(hc)
+
+
+def group_choices(runtime_choices) -> dict[str, str]:
+    """The config groups chosen for a job (hydra's own left out), in the pipeline's order."""
+    order = ["seed", "judge", "dataset", "negatives", "judging", "filter", "train", "eval", "tracking", "pipeline"]
+    raw = {k: str(v) for k, v in runtime_choices.items() if not k.startswith("hydra") and v is not None and k != "local"}
+    # a group chosen inside another (model@audit.model) is named by where it lands: MLflow params allow no "@"
+    raw = {k.split("@", 1)[1] if "@" in k else k: v for k, v in raw.items()}
+    return {k: raw[k] for k in sorted(raw, key=lambda k: (order.index(k) if k in order else len(order), k))}
 
 
 def overrides(hc) -> list[str]:
     """The command-line overrides that can change a result (not where outputs go or whether it is a dry run)."""
     skip = ("pipeline.dry_run", "pipeline.cache_dir", "pipeline.model_cache_dir", "tracking.", "data_root", "results_dir", "hydra")
     return [o for o in hc.overrides.task if "=" in o and not o.lstrip("+~").startswith(skip)]
+
+
+def scale_preset(cfg: DictConfig, explicit: set[str]) -> str | None:
+    """The experiments preset a GPU-scale seed or judge implies when no preset was named, else None.
+
+    `python -m src.main -m seed=mixtral,llama` (the design card's command) means the paper-scale comparison of
+    seeds, not a 70B seed feeding the 135M CPU judge with CPU judging settings. Hydra's defaults cannot follow
+    another group's choice, so the job is composed again with `+experiments=<preset>` added: paper when a model
+    needs a whole node (>= 8 GPUs), gpu_small otherwise. Groups named on the command line still win (Hydra applies
+    command-line group overrides after a preset's), and a CPU seed keeps the CPU default."""
+    from .config import typed
+    from .models.base import ModelSpec
+
+    if "experiments" in explicit:
+        return None
+    specs = [typed(ModelSpec, cfg[r], r) for r in ("seed", "judge")]
+    if not any(s.min_gpus > 0 or s.backend == "vllm" for s in specs):
+        return None
+    return "paper" if max(s.min_gpus for s in specs) >= 8 else "gpu_small"
+
+
+def with_preset(preset: str) -> tuple[DictConfig, dict[str, str], list[str]]:
+    """This job's config composed again with `+experiments=<preset>` (its own command-line overrides last), with
+    its group choices and overrides. Uses Hydra's compose API inside the running app (same config search path)."""
+    from hydra import compose
+
+    task = [*HydraConfig.get().overrides.task, f"+experiments={preset}"]
+    composed = compose(config_name="config", overrides=task, return_hydra_config=True)
+    choices = group_choices(composed.hydra.runtime.choices)
+    from omegaconf import open_dict
+
+    with open_dict(composed):
+        del composed["hydra"]  # the job config, as @hydra.main passes it
+    return composed, choices, task
 
 
 def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str], argv: list[str]) -> str | None:
@@ -95,7 +133,15 @@ def main(cfg: DictConfig) -> None:
     run_name = " ".join(task_overrides) or "defaults"
     try:
         task = HydraConfig.get().overrides.task
-        mismatch = scale_mismatch(cfg, choices, {o.split("=")[0].lstrip("+~") for o in task}, sys.argv[1:])
+        explicit = {o.split("=")[0].lstrip("+~") for o in task}
+        preset = scale_preset(cfg, explicit)
+        if preset:
+            log.info("seed=%s / judge=%s: a GPU-scale model without an experiments preset; planning at that scale "
+                     "(+experiments=%s); groups named on the command line still win", cfg.seed.name, cfg.judge.name, preset)
+            cfg, choices, _ = with_preset(preset)
+            task_overrides = [*task_overrides, f"+experiments={preset}"]
+            explicit.add("experiments")
+        mismatch = scale_mismatch(cfg, choices, explicit, sys.argv[1:])
         if mismatch:
             from .config import ConfigError
 

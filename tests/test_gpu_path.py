@@ -124,15 +124,37 @@ def test_a_gpu_seed_with_cpu_defaults_is_refused_and_names_the_paper_command(mak
     assert scale_mismatch(small, {"seed": "llama", "judge": "seed", "judging": "paper", "eval": "full"}, {"experiments"}, []) is None
 
 
-def test_the_users_sweep_stops_before_loading_anything():
+def test_the_design_cards_seed_sweep_plans_two_paper_scale_jobs():
+    """`python -m src.main -m seed=mixtral,llama` (design card): each seed at the paper's scale, not beside the CPU
+    judge. The dry run works anywhere; a real run here stops at preflight (no GPU) before loading anything."""
+    proc = subprocess.run([sys.executable, "-m", "src.main", "-m", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plans = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
+    assert len(plans) == 2
+    for seed, line in zip(("mixtral", "llama"), plans):
+        assert f"seed={seed} judge=llama" in line and "judging=paper" in line and "eval=full" in line and "experiments=paper" in line
+    assert proc.stdout.count("GPU-h held") == 2
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "src.main", "-m", "seed=mixtral,llama", "tracking=none"], cwd=REPO,
+    real = subprocess.run([sys.executable, "-m", "src.main", "-m", "seed=mixtral,llama", "tracking=none"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "+experiments=paper seed=mixtral,llama" in out
+    out = real.stdout + real.stderr
+    assert real.returncode != 0 and "cannot run this job here" in out and "needs vLLM" in out
     assert "model: loaded" not in out and "computing" not in out
     assert time.time() - t0 < 120
+
+
+def test_a_group_named_on_the_command_line_wins_over_the_implied_preset_and_a_cpu_seed_keeps_the_cpu_default():
+    proc = subprocess.run([sys.executable, "-m", "src.main", "seed=llama", "eval=cpu",
+                           "pipeline.dry_run=true", "tracking=none"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("plan: ")]
+    assert "seed=llama judge=llama" in line and "eval=cpu" in line and "judging=paper" in line
+    cpu = subprocess.run([sys.executable, "-m", "src.main", "seed=qwen_coder_1.5b", "pipeline.dry_run=true", "tracking=none"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    (line,) = [x for x in cpu.stdout.splitlines() if x.startswith("plan: ")]
+    assert "experiments=" not in line and "judging=cpu" in line
 
 
 def test_hub_download_fetches_what_loading_needs_and_explains_gated_models(monkeypatch):
