@@ -23,7 +23,7 @@ def test_references_of_every_gsm8k_and_math_row_are_found():
     ("She makes 9 * 2 = $18 every day.", "18", True),
     ("The answer is 1,000 dollars.", "1000", True),
     ("So x = \\boxed{\\dfrac{1}{2}}.", "\\frac{1}{2}", True),
-    ("\\boxed{0.5}", "\\frac12", False),  # \frac12 without braces is not parsed as a number: compared as text
+    ("\\boxed{0.5}", "\\frac12", True),  # brace-less \frac12 is read as 1/2 (it was compared as text before)
     ("The final answer is 3/4", "0.75", True),
     ("#### 17", "18", False),
     ("I cannot solve this.", "18", False),
@@ -102,3 +102,53 @@ def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
     assert m["decontam/rows"] == 7473 and m["decontam/matched"] == 0 and m["decontam/rewardbench"] == 0
     assert m["select/decontam_dropped"] == 0
     assert "data/decontam_iter0" in {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+
+
+def test_no_real_math_reference_normalises_to_empty_and_an_empty_one_matches_nothing():
+    """Deleting \\text{...} made 68 of MATH's 5,000 references empty (\\text{Monday}, \\text{(C)}), and an empty
+    reference matched every empty prediction."""
+    import gzip
+    import json
+
+    from src.audit import normalise_answer, reference_answer, same_answer
+    from tests.conftest import DATA_ROOT
+
+    rows = [json.loads(line) for line in gzip.open(DATA_ROOT / "math" / "math_test5000.jsonl.gz", "rt")]
+    refs = [reference_answer(r["solution"]) for r in rows]
+    assert len(refs) == 5000 and None not in refs
+    assert [r for r in refs if normalise_answer(r) == ""] == []
+    assert not same_answer("", "\\text{}") and not same_answer("$$", "")
+
+
+@pytest.mark.parametrize("predicted,reference", [
+    ("Monday", "\\text{Monday}"), ("(C)", "\\text{(C)}"), ("5", "5\\text{ cm}"),
+    ("\\frac{1}{2}", "\\frac12"), ("0.5", "\\frac12"), ("\\frac{3}{4}", "\\frac3{4}"), ("50", "50\\%"), ("50\\%", "50"),
+])
+def test_same_answer_reads_math_surface_forms(predicted, reference):
+    from src.audit import same_answer
+
+    assert same_answer(predicted, reference)
+
+
+def test_same_answer_still_tells_different_answers_apart():
+    from src.audit import same_answer
+
+    assert not same_answer("Tuesday", "\\text{Monday}") and not same_answer("\\frac13", "\\frac12")
+    assert not same_answer("6", "5\\text{ cm}")
+
+
+def test_final_answer_takes_the_result_of_an_equation_and_the_number_of_a_gsm8k_tail():
+    from src.audit import final_answer, same_answer
+
+    assert final_answer("Each box holds 12, so the answer is 3 x 12 = 36.") == "36"
+    assert final_answer("She has 20 - 2 = 18 eggs.\n#### 18 eggs") == "18"
+    # a real GSM8K reference and a hand-written response in the styles the seed writes
+    import json
+
+    from src.audit import reference_answer
+    from tests.conftest import DATA_ROOT
+
+    row = json.loads((DATA_ROOT / "math" / "gsm8k_test.jsonl").read_text().splitlines()[0])
+    ref = reference_answer(row["answer"])
+    assert same_answer(final_answer(f"Janet sells the rest.\n#### {ref} dollars"), ref)
+    assert same_answer(final_answer(f"The answer is 9 x 2 = {ref}."), ref)

@@ -25,7 +25,7 @@ from .judge import fit_prompts, judge_prompts, judge_template, item_seed, pair_p
 from .select import DatasetConfig, source_rows
 
 log = logging.getLogger(__name__)
-VERSION = 1  # of the `audit` output by reference answers (its key under audit=references must not change)
+VERSION = 2  # of the `audit` output by reference answers; 2: \text{} answers kept, \frac12, percent, "a x b = c", "#### 18 eggs", empty references match nothing
 EXEC_VERSION = 1  # of the unit-test reading (program assembly, sandbox outcome): in the key only with execute
 JUDGE_VERSION = 1  # of the `audit_judge` output
 
