@@ -146,6 +146,16 @@ class Step:
     status: str = "todo"  # cached | damaged (fails its check: moved aside and recomputed) | partial | todo
 
 
+def filter_rule(job: Job) -> FilterConfig:
+    """The filter step's rule. train=dpo trains only on examples that have an incorrect judgment to prefer against
+    and balances A/B among those (`train.run`, RAM's prepare_dpo_data.py order): balancing in the filter as well,
+    before that drop, lost about half the data. So under dpo the filter keeps its rule but not its balance; every
+    other train method (and every existing key) is unchanged."""
+    if job.train.method == "dpo" and job.filter.balance:
+        return dataclasses.replace(job.filter, balance=False)
+    return job.filter
+
+
 def plan(job: Job) -> list[Step]:
     """Every stage of the job, in running order, with its key (each from its stage module's `key()`), its model,
     the weights it wears and starts from, and its inputs. Pure in the config (plus data-file hashes)."""
@@ -192,8 +202,9 @@ def plan(job: Job) -> list[Step]:
             jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
         jud = judge.key(job.judging, gen, jspec, jadapter, k, rs)
         steps.append(Step("judge", k, jud, jname, job.judging, jspec, jadapter, inputs=pairs, seed=rs + k))
-        fil = filter.key(job.filter, job.judging, jud, gen, k, rs)
-        steps.append(Step("filter", k, fil, "-", (job.filter, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
+        rule = filter_rule(job)
+        fil = filter.key(rule, job.judging, jud, gen, k, rs)
+        steps.append(Step("filter", k, fil, "-", (rule, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
         init = prev_train if job.train.init_from == "previous" else None
         trn = train.key(job.train, fil, init, job.judge, k, rs, job.launch.world_size)
         steps.append(Step("train", k, trn, job.judge.name, (job.train, job.launch), job.judge, init=init, inputs={"examples": ("filter", fil)}, seed=rs + k))
