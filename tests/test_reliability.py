@@ -154,7 +154,7 @@ def test_item1_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(ma
     ("pipeline.chunk_size=0", r"pipeline\.chunk_size=0: must be >= 1"),
     ("eval.max_new_tokens=-5", r"eval\.max_new_tokens=-5: must be >= 1"),
     ("judging.both_orders=3", r"judging\.both_orders=3: expected true or false"),
-    ("judging.top_p=1.5", r"judging\.top_p=1\.5: must be in \[0, 1\]"),
+    ("judging.top_p=1.5", r"judging\.top_p=1\.5: must be > 0 and <= 1"),
 ])
 def test_item9_bad_config_values_fail_with_the_key(make_cfg, override, message):
     from src.config import ConfigError
