@@ -115,7 +115,7 @@ def test_plan_adds_the_audit_steps_only_when_asked_and_keys_what_shapes_them(mak
     code, gsm = ["dataset=code_prompts"], ["dataset=gsm8k"]
     assert "audit" not in steps(*code) and "audit_judge" not in steps(*code)
     g = steps(*gsm)
-    assert g["audit"].key == make_key("audit", 1, {}, {"pairs": g["generate"].key})  # the pre-group formula
+    assert g["audit"].key == make_key("audit", 2, {}, {"pairs": g["generate"].key})  # the pre-group formula, VERSION 2 (answer normalisation)
     ex = steps(*code, "audit=execute")
     assert ex["audit"].key != steps(*code, "audit=execute", "audit.sandbox.timeout_s=3")["audit"].key
     assert steps(*gsm, "audit=execute")["audit"].key != g["audit"].key

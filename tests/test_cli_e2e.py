@@ -135,7 +135,8 @@ def test_filter_sweep_shares_stages_and_groups_runs(first_run):
 def test_paper_models_dry_run_prints_plans_and_real_run_fails_fast(tmp_path):
     # Alone, the design card's seed sweep implies the paper preset: the same two paper-scale plans.
     proc = cli(tmp_path, "-m", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none")
-    assert proc.stdout.count("plan: ") == 2 and proc.stdout.count("experiments=paper") == 2
+    plans = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
+    assert len(plans) == 2 and all("experiments=paper" in line for line in plans)
     proc = cli(tmp_path, "-m", "+experiments=paper", "seed=mixtral,llama", "pipeline.dry_run=true", "tracking=none")
     assert proc.stdout.count("plan: ") == 2
     assert "seed=mixtral" in proc.stdout and "seed=llama" in proc.stdout
