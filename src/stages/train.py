@@ -216,7 +216,6 @@ def run(
     if not examples:
         log.warning("train: no examples to train on: this iteration's judge stays the initial model")
         return {"trained": False, "produced": "none", "examples": 0, "dropped_too_long": too_long}
-    import torch
     from peft import LoraConfig, PeftModel
     from trl import DPOTrainer, SFTTrainer
 
