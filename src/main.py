@@ -86,12 +86,11 @@ def with_preset(preset: str) -> tuple[DictConfig, dict[str, str], list[str]]:
     """This job's config composed again with `+experiments=<preset>` (its own command-line overrides last), with
     its group choices and overrides. Uses Hydra's compose API inside the running app (same config search path)."""
     from hydra import compose
+    from omegaconf import open_dict
 
     task = [*HydraConfig.get().overrides.task, f"+experiments={preset}"]
     composed = compose(config_name="config", overrides=task, return_hydra_config=True)
     choices = group_choices(composed.hydra.runtime.choices)
-    from omegaconf import open_dict
-
     with open_dict(composed):
         del composed["hydra"]  # the job config, as @hydra.main passes it
     return composed, choices, task

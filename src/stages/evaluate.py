@@ -87,8 +87,6 @@ class EvalConfig:
             raise ConfigError(f"{where}.rewardbench.maj_k={self.rewardbench.maj_k} with maj_temperature={self.rewardbench.maj_temperature}: greedy samples are identical (vLLM rejects it)")
         if self.synthetic_maj_k > 1 and self.rewardbench.maj_temperature <= 0:
             raise ConfigError(f"{where}.synthetic_maj_k={self.synthetic_maj_k} with rewardbench.maj_temperature={self.rewardbench.maj_temperature}: greedy samples are identical")
-        if self.synthetic_maj_k < 1 or self.rewardbench.maj_k < 1:
-            raise ConfigError(f"{where}.synthetic_maj_k and {where}.rewardbench.maj_k must be >= 1")
         if self.rewardbench.orders not in ("both", "one"):
             raise ConfigError(f"{where}.rewardbench.orders={self.rewardbench.orders!r}: use both or one")
         if self.rewardbench.weights not in rewardbench.WEIGHTS:
