@@ -25,13 +25,19 @@ from src.models.packaged import is_installed, locate_gguf, materialize
 MODELS = ["smollm2_135m", "qwen_coder_0.5b"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RANK, ALPHA = 8, 16
-B_STD = 0.02  # lora_B init (PEFT's is zero): large enough that the effect dwarfs llama.cpp's numeric noise
+# lora_B init (PEFT's is zero). Large on purpose: llama.cpp's base logits differ from HF's by a norm of ~20-40
+# over the vocab (q8 activation quantisation in its quantised matmuls), and that mismatch is roughly
+# independent between the with- and without-adapter runs, so the effect must dwarf it to be compared
+# (measured on SmolLM2: std 0.02 -> effect corr 0.80, 0.05 -> 0.96, 0.1 -> 0.99).
+B_STD = 0.1
 PROMPT = "Write a Python function that returns the sum of a list of numbers."
 
-# Thresholds, set with margin from measured values (see the report in the commit/PR):
-BASE_CORR_MIN = 0.99  # llama.cpp base vs HF base (same dequantised weights, different kernels)
-EFFECT_CORR_MIN = 0.9  # llama.cpp adapter effect vs HF adapter effect, right conversion
-WRONG_EFFECT_CORR_MAX = 0.6  # same with the q/k permutation choice flipped
+# Thresholds, set with margin from values measured with llama-cpp-python 0.3.36 on CPU (SmolLM2 / Qwen):
+BASE_CORR_MIN = 0.99  # llama.cpp base vs HF base over the vocab: 0.9994 / 0.9997
+EFFECT_CORR_MIN = 0.95  # llama.cpp adapter effect vs HF's, right conversion: 0.990 / 0.996
+WRONG_EFFECT_CORR_MAX = 0.85  # the same with the q/k permutation choice flipped: 0.62 / 0.73
+# |llama.cpp with adapter - HF with adapter| as a fraction of |HF effect|: right 0.10 / 0.10, wrong 0.67 / 0.80
+RIGHT_DIST_MAX, WRONG_DIST_MIN = 0.25, 0.5
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -60,7 +66,8 @@ def _case(name: str, root: Path) -> Case:
     tokens = tok(text, add_special_tokens=False)["input_ids"]
 
     def load() -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+        return model.eval()
 
     @torch.no_grad()
     def last_logits(model: torch.nn.Module) -> np.ndarray:
@@ -179,9 +186,12 @@ def test_llama_cpp_wears_adapter_like_peft(case: Case, tmp_path: Path, monkeypat
     right_corr = _pearson(cpp_right - cpp_base, hf_effect)
     wrong_corr = _pearson(cpp_wrong - cpp_base, hf_effect)
     noise = float(np.linalg.norm(cpp_base - case.hf_base))
+    right_dist = float(np.linalg.norm(cpp_right - case.hf_lora))
+    wrong_dist = float(np.linalg.norm(cpp_wrong - case.hf_lora))
     print(
         f"\n{case.name} ({arch}): base corr {base_corr:.4f}, effect corr right {right_corr:.4f} / wrong "
-        f"{wrong_corr:.4f}; |HF effect| {np.linalg.norm(hf_effect):.2f}, |base mismatch| {noise:.2f}; top-1 "
+        f"{wrong_corr:.4f}; |HF effect| {np.linalg.norm(hf_effect):.2f}, |base mismatch| {noise:.2f}; "
+        f"|cpp - HF| with adapter right {right_dist:.2f} / wrong {wrong_dist:.2f}; top-1 "
         f"hf base/lora {case.hf_base.argmax()}/{case.hf_lora.argmax()}, cpp base/right/wrong "
         f"{cpp_base.argmax()}/{cpp_right.argmax()}/{cpp_wrong.argmax()}"
     )
@@ -190,7 +200,10 @@ def test_llama_cpp_wears_adapter_like_peft(case: Case, tmp_path: Path, monkeypat
     assert np.linalg.norm(hf_effect) > 3 * noise
     assert right_corr > EFFECT_CORR_MIN
     assert cpp_right.argmax() == case.hf_lora.argmax()
-    assert wrong_corr < WRONG_EFFECT_CORR_MAX and wrong_corr < right_corr - 0.3
+    assert right_dist < RIGHT_DIST_MAX * np.linalg.norm(hf_effect)
+    # The control must fail the same checks clearly, or they could not catch a wrong q/k layout.
+    assert wrong_corr < WRONG_EFFECT_CORR_MAX and wrong_corr < right_corr - 0.15
+    assert wrong_dist > WRONG_DIST_MIN * np.linalg.norm(hf_effect)
 
 
 # ---- refusals: pure, the config is rejected before the base GGUF is opened ----
