@@ -1,9 +1,13 @@
-"""Benchmark: judge-prompt sampling, naive (one prompt, one sample per `generate` call) vs HFGenerator batched.
+"""Benchmark: judge-prompt sampling, naive (one prompt, one sample per `generate` call) vs HFGenerator batched
+vs the llama.cpp engine (LlamaCppGenerator, when installed), side by side on the same prompts.
 
     python -m src.bench_judge [--model smollm2_135m] [--pairs 8] [--n 2] [--max-new-tokens 48] [--batch-size 8]
 
-Both runs use the same model object and the same prompts (real RewardBench pairs, responses cut to
---response-chars). Throughput counts generated tokens only (EOS and padding excluded).
+All runs use the same prompts (real RewardBench pairs in the judge stage's template, responses cut to
+--response-chars). Throughput counts generated tokens only (EOS and padding excluded). For llama.cpp it also
+prints the engine's own rate (tokens / time inside llama_decode): the rest is the stage path's overhead
+(sampling, batching, detokenising). `choose` is the evaluation's constrained verdict read ([[A]] vs [[B]] after
+the prompt): seconds per prompt, which is prefill.
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--engines", default="hf,llamacpp", help="comma-separated: hf, llamacpp")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
 
@@ -118,10 +123,69 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_naive:
         result["ratio"] = (tok_b / t_b) / (tok_n / t_n)
         print(f"ratio batched/naive tok/s: {result['ratio']:.2f}x")
+    result["hf_choose_s_per_prompt"], result["hf_read_s_per_prompt"] = choose_times(gen, prompts, res)
     print(f"peak RSS {result['peak_rss_mb']:.0f} MB")
     print("sample:", repr(res[0][0].text[:300]))
     gen.close()
+    if "llamacpp" in args.engines.split(","):
+        result.update(bench_llamacpp(spec, model_dir, prompts, sampling, args))
+        r = result
+        print(f"ratio llama.cpp/HF batched tok/s: {r['llamacpp_tok_s'] / r['batched_tok_s']:.2f}x")
+        print(f"s/prompt, HF vs llama.cpp: prefill (cold constrained verdict) {r['hf_choose_s_per_prompt']:.2f} vs "
+              f"{r['llamacpp_choose_s_per_prompt']:.2f} ({r['hf_choose_s_per_prompt'] / r['llamacpp_choose_s_per_prompt']:.2f}x); "
+              f"verdict read after a judgment {r['hf_read_s_per_prompt']:.2f} vs {r['llamacpp_read_s_per_prompt']:.2f} "
+              f"({r['hf_read_s_per_prompt'] / r['llamacpp_read_s_per_prompt']:.2f}x)")
+    else:
+        print(f"s/prompt (HF): cold constrained verdict {result['hf_choose_s_per_prompt']:.2f}, read after a judgment {result['hf_read_s_per_prompt']:.2f}")
     return result
+
+
+def bench_llamacpp(spec, model_dir, prompts: list[str], sampling, args) -> dict:
+    import dataclasses
+
+    from .models.base import SamplingConfig
+    from .models.llamacpp import LlamaCppGenerator, available
+    from .models.packaged import locate_gguf
+
+    if not available():
+        print('llama.cpp: llama-cpp-python not installed (pip install -e ".[cpu]")')
+        return {}
+    gen = LlamaCppGenerator(dataclasses.replace(spec, backend="llamacpp"), model_dir, locate_gguf(spec.package, args.cache_dir))
+    gen.generate(prompts[:1], SamplingConfig(max_new_tokens=4))  # warm-up
+    gen.reset_cache()
+    gen.decode_seconds, gen.reused_tokens = 0.0, 0
+    t0 = time.perf_counter()
+    res = gen.generate(prompts, sampling)
+    t = time.perf_counter() - t0
+    tok = sum(c.num_tokens for r in res for c in r)
+    fin = sum(c.finished for r in res for c in r)
+    engine_s = gen.decode_seconds
+    prompt_tokens = sum(len(gen._encode(gen.chat_text(p))) for p in prompts)
+    print(f"llama.cpp prefix cache: {gen.reused_tokens} of {prompt_tokens} prompt tokens reused")
+    choose_s, read_s = choose_times(gen, prompts, res, reset=gen.reset_cache)
+    print(f"{'llama.cpp':10s} {tok:8d} {t:9.1f} {tok / t:8.1f}   ({fin}/{len(prompts) * args.n} ended at EOS; "
+          f"load {gen.load_seconds:.1f} s)")
+    print(f"{'  engine':10s} {tok:8d} {engine_s:9.1f} {tok / engine_s:8.1f}   (time inside llama_decode, prefill included; "
+          f"stage overhead {100 * (1 - engine_s / t):.1f} %)")
+    print("sample:", repr(res[0][0].text[:300]))
+    gen.close()
+    return {"llamacpp_tokens": tok, "llamacpp_s": t, "llamacpp_tok_s": tok / t, "llamacpp_engine_s": engine_s,
+            "llamacpp_overhead": 1 - engine_s / t, "llamacpp_choose_s_per_prompt": choose_s, "llamacpp_read_s_per_prompt": read_s,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def choose_times(gen, prompts: list[str], judged, reset=None) -> tuple[float, float]:
+    """Seconds per prompt of (a) a constrained verdict straight after the prompt, from a cold start: prefill;
+    (b) the evaluation's read of a judgment that named no verdict: prompt + judgment + "Final verdict: [[" (after
+    `generate`, as evaluate.judge_items does it; an engine with a prefix cache reuses the judged prompt)."""
+    t0 = time.perf_counter()
+    gen.choose(prompts, [r[0].text + "\n\nFinal verdict: [[" for r in judged], ["A]]", "B]]"])
+    read = (time.perf_counter() - t0) / len(prompts)
+    if reset is not None:
+        reset()
+    t0 = time.perf_counter()
+    gen.choose(prompts, ["[["] * len(prompts), ["A]]", "B]]"])
+    return (time.perf_counter() - t0) / len(prompts), read
 
 
 if __name__ == "__main__":

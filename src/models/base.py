@@ -28,7 +28,8 @@ class SamplingConfig:
     n: int = 1
     seed: int = 0  # every sampled batch is seeded from this, so a stage's output is a function of its key
     # One seed per prompt (overrides `seed`): each prompt's samples then depend on that prompt alone, not on
-    # the batch or chunk it shares (HF: generated prompt by prompt; vLLM: per-request seeds, batched).
+    # the batch or chunk it shares (HF: generated prompt by prompt, exactly; vLLM and llama.cpp: per-request seeds,
+    # batched, so up to the kernels' dependence on batch size: a call's output is still a function of the call).
     seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -57,7 +58,10 @@ class ModelSpec:
     path: str | None = None  # hub id or local dir (source=hf)
     revision: str | None = None
     package: str | None = None  # key into packaged.PACKAGED_MODELS (source=packaged)
-    backend: str = "hf"  # "hf" (transformers, CPU or one GPU) or "vllm" (GPU only)
+    # "hf" (transformers, CPU or one GPU), "vllm" (GPU), "llamacpp" (llama.cpp on the packaged GGUF, CPU), or
+    # "auto": llamacpp where it is installed and the model is a packaged GGUF, else hf (resolved when the spec is
+    # built, so a key never says "auto": an HF fallback keys exactly as backend hf did).
+    backend: str = "hf"
     dtype: str = "float32"
     attn_implementation: str | None = "eager"  # eager decodes ~2x faster than SDPA on these CPUs
     max_model_len: int = 4096
@@ -67,6 +71,33 @@ class ModelSpec:
     batch_size: int = 8  # prompts per forward pass (hf backend)
     chat_template: str | None = None  # override the tokenizer's (needed for base models)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend == "auto":
+            self.backend, why = resolve_auto_backend(self)
+            _note_once(f"model {self.name}: backend auto -> {self.backend} ({why})")
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(msg: str) -> None:
+    import logging
+
+    if msg not in _NOTED:
+        _NOTED.add(msg)
+        logging.getLogger(__name__).info(msg)
+
+
+def resolve_auto_backend(spec: "ModelSpec") -> tuple[str, str]:
+    """What `backend: auto` means for this spec here, and why (one line for the log and the plan)."""
+    import importlib.util
+
+    if spec.source != "packaged":
+        return "hf", f"source {spec.source}: llama.cpp runs the packaged GGUF files only"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "hf", 'llama-cpp-python is not installed; pip install -e ".[cpu]" builds it (~8 min) and runs it ~5x faster'
+    return "llamacpp", "llama-cpp-python is installed"
 
 
 def check_fits(spec: ModelSpec, max_new_tokens: int, where: str) -> str | None:
@@ -111,7 +142,8 @@ def engine_versions(backend: str) -> dict[str, str]:
     """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
     from ..provenance import package_versions
 
-    return package_versions(("torch", "transformers", "peft") + (("vllm",) if backend == "vllm" else ()))
+    extra = {"vllm": ("vllm",), "llamacpp": ("llama-cpp-python", "gguf")}.get(backend, ())
+    return package_versions(("torch", "transformers", "peft") + extra)
 
 
 def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 CPU_ALTERNATIVE = "use seed=qwen_coder_0.5b judge=smollm2_135m for the CPU default"
 SOURCES = ("packaged", "hf", "tiny_random")
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "llamacpp")
 
 
 def _looks_local(path: str) -> bool:
@@ -57,6 +57,17 @@ def preflight(spec: ModelSpec) -> None:
         needs.append(f"{gpus_needed} GPU{'s' if gpus_needed != 1 else ''}")
         found.append(f"{gpus} GPU{'s' if gpus != 1 else ''}")
     problem = ("vllm not installed" in found) or (gpus is not None and gpus < gpus_needed)
+    if spec.backend == "llamacpp":
+        needs.append("llama-cpp-python")
+        if importlib.util.find_spec("llama_cpp") is None:
+            problem = True
+            found.append("llama-cpp-python not installed")
+            hints.append('pip install -e ".[cpu]" (builds llama.cpp from source, ~8 min), or set the model\'s backend to hf')
+        else:
+            found.append("llama-cpp-python installed")
+        if spec.source != "packaged":
+            raise RuntimeError(f"model {spec.name!r}: backend llamacpp runs the packaged GGUF files (source packaged); "
+                               f"source {spec.source!r} runs on backend hf or vllm")
     if spec.source == "packaged":
         from .packaged import PACKAGED_MODELS, part_paths
 
@@ -134,11 +145,23 @@ def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir
     model_dir = resolve_model_dir(spec, cache_dir)
     if adapter is not None and (Path(adapter) / "config.json").is_file() and not (Path(adapter) / "adapter_config.json").is_file():
         # A full fine-tune's output (train.peft=none) is a whole model directory, not an adapter: it replaces the weights.
+        if spec.backend == "llamacpp":
+            raise RuntimeError(f"model {spec.name!r}: backend llamacpp wears LoRA adapters only; {adapter} holds full "
+                               f"weights (train.peft=none): use backend hf for this judge")
         model_dir, adapter = Path(adapter), None
     if spec.backend == "vllm":
         from .vllm_backend import VLLMGenerator
 
         return VLLMGenerator(spec, model_dir, adapter=adapter)
+    if spec.backend == "llamacpp":
+        from .llamacpp import LlamaCppGenerator, adapter_gguf, engine_gguf
+        from .packaged import locate_gguf
+        from .store import default_cache_dir
+
+        base_gguf = locate_gguf(spec.package or spec.name, cache_dir)
+        gguf = engine_gguf(base_gguf, spec.extra.get("quant"), cache_dir or default_cache_dir())
+        lora = adapter_gguf(adapter, base_gguf, cache_dir or default_cache_dir()) if adapter is not None else None
+        return LlamaCppGenerator(spec, model_dir, gguf, lora)
     from .hf import HFGenerator
 
     return HFGenerator(spec, model_dir, adapter=adapter)

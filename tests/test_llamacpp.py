@@ -1,0 +1,178 @@
+"""The llama.cpp CPU engine (src/models/llamacpp.py): its pure sampling rule, `backend: auto` with and without the
+engine, and the engine itself against the HF reference on the same packaged model and the same judge prompts."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.models import base
+from src.models.base import ModelSpec, SamplingConfig
+from src.models.llamacpp import common_prefix, sample_token
+
+HAS_ENGINE = importlib.util.find_spec("llama_cpp") is not None
+REWARDBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "rewardbench" / "filtered.jsonl.gz"
+
+
+def hf_top_p_support(logits: np.ndarray, temperature: float, top_p: float) -> set[int]:
+    """transformers' TopPLogitsWarper, transcribed: sort ascending, drop tokens whose cumulative mass <= 1-top_p,
+    keep the most likely one."""
+    import torch
+
+    x = torch.tensor(logits, dtype=torch.float64) / temperature
+    s, idx = torch.sort(x, descending=False)
+    cum = s.softmax(-1).cumsum(-1)
+    remove = cum <= (1 - top_p)
+    remove[-1] = False
+    return set(idx[~remove].tolist())
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5, 0.999])
+def test_nucleus_is_transformers_rule_and_samples_follow_the_renormalised_distribution(top_p):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=5000).astype(np.float32)
+    support = hf_top_p_support(logits, 0.7, top_p)
+    draws = [sample_token(logits, 0.7, top_p, np.random.default_rng([7, k])) for k in range(3000)]
+    assert set(draws) <= support
+    # the most frequent draws are the most probable tokens, in proportion (a sampler off by a rank fails this)
+    p = np.exp((logits.astype(np.float64) - logits.max()) / 0.7)
+    top = int(np.argmax(p))
+    q = p[list(support)].sum()
+    expected = p[top] / q
+    assert abs(draws.count(top) / len(draws) - expected) < 4 * np.sqrt(expected * (1 - expected) / len(draws)) + 1e-3
+
+
+def test_flat_distribution_takes_the_full_sort_and_greedy_is_argmax():
+    logits = np.random.default_rng(2).normal(0, 0.01, size=4096).astype(np.float32)  # no ties: the rule is then exact
+    logits[17] = 0.1  # the top 1,024 hold ~25 % of the mass: the nucleus needs the full vocabulary
+    support = hf_top_p_support(logits, 1.0, 0.9)
+    assert len(support) > 1024
+    draws = {sample_token(logits, 1.0, 0.9, np.random.default_rng([1, k])) for k in range(400)}
+    assert draws <= support and len([d for d in draws if d not in set(np.argsort(-logits)[:1024].tolist())]) > 0
+    assert sample_token(logits, 0.0, 0.9, None) == 17
+
+
+def test_sampling_is_a_function_of_the_seed_and_the_sample_index():
+    logits = np.random.default_rng(3).normal(size=1000).astype(np.float32)
+    a = [sample_token(logits, 0.7, 0.9, np.random.default_rng([5, j])) for j in range(20)]
+    b = [sample_token(logits, 0.7, 0.9, np.random.default_rng([5, j])) for j in range(20)]
+    c = [sample_token(logits, 0.7, 0.9, np.random.default_rng([6, j])) for j in range(20)]
+    assert a == b and a != c
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3, 4], [1, 2, 3, 5]) == 3
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2], [3, 2]) == 0 and common_prefix([], [1]) == 0
+
+
+def test_auto_backend_falls_back_to_hf_with_one_line_when_the_engine_is_missing(monkeypatch, caplog):
+    """CI has the engine; its absence is simulated by hiding the module from find_spec (what a user without the
+    [cpu] extra has). The HF fallback keys exactly as a spec that says backend hf."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    base._NOTED.clear()
+    with caplog.at_level("INFO", logger="src.models.base"):
+        spec = ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="auto")
+        ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="auto")
+    assert spec.backend == "hf"
+    lines = [r.getMessage() for r in caplog.records if "backend auto" in r.getMessage()]
+    assert len(lines) == 1 and "llama-cpp-python is not installed" in lines[0] and ".[cpu]" in lines[0]
+    plain = ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="hf")
+    assert base.model_id(spec, None) == base.model_id(plain, None)
+    # a hub model is never auto-routed to the engine, installed or not
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert ModelSpec(name="x", source="hf", path="org/x", backend="auto").backend == "hf"
+
+
+@pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
+def test_auto_backend_uses_the_engine_and_the_plan_says_so(make_cfg):
+    from src.pipeline import Job, describe, plan
+
+    job = Job.from_config(make_cfg())
+    assert job.seed.backend == "llamacpp" and job.judge.backend == "llamacpp"
+    assert "backend llamacpp" in describe(job, plan(job), {}, [])
+    assert base.model_id(job.judge, None)["engine"]["version.llama-cpp-python"] == "0.3.36"
+
+
+def test_preflight_names_the_missing_engine(monkeypatch):
+    from src.models import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"needs llama-cpp-python.*not installed.*\.\[cpu\]"):
+        loading.preflight(ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="llamacpp"))
+    with pytest.raises(RuntimeError, match="runs the packaged GGUF files"):
+        monkeypatch.setattr(importlib.util, "find_spec", real)
+        loading.preflight(ModelSpec(name="x", source="tiny_random", backend="llamacpp"))
+
+
+# ------------------------------------------------------------------------------------- the engine itself
+def judge_prompts(n: int) -> list[str]:
+    from src.bench_judge import judge_prompts as prompts
+
+    return prompts(REWARDBENCH, n, response_chars=400, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """HF (the reference) and llama.cpp on SmolLM2-135M: the HF weights are the same Q4_1 GGUF, dequantised."""
+    from src.models.loading import load_generator
+    from tests.conftest import model_cache
+
+    hf = load_generator(ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="hf",
+                                  max_model_len=2048, batch_size=8), cache_dir=model_cache())
+    lc = load_generator(ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="llamacpp",
+                                  max_model_len=2048), cache_dir=model_cache())
+    yield hf, lc
+    hf.close()
+    lc.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
+def test_greedy_verdicts_agree_with_the_hf_reference(engines):
+    """>= 95 % of constrained verdicts ([[A]] vs [[B]] after the judge prompt) agree. The two differ only in
+    arithmetic: llama.cpp multiplies Q4_1 weights by Q8-quantised activations, HF the dequantised weights in fp32;
+    every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is what that noise can flip."""
+    hf, lc = engines
+    prompts = judge_prompts(40)
+    options = ["[[A]]", "[[B]]"]
+    a = hf.choose(prompts, ["[["] * len(prompts), ["A]]", "B]]"])
+    b = lc.choose(prompts, ["[["] * len(prompts), ["A]]", "B]]"])
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
+    hs = hf.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
+    ls = lc.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            assert abs(hs[i][0] - hs[i][1]) < 0.5, (i, hs[i], ls[i])
+    assert agree >= 0.95, (agree, a, b)
+    # the scores themselves are close (log-probs of the verdict letter), not just their argmax
+    diff = np.abs(np.array(hs) - np.array(ls))
+    assert float(np.median(diff)) < 0.15, diff
+    assert options  # (the options as the judge writes them)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
+def test_generation_is_seeded_per_prompt_and_stops_like_hf(engines):
+    hf, lc = engines
+    prompts = judge_prompts(5)
+    s = SamplingConfig(max_new_tokens=24, temperature=0.7, top_p=0.9, n=2, seeds=(11, 12, 13, 14, 15))
+    together = lc.generate(prompts, s)
+    assert all(len(r) == 2 for r in together) and together[0][0].text != together[0][1].text
+    # A call's output is a function of its prompts and seeds (reruns and resumed chunks are identical), as on vLLM;
+    # not of each prompt alone: ggml's kernels depend on how many rows a step decodes, which moves logits by ~1e-5.
+    again = lc.generate(prompts, s)
+    assert [[c.text for c in r] for r in again] == [[c.text for c in r] for r in together]
+    other = lc.generate(prompts, SamplingConfig(max_new_tokens=24, temperature=0.7, top_p=0.9, n=2, seeds=(21, 22, 23, 24, 25)))
+    assert [[c.text for c in r] for r in other] != [[c.text for c in r] for r in together]
+    for r in together:
+        for c in r:
+            assert c.num_tokens <= 24 and (c.finished or c.num_tokens == 24)
+            assert c.num_tokens == len(lc._encode(c.text)) or not c.text  # the body the text was decoded from
+    # greedy: the first tokens of HF's and llama.cpp's continuations agree on most prompts
+    g = SamplingConfig(max_new_tokens=8)
+    h = [r[0].text for r in hf.generate(prompts, g)]
+    l = [r[0].text for r in lc.generate(prompts, g)]
+    assert sum(x.split()[:2] == y.split()[:2] for x, y in zip(h, l)) >= 4, (h, l)
