@@ -132,25 +132,25 @@ def engines():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
 def test_greedy_verdicts_agree_with_the_hf_reference(engines):
-    """>= 95 % of constrained verdicts ([[A]] vs [[B]] after the judge prompt) agree. The two differ only in
-    arithmetic: llama.cpp multiplies Q4_1 weights by Q8-quantised activations, HF the dequantised weights in fp32;
-    every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is what that noise can flip."""
+    """>= 95 % of greedy verdicts ([[A]] vs [[B]] right after the judge prompt) agree on 30 RewardBench prompts. The
+    engines differ only in arithmetic: llama.cpp multiplies Q4_1 weights by Q8-quantised activations, HF the
+    dequantised weights in fp32; every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is
+    what that noise can flip. `choose` (the evaluation's constrained read) is checked to pick the larger score."""
     hf, lc = engines
-    prompts = judge_prompts(40)
-    options = ["[[A]]", "[[B]]"]
-    a = hf.choose(prompts, ["[["] * len(prompts), ["A]]", "B]]"])
-    b = lc.choose(prompts, ["[["] * len(prompts), ["A]]", "B]]"])
-    agree = sum(x == y for x, y in zip(a, b)) / len(a)
+    prompts = judge_prompts(30)
     hs = hf.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
     ls = lc.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
+    a = ["A" if x[0] > x[1] else "B" for x in hs]
+    b = ["A" if x[0] > x[1] else "B" for x in ls]
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             assert abs(hs[i][0] - hs[i][1]) < 0.5, (i, hs[i], ls[i])
+    agree = sum(x == y for x, y in zip(a, b)) / len(a)
     assert agree >= 0.95, (agree, a, b)
     # the scores themselves are close (log-probs of the verdict letter), not just their argmax
     diff = np.abs(np.array(hs) - np.array(ls))
     assert float(np.median(diff)) < 0.15, diff
-    assert options  # (the options as the judge writes them)
+    assert lc.choose(prompts[:8], ["[["] * 8, ["A]]", "B]]"]) == [x + "]]" for x in b[:8]]
 
 
 @pytest.mark.slow

@@ -16,8 +16,10 @@ Engine use (the low-level bindings; the high-level `Llama` class decodes one seq
     recomputing or copying it (a prefix cache, as vLLM's): the judge template's preamble is decoded once, a prompt
     once for its n samples, and a constrained verdict read after a judgment reuses prompt + judgment;
   * all sample slots of a group decode together, one token each per step (one llama_decode batch).
-The reused cells were computed in an earlier batch: outputs agree with a cold cache up to float rounding, and a
-call's output is a function of the call and what the cache held (as with vLLM's prefix cache).
+`generate` and `score_options` start from an empty cache, so each call's output is a function of that call alone
+(a resumed chunk recomputes exactly what an uninterrupted run computed); `choose` keeps what the call before it
+left, because it is the read that follows a chunk's `generate` (stages/judge.py: a judgment without a verdict is
+read again as prompt + judgment + verdict prefix, now served from the cache).
 """
 from __future__ import annotations
 
@@ -277,6 +279,7 @@ class LlamaCppGenerator:
             check_prompt_length(i, len(ids), self.spec.name, self.spec.max_model_len, sampling.max_new_tokens)
             encoded.append(ids)
         seeds = sampling.seeds if sampling.seeds is not None else tuple(sampling.seed + i for i in range(len(prompts)))
+        self.reset_cache()  # the call's output depends on the call alone (module docstring)
         per_group = max(1, self.slots // n)
         results: list[list[Completion]] = []
         with self._progress(len(prompts), "generate") as bar:
@@ -361,6 +364,7 @@ class LlamaCppGenerator:
             if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
                 raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
             requests.append((ctx, opts))
+        self.reset_cache()  # the call's output depends on the call alone (module docstring)
         return self._continuation_logprobs(requests, "score")
 
     def close(self) -> None:

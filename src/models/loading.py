@@ -154,13 +154,12 @@ def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir
 
         return VLLMGenerator(spec, model_dir, adapter=adapter)
     if spec.backend == "llamacpp":
-        from .llamacpp import LlamaCppGenerator, adapter_gguf, engine_gguf
+        from .llamacpp import LlamaCppGenerator, adapter_gguf
         from .packaged import locate_gguf
         from .store import default_cache_dir
 
-        base_gguf = locate_gguf(spec.package or spec.name, cache_dir)
-        gguf = engine_gguf(base_gguf, spec.extra.get("quant"), cache_dir or default_cache_dir())
-        lora = adapter_gguf(adapter, base_gguf, cache_dir or default_cache_dir()) if adapter is not None else None
+        gguf = locate_gguf(spec.package or spec.name, cache_dir)
+        lora = adapter_gguf(adapter, gguf, cache_dir or default_cache_dir()) if adapter is not None else None
         return LlamaCppGenerator(spec, model_dir, gguf, lora)
     from .hf import HFGenerator
 

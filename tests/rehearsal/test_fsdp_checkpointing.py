@@ -50,7 +50,8 @@ def test_trainer_arguments_pass_transformers_fsdp_check_for_every_launch(launch_
     from src.stages import train
 
     env, cfg = _process_env(launch_name, tmp_path)
-    args = train.training_arguments(typed(train.TrainConfig, cfg.train, "train"), tmp_path / "ckpt", 0, env)
+    # on_gpu: the arguments each GPU process builds (on this CPU machine, checkpointing is off: train.gradient_checkpointing)
+    args = train.training_arguments(typed(train.TrainConfig, cfg.train, "train"), tmp_path / "ckpt", 0, env, on_gpu=True)
     if env.get("ACCELERATE_USE_FSDP") == "true":
         for k, v in env.items():  # the plugin reads its settings from the process environment, as in the worker
             monkeypatch.setenv(k, v)
@@ -65,6 +66,8 @@ def test_trainer_arguments_pass_transformers_fsdp_check_for_every_launch(launch_
             assert args.gradient_checkpointing is False
     else:
         assert args.gradient_checkpointing is True  # TRL's default stays where nothing else checkpoints
+    cpu = train.training_arguments(typed(train.TrainConfig, cfg.train, "train"), tmp_path / "ckpt", 0, env, on_gpu=False)
+    assert cpu.gradient_checkpointing is False and cpu.use_cpu and not cpu.bf16
 
 
 def test_paper_launch_uses_fsdp_activation_checkpointing(tmp_path):
