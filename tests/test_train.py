@@ -138,6 +138,46 @@ def test_train_loss_after_resume_is_the_mean_over_all_steps(tmp_path, monkeypatc
     assert resumed["train_loss"] == pytest.approx(unbroken["train_loss"], rel=1e-3)
 
 
+def test_a_cut_checkpoint_save_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch, caplog):
+    """Issue 21: a save cut by a full disk (or a kill) left checkpoint-8 with a 4 KB optimizer.pt and no
+    trainer_state.json, and every rerun failed with FileNotFoundError. The rerun now resumes from checkpoint-4 and
+    ends where an unbroken run ends; with no complete checkpoint at all it trains from the start."""
+    from transformers import Trainer
+
+    cfg = TrainConfig(learning_rate=5e-3, num_epochs=3, per_device_batch_size=2, max_length=512, lora_r=4, save_steps=4)
+    real = Trainer.training_step
+    calls = {"n": 0}
+
+    def dies_at_step_7(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise _Killed()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", dies_at_step_7)
+    out = tmp_path / "cut"
+    with pytest.raises(_Killed):
+        train.run(cfg, EXAMPLES, load_for_training(SPEC, model_cache()), None, out, seed=0, report_to_mlflow=False)
+    monkeypatch.setattr(Trainer, "training_step", real)
+    ckpts = out / "checkpoints"
+    cut = ckpts / "checkpoint-8"  # what the failed save of step 8 left
+    cut.mkdir()
+    (cut / "optimizer.pt").write_bytes(b"\0" * 4096)
+    assert train.resumable_checkpoint(ckpts) == ckpts / "checkpoint-4"
+    with caplog.at_level("WARNING", logger="src.stages.train"):
+        resumed = train.run(cfg, EXAMPLES, load_for_training(SPEC, model_cache()), None, out, seed=0, report_to_mlflow=False)
+    assert resumed["resumed"] and resumed["steps"] == 12 and len(resumed["losses"]) == 12
+    assert any("checkpoint-8 is an incomplete checkpoint" in r.getMessage() for r in caplog.records)
+    # a state file cut while being written (a kill), and no complete checkpoint at all
+    fake = tmp_path / "fake"
+    for step, state in ((2, '{"global_step": 2}'), (10, '{"global_st')):
+        (fake / f"checkpoint-{step}").mkdir(parents=True)
+        (fake / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert train.resumable_checkpoint(fake) == fake / "checkpoint-2"
+    (fake / "checkpoint-2" / "trainer_state.json").unlink()
+    assert train.resumable_checkpoint(fake) is None and train.resumable_checkpoint(tmp_path / "none") is None
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_training_child_run_carries_the_settings_that_matter(tmp_path, method):
     """TRL's MLflow callback would log ~170 TrainingArguments and model-config params; the child run gets the ones a

@@ -247,9 +247,9 @@ def run(
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
                              callbacks=callbacks)
-    resume = any(ckpt_dir.glob("checkpoint-*")) if ckpt_dir.exists() else False
+    resume = resumable_checkpoint(ckpt_dir)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights. With a
     # full fine-tune (peft=none) it writes a whole model directory (weights + the tokenizer, TRL's processing_class)
     # that load_generator and vLLM load like any model.
@@ -276,7 +276,7 @@ def run(
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
         "seconds": time.time() - t0,
-        "resumed": resume,
+        "resumed": resume is not None,
         "dropped_too_long": too_long,
         "dropped_unbalanced": rebalanced,
     }
@@ -341,6 +341,34 @@ def gradient_checkpointing(env, on_gpu: bool = True) -> bool:
     fsdp = str_to_bool(env.get("ACCELERATE_USE_FSDP", "false")) == 1
     fsdp_checkpointing = str_to_bool(env.get("FSDP_ACTIVATION_CHECKPOINTING", "false")) == 1
     return not (fsdp and fsdp_checkpointing)
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """A Trainer checkpoint that a resume can load: transformers writes trainer_state.json after the weights, the
+    optimizer, scheduler and RNG state (trainer.py `_save_checkpoint`), so one that parses means the save finished. A
+    save cut by a full disk or a kill leaves it missing or truncated (a 4 KB optimizer.pt and no state, measured)."""
+    import json
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-<step>` under ckpt_dir, or None (train from the start). Incomplete ones are
+    skipped with a warning naming them: resuming from one fails on every rerun (FileNotFoundError) until deleted."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()),
+                   key=lambda p: int(p.name.split("-", 1)[1]), reverse=True)
+    for p in found:
+        if checkpoint_complete(p):
+            return p
+        log.warning("train: %s is an incomplete checkpoint (no readable trainer_state.json: its save was cut); "
+                    "resuming from an earlier one or from the start", p)
+    return None
 
 
 def is_full_model(path: Path) -> bool:
