@@ -238,7 +238,7 @@ class LlamaCppGenerator:
             self._held[dst] = list(self._held[src])
 
     def reset_cache(self) -> None:
-        """Forget every cached prefix (benchmarks: a cold start)."""
+        """Forget every cached prefix: where each generate / score_options call starts (and a benchmark's cold start)."""
         self.L.llama_memory_clear(self._mem, True)
         self._held = [[] for _ in range(self.slots)]
 
