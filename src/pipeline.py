@@ -301,6 +301,10 @@ def preflight(job: Job) -> list[str]:
         audit.check_auditable(job.dataset, job.data_root)
     if job.iterations:  # a multi-node launch needs the nodes and srun now, not at the first train stage
         problems += launch.allocation_problems(job.launch, os.environ)
+    if job.iterations and job.train.peft == "none" and job.judge.backend == "llamacpp":
+        # llama.cpp wears LoRA adapters (converted to GGUF); full trained weights would fail at iteration 1's evaluation
+        problems.append(f"judge={job.judge.name}: backend llamacpp wears LoRA adapters only, and train.peft=none trains "
+                        f"full weights; add judge.backend=hf")
     roles = (("seed", job.seed), ("judge", job.judge), *((("audit.model", job.audit.model),) if job.audit.judge else ()))
     for role, spec in roles:
         try:

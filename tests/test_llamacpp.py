@@ -92,6 +92,12 @@ def test_auto_backend_uses_the_engine_and_the_plan_says_so(make_cfg):
     job = Job.from_config(make_cfg())
     assert job.seed.backend == "llamacpp" and job.judge.backend == "llamacpp"
     assert "backend llamacpp" in describe(job, plan(job), {}, [])
+    # full fine-tuning cannot be worn by the engine: said before anything runs
+    from src.pipeline import preflight
+
+    full = Job.from_config(make_cfg("train.peft=none"))
+    assert any("wears LoRA adapters only" in p and "judge.backend=hf" in p for p in preflight(full))
+    assert not any("LoRA adapters only" in p for p in preflight(Job.from_config(make_cfg("train.peft=none", "judge.backend=hf"))))
     assert base.model_id(job.judge, None)["engine"]["version.llama-cpp-python"] == "0.3.36"
 
 
