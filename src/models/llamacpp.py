@@ -154,6 +154,8 @@ class LlamaCppGenerator:
             raise RuntimeError(f"llama.cpp could not load {self.gguf_path}")
         self.n_vocab = int(L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model)))
         self.slots = int(spec.extra.get("slots", 16))
+        if self.slots < 2:
+            raise ValueError(f"model {spec.name!r}: extra.slots={self.slots}: the llama.cpp backend needs >= 2 (a context and a scratch slot)")
         self.n_batch = int(spec.extra.get("n_batch", 512))
         threads = int(spec.extra.get("n_threads") or os.cpu_count() or 1)
         cp = L.llama_context_default_params()
@@ -319,9 +321,9 @@ class LlamaCppGenerator:
 
     # ---------------------------------------------------------------- scoring
     def _continuation_logprobs(self, requests: Sequence[tuple[list[int], list[list[int]]]], desc: str) -> list[list[float]]:
-        """For each (context, continuations): sum of log P(continuation tokens | context) per continuation. The
-        contexts' shared prefix is decoded once; each context once (slot 1); each continuation longer than one
-        token from a copy of it (slot 2)."""
+        """For each (context, continuations): sum of log P(continuation tokens | context) per continuation. Each
+        context is loaded into a slot (reusing any cached prefix); each continuation longer than one token is
+        decoded in the scratch slot from a copy of it."""
         scores: list[list[float]] = []
         scratch = self.slots - 1  # continuations; contexts rotate over the other slots, so they stay reusable
         with self._progress(len(requests), desc) as bar:
