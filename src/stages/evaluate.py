@@ -72,7 +72,7 @@ class EvalConfig:
     # >1: also sample k judgments per held-out pair and order (sampled like RewardBench's votes:
     # rewardbench.maj_temperature / maj_top_p) for synthetic/accuracy_maj<k> and the synthetic vote-k curve
     synthetic_maj_k: int = knob(1, "held-out samples per pair and order", min=1)
-    max_new_tokens: int = knob(32, "reasoning tokens before the verdict", min=1)
+    max_new_tokens: int = knob(48, "reasoning tokens before the verdict (the CPU judge is trained on 48-token judgments)", min=1)
     verdict: str = "constrained"
     verdict_prefix: str = "\n\nFinal verdict: [["
     prompt: str | None = None
