@@ -107,6 +107,19 @@ class _Killed(Exception):
     pass
 
 
+def _dies_at_step(n: int, real):
+    """Trainer.training_step that raises _Killed at its n-th call (standing in for SIGKILL), else runs `real`."""
+    calls = {"n": 0}
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Killed()
+        return real(self, *a, **k)
+
+    return step
+
+
 def test_train_loss_after_resume_is_the_mean_over_all_steps(tmp_path, monkeypatch):
     """Issue 9: a training killed after its checkpoint and resumed logs the same train_loss as an unbroken one
     (TRL's training_loss divided the post-resume losses by all steps). The kill is an exception raised from the
@@ -118,15 +131,7 @@ def test_train_loss_after_resume_is_the_mean_over_all_steps(tmp_path, monkeypatc
     assert unbroken["steps"] == 12
 
     real = Trainer.training_step
-    calls = {"n": 0}
-
-    def dies_at_step_7(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise _Killed()
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "training_step", dies_at_step_7)
+    monkeypatch.setattr(Trainer, "training_step", _dies_at_step(7, real))
     out = tmp_path / "resumed"
     with pytest.raises(_Killed):
         train.run(cfg, EXAMPLES, load_for_training(SPEC, model_cache()), None, out, seed=0, report_to_mlflow=False)
@@ -146,15 +151,7 @@ def test_a_cut_checkpoint_save_resumes_from_the_previous_checkpoint(tmp_path, mo
 
     cfg = TrainConfig(learning_rate=5e-3, num_epochs=3, per_device_batch_size=2, max_length=512, lora_r=4, save_steps=4)
     real = Trainer.training_step
-    calls = {"n": 0}
-
-    def dies_at_step_7(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise _Killed()
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "training_step", dies_at_step_7)
+    monkeypatch.setattr(Trainer, "training_step", _dies_at_step(7, real))
     out = tmp_path / "cut"
     with pytest.raises(_Killed):
         train.run(cfg, EXAMPLES, load_for_training(SPEC, model_cache()), None, out, seed=0, report_to_mlflow=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, move_trailing_spaces, option_ids, plan_choices
+from .prompts import check_prompt_length, plan_choices, plan_scores
 
 log = logging.getLogger(__name__)
 
@@ -348,18 +348,7 @@ class HFGenerator:
         Unlike `choose`, the scores are comparable across prompts (classification calibrates on them)."""
         import torch
 
-        if len(prompts) != len(prefixes):
-            raise ValueError("prompts and prefixes must have the same length")
-        if len(set(options)) != len(options) or not options:
-            raise ValueError(f"need distinct options, got {list(options)}")
-        plans = []
-        for i, (p, pre) in enumerate(zip(prompts, prefixes)):
-            ctx_text, opt_texts = move_trailing_spaces(self.chat_text(p) + pre, options)
-            ctx = self._encode(ctx_text)
-            opts = [option_ids(self._encode, ctx_text, ctx, o) for o in opt_texts]
-            if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
-                raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
-            plans.append((ctx, opts))
+        plans = plan_scores(self.chat_text, self._encode, prompts, prefixes, options, self.spec.name, self.spec.max_model_len)
         shared = self._score_after_shared_prefix(plans, len(options)) if self.shared_prefill else None
         if shared is not None:
             return shared

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, move_trailing_spaces, option_ids, plan_choices
+from .prompts import check_prompt_length, plan_choices, plan_scores
 
 log = logging.getLogger(__name__)
 
@@ -354,18 +354,7 @@ class LlamaCppGenerator:
 
     def score_options(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         """log P(option | chat(prompt)+prefix) for every option, comparable across prompts (as HFGenerator's)."""
-        if len(prompts) != len(prefixes):
-            raise ValueError("prompts and prefixes must have the same length")
-        if len(set(options)) != len(options) or not options:
-            raise ValueError(f"need distinct options, got {list(options)}")
-        requests = []
-        for i, (p, pre) in enumerate(zip(prompts, prefixes)):
-            ctx_text, opt_texts = move_trailing_spaces(self.chat_text(p) + pre, options)
-            ctx = self._encode(ctx_text)
-            opts = [option_ids(self._encode, ctx_text, ctx, o) for o in opt_texts]
-            if len(ctx) + max(len(o) for o in opts) > self.spec.max_model_len:
-                raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {self.spec.max_model_len}")
-            requests.append((ctx, opts))
+        requests = plan_scores(self.chat_text, self._encode, prompts, prefixes, options, self.spec.name, self.spec.max_model_len)
         self.reset_cache()  # the call's output depends on the call alone (module docstring)
         return self._continuation_logprobs(requests, "score")
 

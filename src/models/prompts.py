@@ -81,3 +81,21 @@ def plan_choices(chat_text: Callable[[str], str], encode: Encode, prompts: Seque
             raise ValueError(f"{model}: choose prompt {i} is {len(ctx)} tokens + option {longest}, over max_model_len {max_model_len}")
         plans.append(plan)
     return plans
+
+
+def plan_scores(chat_text: Callable[[str], str], encode: Encode, prompts: Sequence[str], prefixes: Sequence[str],
+                options: Sequence[str], model: str, max_model_len: int) -> list[tuple[list[int], list[list[int]]]]:
+    """What score_options scores, for each prompt: (context tokens, each option's tokens as they continue it)."""
+    if len(prompts) != len(prefixes):
+        raise ValueError("prompts and prefixes must have the same length")
+    if len(set(options)) != len(options) or not options:
+        raise ValueError(f"need distinct options, got {list(options)}")
+    plans = []
+    for i, (p, pre) in enumerate(zip(prompts, prefixes)):
+        ctx_text, opt_texts = move_trailing_spaces(chat_text(p) + pre, options)
+        ctx = encode(ctx_text)
+        opts = [option_ids(encode, ctx_text, ctx, o) for o in opt_texts]
+        if len(ctx) + max(len(o) for o in opts) > max_model_len:
+            raise ValueError(f"score_options prompt {i} is {len(ctx)} tokens, over max_model_len {max_model_len}")
+        plans.append((ctx, opts))
+    return plans
