@@ -2,7 +2,7 @@
 
 Layout: <cache_dir>/<stage>/<key>/{data.jsonl, meta.json, ...}. A stage writes into <key>.partial/ and
 renames it to <key>/ when complete, so a directory named by a key is always a finished output; a killed run
-leaves only .partial/, whose saved chunks the next attempt reuses.
+leaves only .partial/, whose saved chunks (each verified by its SHA-256) the next attempt reuses.
 
 Every committed directory's meta.json lists each file it holds with its byte size, SHA-256 and (jsonl) row
 count. A read checks that listing first (`verify`, once per process); a directory that fails it (a file cut,
@@ -95,42 +95,92 @@ def manifest(directory: Path) -> dict[str, dict]:
 
 
 class Partial:
-    """An output under construction. Chunks appended here survive a kill; `commit` publishes them."""
+    """An output under construction. Chunks saved here survive a kill; `commit` publishes them.
+
+    Chunk c (items [c*size, (c+1)*size) of the stage's item order) is one file, chunks/<c>-<sha>.jsonl, written to a
+    temporary name, fsynced and renamed, its name carrying the SHA-256 of its bytes: a chunk is either there whole
+    and verified or not there, nothing is appended to a shared file and no lock is needed, so any number of
+    processes (on any machine sharing the directory) may save chunks side by side. A chunk whose bytes no longer
+    match its name (edited, cut, garbled) is moved aside with a warning naming it and computed again."""
 
     def __init__(self, final: Path, stage: str = ""):
         self.final, self.stage = final, stage
         self.dir = final.with_name(final.name + ".partial")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.chunks = self.dir / "chunks.jsonl"
+        self.chunk_dir = self.dir / "chunks"
+
+    def _files(self) -> list[Path]:
+        return sorted(self.chunk_dir.glob("[0-9]*-*.jsonl")) if self.chunk_dir.exists() else []
+
+    @staticmethod
+    def _problem(path: Path) -> str | None:
+        """Why a saved chunk cannot be trusted, or None."""
+        index, _, sha = path.stem.partition("-")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return f"unreadable ({e})"
+        got = hashlib.sha256(data).hexdigest()[:16]
+        if not index.isdigit() or got != sha:
+            return f"its SHA-256 {got} does not match its name"
+        try:
+            for line in data.decode("utf-8").splitlines():
+                json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"unreadable rows ({e})"
+        return None
+
+    def problems(self) -> list[str]:
+        """Saved chunks that fail their check (nothing is moved: the dry run reports them)."""
+        return [f"{f}: {why}" for f in self._files() for why in [self._problem(f)] if why]
+
+    def saved(self) -> dict[int, list[dict]]:
+        """{chunk index: rows} of every verified chunk an earlier attempt (or another worker) saved."""
+        legacy = self.dir / "chunks.jsonl"  # before chunks were verified (one appended file): not trusted
+        if legacy.exists():
+            os.replace(legacy, legacy.with_name("chunks.jsonl.unverified"))
+            log.warning("cache: %s was saved by an earlier version without checksums; its chunks are computed again", legacy)
+        out: dict[int, list[dict]] = {}
+        for f in self._files():
+            why = self._problem(f)
+            if why is not None:
+                aside = f.with_name(f.name + f".bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                os.replace(f, aside)
+                log.warning("cache: saved chunk %s is damaged (%s); moved aside to %s, it will be computed again", f, why, aside.name)
+                continue
+            out.setdefault(int(f.stem.partition("-")[0]), [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()])
+        return out
 
     def done(self) -> list[dict]:
-        """Rows saved by earlier attempts. A line cut short by a kill is ignored (it is redone)."""
-        if not self.chunks.exists():
-            return []
-        rows = []
-        with open(self.chunks) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # only the last line can be torn; everything before it was fsynced
-        # Rewrite without the torn tail so appends start on a clean line.
-        write_jsonl(self.chunks, rows)
-        return rows
+        """Rows of every verified saved chunk, in chunk order."""
+        return [r for _, rows in sorted(self.saved().items()) for r in rows]
 
-    def append(self, rows: list[dict]) -> None:
-        with open(self.chunks, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    def has_saved(self) -> bool:
+        return bool(self._files())
+
+    def save(self, index: int, rows: list[dict]) -> Path:
+        """Chunk `index`, whole or not at all (temporary name, fsync, rename, fsync of the directory)."""
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        path = self.chunk_dir / f"{index:06d}-{hashlib.sha256(data).hexdigest()[:16]}.jsonl"
+        tmp = self.chunk_dir / f".{path.name}.{os.uname().nodename}-{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(self.chunk_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         fault_point(self.stage, "chunk")
+        return path
 
     def commit(self, rows: Iterable[dict] | None, meta: dict) -> Path:
         if rows is not None:
             meta = {**meta, "rows": write_jsonl(self.dir / "data.jsonl", rows)}
-        if self.chunks.exists():
-            self.chunks.unlink()
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)  # merged into the output's own files
         meta = {**meta, "files": manifest(self.dir)}
         (self.dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         fault_point(self.stage, "commit")
@@ -193,22 +243,27 @@ def run_chunked(
     desc: str,
     unit: str,
 ) -> list[dict]:
-    """Rows for every item: those an earlier (killed) attempt saved, plus `process(chunk)` for the rest,
-    appended and fsynced chunk by chunk. Saved chunks are a prefix of the work, so the remaining chunks
-    start at the same boundaries as in an unbroken run. Rows come back saved first, then new."""
+    """Rows for every item, in chunk order: chunk c is `process(items[c*chunk_size:(c+1)*chunk_size])`, saved as
+    it completes. Chunks an earlier (killed) attempt saved and that pass their check are reused, so the others are
+    computed at the same boundaries as in an unbroken run, whichever chunks are missing. A saved chunk whose rows
+    name items outside it (saved under other item orders or sizes) is computed again."""
     from tqdm import tqdm
 
-    saved = partial.done()
-    done = {row_key(r) for r in saved}
-    todo = [it for it in items if item_key(it) not in done]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit=unit) as bar:
-        for start in range(0, len(todo), chunk_size):
-            chunk = list(todo[start : start + chunk_size])
-            rows = process(chunk)
-            partial.append(rows)
-            saved.extend(rows)
+    chunks = [list(items[start : start + chunk_size]) for start in range(0, len(items), chunk_size)]
+    saved = {}
+    for c, rows in partial.saved().items():
+        if c < len(chunks) and {row_key(r) for r in rows} <= {item_key(it) for it in chunks[c]}:
+            saved[c] = rows
+        else:
+            log.warning("cache: saved chunk %d of %s holds other items than chunk %d of this run; computed again", c, partial.dir, c)
+    with tqdm(total=len(items), initial=sum(len(chunks[c]) for c in saved), desc=desc, unit=unit) as bar:
+        for c, chunk in enumerate(chunks):
+            if c in saved:
+                continue
+            saved[c] = process(chunk)
+            partial.save(c, saved[c])
             bar.update(len(chunk))
-    return saved
+    return [r for c in range(len(chunks)) for r in saved[c]]
 
 
 @contextlib.contextmanager

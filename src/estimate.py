@@ -208,3 +208,61 @@ def describe(job, data_root: str | None = None) -> str:
     return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/estimate.py): ~{total:,.0f} GPU-h used, "
             f"~{held:,.0f} GPU-h held ({held_gpus(job)} GPUs x ~{wall:,.0f} h wall) "
             f"({parts}); every generation at its max_new_tokens: ~{sum(v['gpu_hours'] for v in upper.values()):,.0f} GPU-h")
+
+
+def token_budgets(job) -> list[dict]:
+    """The dry run's per-stage worst case against each model's context: the longest prompt the config admits plus
+    the generation it asks for, vs max_model_len. Prompts at 4 characters per token (English) and at 1 (`dense`:
+    CJK scripts come close to a token per character). `over` says what the stage does with a prompt that does not
+    fit: nothing aborts (judge.fit_prompts, classify.fit, generate's base.fits)."""
+    from .stages import classify, generate, judge, select
+
+    d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
+    rows = []
+
+    def row(stage, spec, prompt_chars, fixed, new, over):
+        tok = lambda cpt: fixed + prompt_chars / cpt + CHAT_OVERHEAD  # noqa: E731
+        rows.append({"stage": stage, "model": spec.name, "prompt": tok(CHARS_PER_TOKEN), "dense": tok(1.0),
+                     "new": new, "max_model_len": spec.max_model_len, "over": over})
+
+    if d.category != "any" and len(d.categories) > 1:
+        labels = len(classify.PREFIX) + max(len(c) for c in d.categories)
+        row("classify", job.seed, d.max_chars, _template_tokens(select.classify_template(d)), labels,
+            "instruction cut in the middle (select/classify_clipped)")
+    tpl = generate.templates(neg)
+    drop = "pair dropped (generate/dropped/too_long)"
+    row("generate: chosen answer", job.seed, d.max_chars, 0, neg.answer_max_new_tokens, drop)
+    if neg.method == "worse_rewrite":
+        row("generate: worse rewrite", job.seed, d.max_chars, _template_tokens(tpl["rewrite"]) + neg.answer_max_new_tokens,
+            neg.answer_max_new_tokens, drop)
+    elif neg.mode == "two_step":
+        row("generate: modify", job.seed, d.max_chars, _template_tokens(tpl["modify"]), neg.modify_max_new_tokens, drop)
+        row("generate: rejected answer", job.seed, 0, neg.modify_max_new_tokens, neg.answer_max_new_tokens, drop)
+    else:
+        row("generate: single call", job.seed, d.max_chars, _template_tokens(tpl["single_call"]) + neg.answer_max_new_tokens,
+            neg.modify_max_new_tokens + neg.answer_max_new_tokens, drop)
+    cut = "responses, then the instruction, cut to fit"
+    first = job.seed if job.pipeline.first_judge == "seed" else job.judge
+    # a judge prompt shows the instruction (to 2 x max_response_chars) and both responses (each to max_response_chars)
+    jtpl = _template_tokens(judge.judge_template(jg.prompt, "judging.prompt"))
+    margin = 32 if jg.verdict == "constrained" else 0  # judge.token_budget: room to read the verdict after the judgment
+    for spec in ([first] + ([job.judge] if job.judge != first else [])) if job.iterations else []:
+        row("judge", spec, min(2 * jg.max_response_chars, d.max_chars) + 2 * min(jg.max_response_chars, 4 * neg.answer_max_new_tokens),
+            jtpl, jg.max_new_tokens + margin, cut)
+    etpl = _template_tokens(judge.judge_template(ev.prompt, "eval.prompt"))
+    row("evaluate", job.judge, 4 * ev.max_response_chars, etpl, ev.max_new_tokens + (32 if ev.verdict == "constrained" else 0), cut)
+    if job.audit.judge:
+        au = job.audit
+        row("audit judge", au.model, min(2 * au.max_response_chars, d.max_chars) + 2 * min(au.max_response_chars, 4 * neg.answer_max_new_tokens),
+            jtpl, au.max_new_tokens, cut)
+    return rows
+
+
+def describe_budgets(job) -> str:
+    lines = ["  token budget (longest prompt + new tokens vs max_model_len; prompts at 4 chars/token, [at 1 char/token]):"]
+    for r in token_budgets(job):
+        room = r["max_model_len"] - r["new"]
+        state = lambda p: "fits" if p <= room else "over"  # noqa: E731
+        lines.append(f"    {r['stage']:<26} {r['model']:<16} {r['prompt']:>7,.0f} [{r['dense']:>7,.0f}] + {r['new']:>6,} "
+                     f"of {r['max_model_len']:>7,}: {state(r['prompt'])} [{state(r['dense'])}]; a prompt over {room:,}: {r['over']}")
+    return "\n".join(lines)

@@ -214,16 +214,24 @@ def plan(job: Job) -> list[Step]:
         path = cache.path(s.stage, s.key)
         if path.exists():  # verified, so a dry run does not promise to reuse what the run will recompute
             s.status = "cached" if check(path) is None else "damaged"
+        elif cache.has_partial(s.stage, s.key):
+            bad = cache.partial(s.stage, s.key).problems()
+            s.status = f"partial ({len(bad)} saved chunk(s) damaged: recomputed)" if bad else "partial"
         else:
-            s.status = "partial" if cache.has_partial(s.stage, s.key) else "todo"
-    next(s for s in steps if s.stage == "classify").status = f"{len(classified_units(cache, cls))} chunk(s) cached"
+            s.status = "todo"
+    good, bad = classified_units(cache, cls)
+    next(s for s in steps if s.stage == "classify").status = f"{len(good)} chunk(s) cached" + (
+        f", {len(bad)} damaged (moved aside and recomputed)" if bad else "")
     return steps
 
 
-def classified_units(cache: StageCache, cls_key: str) -> list[str]:
-    """The committed classification chunks of a classify key (the prior unit excluded)."""
+def classified_units(cache: StageCache, cls_key: str) -> tuple[list[str], list[str]]:
+    """The committed classification chunks of a classify key (the prior unit excluded): those that pass their
+    check, and the damaged ones (which a run moves aside and classifies again)."""
     root = cache.root / "classify"
-    return sorted(p.name for p in root.glob(f"{cls_key}-[0-9]*") if (p / "meta.json").exists()) if root.exists() else []
+    units = sorted(p.name for p in root.glob(f"{cls_key}-[0-9]*") if (p / "meta.json").exists()) if root.exists() else []
+    checked = {u: check(cache.path("classify", u)) for u in units}
+    return [u for u in units if checked[u] is None], [u for u in units if checked[u] is not None]
 
 
 def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: list[str]) -> str:
@@ -240,7 +248,7 @@ def describe(job: Job, steps: list[Step], choices: dict[str, str], problems: lis
     ]
     lines += [f"  {s.iteration:>4}  {s.stage:<11} {s.model:<28} {s.key:<20}  {s.status}" for s in steps]
     cache, cls = StageCache(job.cache_dir), next(s for s in steps if s.stage == "classify").key
-    labels = [r["category"] for u in classified_units(cache, cls) for r in cache.rows("classify", u)]
+    labels = [r["category"] for u in classified_units(cache, cls)[0] for r in cache.rows("classify", u)]
     lines.append(f"  select: {select.expected_scan(d, labels)}")
     lines += [f"  NOT RUNNABLE HERE: {p}" for p in problems]
     return "\n".join(lines)
@@ -336,7 +344,7 @@ class Runner:
 
         def logged(partial: Partial):
             log.info("%s: computing (key %s, model %s)%s", name, step.key, step.model,
-                     ", resuming saved chunks" if partial.chunks.exists() else "")
+                     ", resuming saved chunks" if partial.has_saved() else "")
             return compute(partial)
 
         meta = {"iteration": step.iteration, "model": step.model, "config": config}
@@ -576,7 +584,8 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
-              + "\n" + schedule.describe(job) + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
+              + "\n" + schedule.describe(job) + "\n" + estimate.describe_budgets(job)
+              + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
     if over:
         raise ConfigError(f"train/launch: {over}; choose a launch that fits (README: Running on GPUs)")
     if job.pipeline.dry_run:

@@ -61,6 +61,9 @@ class JobResult:
     history: dict[str, dict[int, float]]  # metric -> {iteration: value}
     items: dict[str, dict] = field(default_factory=dict)  # benchmark -> {item key: score}, final iteration
     overrides: dict[str, str] | None = None  # the job's command-line overrides (tag ste.overrides), when logged
+    # the reward-bench version whose section weights its overall was logged with (param eval.rewardbench.weights;
+    # runs from before the param existed were scored with v0.1.2's): intervals recompute that overall
+    rb_weights: str = "v0.1.3"
 
     @property
     def final_iteration(self) -> int | None:
@@ -133,6 +136,7 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
             run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8], status=r.info.status,
             choices={k[len("choice."):]: v for k, v in r.data.params.items() if k.startswith("choice.")}, history=history,
             overrides=dict(o.lstrip("+~").split("=", 1) for o in json.loads(overrides)) if overrides else None,
+            rb_weights=r.data.params.get("eval.rewardbench.weights", "v0.1.2"),
         )
         if with_items and job.final_iteration is not None:
             # each benchmark's last evaluated iteration (a job killed mid-iteration has the previous one's items)
@@ -176,10 +180,10 @@ def mtbench_items(rows: list[dict]) -> dict[tuple[str, str], dict[str, tuple[int
     return {(f"turn{k[3]}", "/".join(map(str, k))): v for k, v in mtbench.agreement_by_key(records, humans).items()}
 
 
-def _official_overall(subset_means):
+def _official_overall(weights: str):
     from .benchmarks.rewardbench import overall, section_scores
 
-    return overall(section_scores(subset_means))
+    return lambda subset_means: overall(section_scores(subset_means, weights))
 
 
 def _setup(metric: str) -> str | None:
@@ -187,10 +191,11 @@ def _setup(metric: str) -> str | None:
     return metric.rsplit("_", 1)[1] if metric.startswith("mtbench/agreement_") else None
 
 
-def interval(metric: str, items: dict) -> tuple[float, float] | None:
+def interval(metric: str, items: dict, weights: str = "v0.1.3") -> tuple[float, float] | None:
     """95% interval of a reported number (or of a benchmark's headline, given the benchmark's name): the official
     RewardBench overall (items resampled within their subsets, the official weighting recomputed), MT-Bench
-    agreement pooled over comparisons (keys resampled within their turn), or the plain mean (synthetic accuracy)."""
+    agreement pooled over comparisons (keys resampled within their turn), or the plain mean (synthetic accuracy).
+    `weights`: the reward-bench version of the section weights the run's overall used (JobResult.rb_weights)."""
     metric = ITEM_BENCHMARKS.get(metric, metric)
     if _setup(metric):
         _, lo, hi = ratio_bootstrap({k: v[_setup(metric)] for k, v in items.items()})
@@ -202,7 +207,7 @@ def interval(metric: str, items: dict) -> tuple[float, float] | None:
         if min(sizes.values()) < 2:  # one item in a subset: resampling within it cannot vary, the interval would be 0 wide
             return None
         try:
-            _, lo, hi = stratified_bootstrap(items, _official_overall)
+            _, lo, hi = stratified_bootstrap(items, _official_overall(weights))
         except ValueError:  # a section with no subset in this slice: the official overall is undefined
             return None
         return lo, hi
@@ -210,7 +215,7 @@ def interval(metric: str, items: dict) -> tuple[float, float] | None:
     return lo, hi
 
 
-def paired(metric: str, a: dict, b: dict) -> dict[str, float] | None:
+def paired(metric: str, a: dict, b: dict, weights: str = "v0.1.3") -> dict[str, float] | None:
     """The paired comparison of run b against run a on one reported number (or a benchmark's headline); None where
     the number is undefined for either run (an MT-Bench agreement with no decisive verdict). Where a RewardBench
     subset holds one item the interval cannot vary (as in `interval`): it is NaN, the swap test's p-value stays."""
@@ -221,7 +226,7 @@ def paired(metric: str, a: dict, b: dict) -> dict[str, float] | None:
         return None if math.isnan(t["delta"]) else t
     if metric == "rewardbench/overall":
         try:
-            t = paired_stratified_test(a, b, _official_overall)
+            t = paired_stratified_test(a, b, _official_overall(weights))
         except ValueError:
             return None
         sizes: dict[str, int] = {}
@@ -294,11 +299,11 @@ def table_rows(jobs: list[JobResult]) -> list[dict[str, Any]]:
             row[f"{m}@final"] = j.final(m)
         for metric, bench in ITEM_METRICS.items():
             if j.items.get(bench):
-                ci = interval(metric, j.items[bench])
+                ci = interval(metric, j.items[bench], j.rb_weights)
                 if ci is not None:
                     row[f"{metric} 95% CI"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]"
             if base is not None and j is not base and bench in j.items and bench in base.items:
-                t = paired(metric, base.items[bench], j.items[bench])
+                t = paired(metric, base.items[bench], j.items[bench], j.rb_weights)
                 if t is not None and t["n_items"]:
                     row[f"{metric} vs first job"] = _paired_cell(t)
         rows.append(row)
@@ -332,7 +337,7 @@ def replicates(jobs: list[JobResult], seed_axis: str = "random_seed") -> list[di
             else:
                 row[f"{m} across seeds"] = None
             widths = [ci[1] - ci[0] for j in group if m in ITEM_METRICS and j.items.get(ITEM_METRICS[m])
-                      for ci in [interval(m, j.items[ITEM_METRICS[m]])] if ci is not None]
+                      for ci in [interval(m, j.items[ITEM_METRICS[m]], j.rb_weights)] if ci is not None]
             row[f"{m} item CI width"] = sum(widths) / len(widths) if widths else None
         rows.append(row)
     return rows

@@ -69,7 +69,10 @@ class Counting:
     """Wraps the tiny model and counts model loads (select's model factory) and label-scoring calls."""
 
     def __init__(self, inner):
-        self.inner, self.calls, self.loads = inner, 0, 0
+        self.inner, self.calls, self.loads, self.spec = inner, 0, 0, inner.spec
+
+    def count_tokens(self, prompts):
+        return self.inner.count_tokens(prompts)
 
     def load(self):
         self.loads += 1

@@ -128,6 +128,9 @@ def _damage(cache: Path) -> dict[str, str]:
     done["train"] = "adapter weights bit flip"
     (one("mtbench") / "data.jsonl").unlink()
     done["mtbench"] = "data.jsonl deleted"
+    f = one("classify") / "data.jsonl"  # a classification unit: not a plan step, but the dry run reports it too
+    f.write_text(f.read_text().replace('"category": "', '"category": "x', 1))
+    done["classify"] = "a label edited"
     return done
 
 
@@ -137,7 +140,8 @@ def test_damaged_cache_files_are_detected_and_healed(reference, tmp_path):
     shutil.copytree(ref_results / "cache", results / "cache")
     damaged = _damage(results / "cache")
     dry = cli(results, *RUN, "pipeline.dry_run=true").stdout
-    assert sum(line.rstrip().endswith("  damaged") for line in dry.splitlines()) == len(damaged), dry
+    assert sum(line.rstrip().endswith("  damaged") for line in dry.splitlines()) == len(damaged) - 1, dry
+    assert "1 damaged (moved aside and recomputed)" in dry, dry  # the classify unit
     proc = cli(results, *RUN)
     log = proc.stdout + proc.stderr
     for stage in damaged:
@@ -150,6 +154,23 @@ def test_damaged_cache_files_are_detected_and_healed(reference, tmp_path):
     hits = dict(kv.split("=") for kv in job.data.tags["ste.cache_hits"].split(","))
     assert hits["select_0"] == hits["generate_0"] == hits["judge_1"] == hits["filter_1"] == hits["train_1"] == "0"
     assert sorted([hits["mtbench_0"], hits["mtbench_1"]]) == ["0", "1"]  # one of the two was damaged
+
+
+def test_a_damaged_saved_chunk_is_flagged_by_the_dry_run_and_recomputed(reference, tmp_path):
+    """Issue 21: a saved (not yet committed) chunk edited after a kill is named by the dry run, moved aside by the
+    run with a warning naming its file, and computed again: the committed output is the unbroken run's."""
+    results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")
+    proc = cli(results, *SMALL, fault="generate:chunk", check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (chunk,) = (results / "cache" / "generate").glob("*.partial/chunks/*.jsonl")
+    chunk.write_text(chunk.read_text().replace('"id": "', '"id": "z', 1))
+    dry = cli(results, *SMALL, "pipeline.dry_run=true").stdout
+    assert "partial (1 saved chunk(s) damaged: recomputed)" in dry, dry
+    run = cli(results, *SMALL)
+    assert str(chunk) in run.stdout + run.stderr and "damaged" in run.stdout + run.stderr
+    resumed, ref = outputs(results / "cache"), reference[1]
+    gen = [k for k in resumed if k.startswith("generate/")]
+    assert gen and all(resumed[k] == ref[k] for k in gen)
 
 
 def test_two_jobs_at_once_on_a_fresh_store_are_both_recorded(reference, tmp_path):

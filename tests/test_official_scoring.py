@@ -171,7 +171,7 @@ def test_long_inputs_are_clipped_to_the_token_budget(tiny):
     n = tiny.count_tokens([p1])[0]
     assert c1 is not None and n <= budget and n > budget * 0.7  # cut, but not to nothing
     assert p1 == render(template, *parts[1], c1)  # the limit reproduces the prompt (training examples rely on it)
-    with pytest.raises(ValueError, match="even with empty responses"):
+    with pytest.raises(ValueError, match="even with one character of its input shown"):
         fit_prompts(template, parts[:1], 16000, tiny, 50)
     tiny.generate([p1], evaluate.SamplingConfig(max_new_tokens=4))  # within the model's own length check
 

@@ -287,3 +287,26 @@ def test_paired_is_honest_where_the_number_or_its_interval_is_undefined():
     undecided = {k: {"s1": (0, 0), "s2": (0, 0)} for k in decided}
     assert paired("mtbench/agreement_s1", decided, undecided) is None
     assert paired("mtbench/agreement_s1", decided, decided)["delta"] == 0.0
+
+
+def test_rewardbench_intervals_use_the_runs_own_section_weights(tmp_path):
+    """The report recomputes the overall on resamples with the weights the run logged (eval.rewardbench.weights):
+    with xstest refuse/respond scoring apart, v0.1.2's swapped counts move the Safety section, so the intervals
+    differ; a run logged before the param existed was scored with v0.1.2's."""
+    import mlflow
+
+    from src.benchmarks.rewardbench import SUBSET_SIZES
+    from src.report import interval, load_jobs, paired
+
+    items = {(s, str(i)): float(s != "xstest-should-respond" and (i + len(s)) % 3 > 0) for s in SUBSET_SIZES for i in range(4)}
+    new, old = interval("rewardbench/overall", items, "v0.1.3"), interval("rewardbench/overall", items, "v0.1.2")
+    assert new != old
+    worse = {**items, **{k: 0.0 for k in items if k[0] == "xstest-should-refuse"}}
+    assert paired("rewardbench/overall", items, worse, "v0.1.2")["delta"] < paired("rewardbench/overall", items, worse, "v0.1.3")["delta"] < 0
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    logged, unlogged = _job(client, exp, "logged", [], [0.5]), _job(client, exp, "unlogged", [], [0.5])
+    client.log_param(logged, "eval.rewardbench.weights", "v0.1.3")
+    jobs = load_jobs(client, [client.get_run(logged), client.get_run(unlogged)], with_items=False)
+    assert [j.rb_weights for j in jobs] == ["v0.1.3", "v0.1.2"]

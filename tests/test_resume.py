@@ -69,14 +69,44 @@ def test_judge_stage_resumes_after_a_kill_and_matches_an_unbroken_run(tiny, tmp_
     ]
 
 
-def test_torn_last_line_is_redone(tmp_path):
+def test_a_chunk_cut_by_a_kill_is_not_there(tmp_path):
+    """A kill mid-write leaves only a temporary file: the chunk is not saved, the next attempt computes it."""
     p = StageCache(tmp_path).partial("judge", "x")
-    p.append([{"a": 1}, {"a": 2}])
-    with open(p.chunks, "a") as f:
-        f.write('{"a": 3, "trunc')  # the kill hit mid-write
-    assert p.done() == [{"a": 1}, {"a": 2}]
-    p.append([{"a": 3}])
+    p.save(0, [{"a": 1}, {"a": 2}])
+    (p.chunk_dir / ".000001-0123456789abcdef.jsonl.host-1.tmp").write_text('{"a": 3, "trunc')
+    assert p.done() == [{"a": 1}, {"a": 2}] and list(p.saved()) == [0]
+    p.save(1, [{"a": 3}])
     assert p.done() == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+@pytest.mark.parametrize("edit", [('"tokens": ', '"tokens": 9'), ('"verdict": "', '"verdict": "C')])
+def test_an_edited_saved_chunk_is_recomputed_not_merged(tiny, tmp_path, caplog, edit):
+    """Issue 21: a value edited in a saved chunk was merged into the committed output under a fresh manifest (a
+    token count), or failed every rerun naming no file (an invalid verdict). Each chunk's name carries its SHA-256:
+    the edited one is moved aside with a warning naming it and computed again; the result is the unbroken run's."""
+    import re
+
+    cfg = JudgingConfig(n=2, max_new_tokens=6)
+    cache = StageCache(tmp_path)
+    ref, _ = judge.run(cfg, PAIRS, tiny, seed=7, partial=cache.partial("judge", "ref"), chunk_size=4)
+    with pytest.raises(Crash):
+        judge.run(cfg, PAIRS, Counting(tiny, crash_after=2), seed=7, partial=cache.partial("judge", "k"), chunk_size=4)
+    partial = cache.partial("judge", "k")
+    first, second = sorted(partial.chunk_dir.glob("*.jsonl"))
+    text = second.read_text()
+    key, new = edit
+    edited = re.sub(re.escape(key) + r'[^,"]*' if key.endswith(": ") else re.escape(key) + r"[AB]", new, text, count=1)
+    assert edited != text
+    second.write_text(edited)
+    resumed = Counting(tiny)
+    with caplog.at_level("WARNING"):
+        out, _ = judge.run(cfg, PAIRS, resumed, seed=7, partial=partial, chunk_size=4)
+    assert resumed.prompts == 12 - 4  # the edited chunk and the one never saved; the intact first chunk reused
+    assert str(second) in caplog.text and "damaged" in caplog.text
+    assert [(j.pair_id, j.order, j.sample, j.text, j.verdict, j.tokens) for j in out] == [
+        (j.pair_id, j.order, j.sample, j.text, j.verdict, j.tokens) for j in ref
+    ]
+    assert partial.problems() == []  # moved aside, not left to fail the next check
 
 
 def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatch):

@@ -110,6 +110,14 @@ def check_fits(spec: ModelSpec, max_new_tokens: int, where: str) -> str | None:
     return None
 
 
+def fits(model: "Generator", prompts: Sequence[Prompt], max_new_tokens: int) -> list[bool]:
+    """Which prompts a backend runs with `max_new_tokens`: chat-templated length + max_new_tokens <= max_model_len,
+    the rule every backend applies at run time (prompts.check_prompt_length). A stage asks before it generates, so
+    a prompt that cannot fit is clipped or dropped under a logged reason instead of failing the whole call."""
+    limit = model.spec.max_model_len - max_new_tokens
+    return [n <= limit for n in model.count_tokens(prompts)] if prompts else []
+
+
 class Generator(Protocol):
     spec: ModelSpec
 

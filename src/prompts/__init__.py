@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable, Sequence
 
 from ..config import ConfigError
 
@@ -73,10 +74,16 @@ def load_template(path: str | None, default: str, required: tuple[str, ...], key
         file, origin = Path(file_part).expanduser(), f"{path} ({key})"
         if not file.is_file():
             raise ConfigError(f"{key}: prompt file {file} does not exist")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{key}: prompt file {file} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     if file.suffix != ".json":
         return Template(text, origin, required)
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: prompt file {file} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if entry:
         if entry not in data:
             raise ConfigError(f"{key}: {file} has no entry {entry!r} (has: {', '.join(data)})")
@@ -88,3 +95,41 @@ def text_fingerprint(template: Template) -> str:
     """What of a template goes into a cache key: its text, not where it came from."""
     text = template.text if template.system is None else f"{template.system}\0{template.text}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def clip_end(text: str, limit: int) -> str:
+    """The first `limit` characters, marked as cut."""
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def clip_middle(text: str, limit: int) -> str:
+    """Keep the head and the tail: a multi-turn transcript ends with the question being judged, and a long
+    instruction states its task at either end."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " [...] " + text[len(text) - (limit - head) :]
+
+
+def fit_to_budget(render_at: Callable[[int, int | None], object], sizes: Sequence[int], count: Callable[[list], list[int]],
+                  budget: int, what: str) -> tuple[list[object], list[int | None]]:
+    """Prompts that fit `budget` tokens, each cut as little as needed. `render_at(i, limit)` renders prompt i with its
+    long parts cut to `limit` characters (None: as configured), `sizes[i]` is how many characters of them the
+    configured rendering shows, `count` a model's count_tokens. Returns (prompts, each one's limit or None where
+    the configured rendering fitted). Each round cuts an over-budget prompt's limit by at least a tenth (chars per
+    token of what is shown, 0.9 to converge from below), so the loop ends; a prompt that cannot fit with one
+    character shown means the config leaves no room: a ConfigError naming `what`."""
+    limits: list[int | None] = [None] * len(sizes)
+    prompts = [render_at(i, None) for i in range(len(sizes))]
+    todo = list(range(len(sizes)))
+    while todo:
+        over = [(i, n) for i, n in zip(todo, count([prompts[i] for i in todo])) if n > budget]
+        for i, n in over:
+            shown = limits[i] or sizes[i]
+            limit = min(int(shown * budget / n * 0.9), shown - 1)
+            if limit < 1:
+                raise ConfigError(f"{what}: the prompt does not fit {budget} tokens even with one character of its "
+                                  f"input shown ({n} tokens): raise the model's max_model_len or lower max_new_tokens")
+            limits[i], prompts[i] = limit, render_at(i, limit)
+        todo = [i for i, _ in over]
+    return prompts, limits

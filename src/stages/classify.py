@@ -16,7 +16,7 @@ import math
 from typing import Sequence
 
 from ..models.base import Generator
-from ..prompts import Template
+from ..prompts import Template, clip_middle, fit_to_budget
 
 VERSION = 1
 CHUNK = 20  # pool instructions per cache unit (max_scan: 40 = two units)
@@ -51,6 +51,18 @@ def pick(scores: Sequence[float], prior: Sequence[float] | None, categories: Seq
     return categories[max(range(len(categories)), key=lambda j: cal[j])]
 
 
+def fit(model: Generator, template: Template, categories: Sequence[str], texts: Sequence[str]) -> tuple[list, list[int | None]]:
+    """The classify prompts, each instruction too long for the model's context cut in the middle (its head and tail
+    keep the task) until the prompt plus PREFIX and the longest label fits max_model_len. Characters bound ASCII
+    tokens from above, so len(PREFIX) + the longest label + a margin for merges across the boundary is room enough.
+    A label read from most of an instruction beats a call vLLM rejects whole. Returns (prompts, limits: None where
+    nothing was cut)."""
+    budget = model.spec.max_model_len - len(PREFIX) - max(len(c) for c in categories) - 8
+    return fit_to_budget(lambda i, limit: render(template, texts[i] if limit is None else clip_middle(texts[i], limit), categories),
+                         [len(t) for t in texts], model.count_tokens, budget, f"dataset.classify_prompt on {model.spec.name} "
+                         f"(max_model_len {model.spec.max_model_len})")
+
+
 def prior_for(model: Generator, template: Template, categories: Sequence[str], content_free: Sequence[str]) -> list[float] | None:
     if not content_free:
         return None
@@ -61,10 +73,13 @@ def prior_for(model: Generator, template: Template, categories: Sequence[str], c
 def classify(
     model: Generator, template: Template, categories: Sequence[str], texts: Sequence[str], prior: Sequence[float] | None
 ) -> list[dict]:
-    """For each text: {"category": the calibrated argmax, "scores": the raw label log-probs}. A single-label set
+    """For each text: {"category": the calibrated argmax, "scores": the raw label log-probs, and "clipped": the
+    characters shown where the instruction had to be cut to fit the context (`fit`)}. A single-label set
     (a pool of known category: GSM8K, HumanEval) needs no model."""
     if len(categories) == 1:
         return [{"category": categories[0], "scores": [0.0]} for _ in texts]
-    prompts = [render(template, t, categories) for t in texts]
+    prompts, limits = fit(model, template, categories, texts)
     scores = model.score_options(prompts, [PREFIX] * len(prompts), categories)
-    return [{"category": pick(s, prior, categories), "scores": [round(x, 4) for x in s]} for s in scores]
+    # `clipped` (characters shown) only where the instruction was cut: rows of prompts that fit are as before
+    return [{"category": pick(s, prior, categories), "scores": [round(x, 4) for x in s], **({"clipped": c} if c else {})}
+            for s, c in zip(scores, limits)]

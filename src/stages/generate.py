@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..cache import Partial, make_key, run_chunked
 from ..config import ConfigError, as_dict
-from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
+from ..models.base import Completion, Generator, ModelSpec, SamplingConfig, fits, model_id
 from ..prompts import load_template, text_fingerprint
 from ..records import Instruction, Pair, from_dict, to_dict
 from .judge import item_seed
@@ -72,7 +72,9 @@ def key(cfg: NegativesConfig, select_key: str, seed: ModelSpec, random_seed: int
 # Every reason a pair can be dropped for, so each is logged (as 0 too) and runs compare metric by metric.
 # format_break: the output has no parsable x' (single_call: the worse_response markers are missing or x' is empty;
 # two_step: the x' call wrote nothing usable).
-DROP_REASONS = ("empty_chosen", "format_break", "modified_equals_original", "empty_rejected", "rejected_equals_chosen",
+# too_long: a prompt of the pair (the instruction, x', or the single-call/rewrite prompt with the chosen answer) does
+# not fit the seed's max_model_len with its max_new_tokens (base.fits).
+DROP_REASONS = ("too_long", "empty_chosen", "format_break", "modified_equals_original", "empty_rejected", "rejected_equals_chosen",
                 "truncated")
 
 
@@ -116,40 +118,68 @@ def _seeds(cfg: NegativesConfig, chunk: list[Instruction], seed: int, call: str)
     return tuple(item_seed(seed, i.id, call) for i in chunk) if cfg.temperature > 0 else None
 
 
+def _generate_fitting(model: Generator, prompts: list, sampling: SamplingConfig) -> list[Completion | None]:
+    """One completion per prompt, None for a prompt that cannot fit the model's context with the call's
+    max_new_tokens (base.fits): its pair is dropped as `too_long`, since an instruction is the task and cutting it
+    would change what the answers answer. The others run in one call, each with its own seed, so a dropped prompt
+    does not change its neighbours' samples."""
+    ok = [k for k, f in enumerate(fits(model, prompts, sampling.max_new_tokens)) if f]
+    if len(ok) < len(prompts):
+        log.warning("generate: %d of %d prompts do not fit %s's max_model_len %d with %d new tokens: dropped as too_long",
+                    len(prompts) - len(ok), len(prompts), model.spec.name, model.spec.max_model_len, sampling.max_new_tokens)
+        seeds = sampling.seeds
+        if seeds is None and sampling.temperature > 0:
+            seeds = tuple(sampling.seed + k for k in range(len(prompts)))  # the backends' own positional seeds
+        sampling = dataclasses.replace(sampling, seeds=None if seeds is None else tuple(seeds[k] for k in ok))
+    out: list[Completion | None] = [None] * len(prompts)
+    for k, c in zip(ok, model.generate([prompts[k] for k in ok], sampling) if ok else []):
+        out[k] = c[0]
+    return out
+
+
 def _pairs_for_chunk(cfg: NegativesConfig, chunk: list[Instruction], model: Generator, seed: int) -> list[dict]:
     """Rows for the partial file: {"id", "pair": {...}} or {"id", "drop": reason}."""
     answer = SamplingConfig(cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed, _seeds(cfg, chunk, seed, "answer"))
-    chosen = [c[0] for c in model.generate([i.text for i in chunk], answer)]
+    answered = _generate_fitting(model, [i.text for i in chunk], answer)
+    too_long = {k for k, c in enumerate(answered) if c is None}
+    chosen = [c if c is not None else Completion(text="", num_tokens=0, finished=True) for c in answered]
+    ans = [k for k in range(len(chunk)) if k not in too_long]  # instructions with a chosen answer
     rows: list[dict] = []
     tpl = templates(cfg)
+    mods = ["" for _ in chunk]
+    rejected: dict[int, Completion] = {}
+
+    def run_on(ks: list[int], prompts: list, sampling: SamplingConfig) -> dict[int, Completion]:
+        outs = _generate_fitting(model, prompts, sampling)
+        too_long.update(k for k, o in zip(ks, outs) if o is None)
+        return {k: o for k, o in zip(ks, outs) if o is not None}
+
     if cfg.method == "worse_rewrite":
         # No x': the rejected response is a worse rewrite of the chosen answer to x itself.
-        rewrite = dataclasses.replace(answer, seeds=_seeds(cfg, chunk, seed, "rewrite"))
-        outs = model.generate([tpl["rewrite"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)], rewrite)
-        mods = ["" for _ in chunk]
-        rejected = {k: o[0] for k, o in enumerate(outs)}
+        rewrite = dataclasses.replace(answer, seeds=_seeds(cfg, [chunk[k] for k in ans], seed, "rewrite"))
+        rejected = run_on(ans, [tpl["rewrite"].render(input=chunk[k].text, generation=chosen[k].text) for k in ans], rewrite)
     elif cfg.mode == "two_step":
-        modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1, _seeds(cfg, chunk, seed, "modify"))
-        mods = [clean_modified(c[0].text) for c in model.generate([tpl["modify"].render(input=i.text) for i in chunk], modify)]
-        ok = [k for k, m in enumerate(mods) if m and not _same(m, chunk[k].text)]
+        modify = SamplingConfig(cfg.modify_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1, _seeds(cfg, [chunk[k] for k in ans], seed, "modify"))
+        for k, c in run_on(ans, [tpl["modify"].render(input=chunk[k].text) for k in ans], modify).items():
+            mods[k] = clean_modified(c.text)
+        ok = [k for k in ans if mods[k] and not _same(mods[k], chunk[k].text)]
         seeds = _seeds(cfg, [chunk[k] for k in ok], seed, "rejected")
-        rejected = {k: c[0] for k, c in zip(ok, model.generate([mods[k] for k in ok], dataclasses.replace(answer, seeds=seeds)))} if ok else {}
+        rejected = run_on(ok, [mods[k] for k in ok], dataclasses.replace(answer, seeds=seeds)) if ok else {}
     else:
-        prompts = [tpl["single_call"].render(input=i.text, generation=c.text) for i, c in zip(chunk, chosen)]
         long = SamplingConfig(cfg.modify_max_new_tokens + cfg.answer_max_new_tokens, cfg.temperature, cfg.top_p, 1, seed + 1,
-                              _seeds(cfg, chunk, seed, "single_call"))
-        outs = [c[0] for c in model.generate(prompts, long)]
-        mods, rejected, ok = [], {}, []
-        for k, o in enumerate(outs):
+                              _seeds(cfg, [chunk[k] for k in ans], seed, "single_call"))
+        outs = run_on(ans, [tpl["single_call"].render(input=chunk[k].text, generation=chosen[k].text) for k in ans], long)
+        for k, o in outs.items():
             parsed = parse_single_call(o.text)
-            mods.append(parsed[0] if parsed else "")
+            mods[k] = parsed[0] if parsed else ""
             if parsed and parsed[0] and not _same(parsed[0], chunk[k].text):
                 # Cut off = the output hit the limit before the end marker (a model may stop right after the answer).
                 rejected[k] = type(o)(text=parsed[1], num_tokens=o.num_tokens, finished=o.finished or parsed[2])
-                ok.append(k)
     for k, inst in enumerate(chunk):
         cut = {"chosen": not chosen[k].finished, "rejected": k in rejected and not rejected[k].finished}
-        if not chosen[k].text.strip():
+        if k in too_long:
+            rows.append({"id": inst.id, "drop": "too_long", "truncated": cut})
+        elif not chosen[k].text.strip():
             rows.append({"id": inst.id, "drop": "empty_chosen", "truncated": cut})
         elif k not in rejected:
             rows.append({"id": inst.id, "drop": "format_break" if not mods[k] else "modified_equals_original", "truncated": cut})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..cache import Partial, make_key, run_chunked
 from ..config import ConfigError, as_dict, knob
 from ..models.base import Generator, ModelSpec, Prompt, SamplingConfig, model_id
-from ..prompts import Template, load_template, text_fingerprint
+from ..prompts import Template, clip_end, clip_middle, fit_to_budget, load_template, text_fingerprint
 from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
 from ..verdicts import parse_verdict
 
@@ -78,21 +78,9 @@ def prompt_params(**paths: str | None) -> dict[str, str]:
     return out
 
 
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + " [...]"
-
-
-def _clip_middle(text: str, limit: int) -> str:
-    """Keep the head and the tail: a multi-turn transcript ends with the question being judged."""
-    if len(text) <= limit:
-        return text
-    head = limit // 3
-    return text[:head] + " [...] " + text[len(text) - (limit - head) :]
-
-
 def render(template: Template, instruction: str, a: str, b: str, max_chars: int) -> Prompt:
     """The judge prompt; each response clipped to `max_chars` characters, the instruction to twice that."""
-    return template.render(input=_clip_middle(instruction, 2 * max_chars), generation=_clip(a, max_chars), generation2=_clip(b, max_chars))
+    return template.render(input=clip_middle(instruction, 2 * max_chars), generation=clip_end(a, max_chars), generation2=clip_end(b, max_chars))
 
 
 def is_clipped(instruction: str, a: str, b: str, max_chars: int) -> bool:
@@ -108,30 +96,12 @@ def token_budget(model: Generator, max_new_tokens: int, verdict_mode: str) -> in
 def fit_prompts(template: Template, parts: list[tuple[str, str, str]], max_chars: int, model: Generator, budget: int) -> list[tuple[Prompt, int | None]]:
     """Render each (instruction, a, b) so its chat-templated length fits `budget` tokens: first with `max_chars`,
     then, for prompts still too long, with a smaller character limit (cutting the longest parts first) until it
-    fits. Returns (prompt, the smaller limit or None when `max_chars` fitted); the same (template, parts, limit)
-    renders the same prompt again (`render`). A stage never aborts on a long input; only a template that does
-    not fit even with empty responses raises."""
-    limits: list[int | None] = [None] * len(parts)
-    prompts = [render(template, *p, max_chars) for p in parts]
-    todo = list(range(len(parts)))
-    for _ in range(20):
-        if not todo:
-            return list(zip(prompts, limits))
-        counts = model.count_tokens([prompts[i] for i in todo])
-        over = [(i, n) for i, n in zip(todo, counts) if n > budget]
-        for i, n in over:
-            x, a, b = parts[i]
-            shown = min(limits[i] or max_chars, max(len(a), len(b), (len(x) + 1) // 2))
-            limit = int(shown * budget / n * 0.9)  # ~chars per token of what is shown; 0.9: converge from below
-            if limit < 1:
-                raise ValueError(
-                    f"judge prompt {template.name} does not fit {model.spec.name}'s budget of {budget} prompt tokens "
-                    f"(max_model_len {model.spec.max_model_len}) even with empty responses ({n} tokens)"
-                )
-            limits[i] = limit
-            prompts[i] = render(template, x, a, b, limit)
-        todo = [i for i, _ in over]
-    raise ValueError(f"fit_prompts: {len(todo)} prompts still over {budget} tokens after 20 rounds of clipping")
+    fits (prompts.fit_to_budget). Returns (prompt, the smaller limit or None when `max_chars` fitted); the same
+    (template, parts, limit) renders the same prompt again (`render`). A stage never aborts on a long input."""
+    sizes = [min(max_chars, max(len(a), len(b), (len(x) + 1) // 2)) for x, a, b in parts]
+    prompts, limits = fit_to_budget(lambda i, limit: render(template, *parts[i], limit or max_chars), sizes, model.count_tokens,
+                                    budget, f"judge prompt {template.name} on {model.spec.name} (max_model_len {model.spec.max_model_len})")
+    return list(zip(prompts, limits))
 
 
 def pair_parts(pair: Pair, order: str) -> tuple[str, str, str]:

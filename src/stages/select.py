@@ -264,6 +264,7 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[]
         return prior_rows[0]["log_prior"] if prior_rows else None
 
     labels: dict[str, str] = {}
+    clipped: set[str] = set()  # instructions cut to fit the classifier's context (classify.fit)
     model_calls = 0
     n_chunks = math.ceil(len(scan) / classify.CHUNK)
     with tqdm(total=len(scan), desc=f"select: classify (dataset={cfg.name})", unit="instr") as bar:
@@ -280,7 +281,9 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[]
                 done = [{"id": rid, **o} for (rid, _, _), o in zip(rows, out)]
                 return done, {"n": len(done), "label_counts": label_counts(r["category"] for r in done)}
 
-            labels.update({r["id"]: r["category"] for r in cached(f"{c:04d}", compute)})
+            done = cached(f"{c:04d}", compute)
+            labels.update({r["id"]: r["category"] for r in done})
+            clipped.update(r["id"] for r in done if r.get("clipped"))
             bar.update(min(len(rows), len(scan) - c * classify.CHUNK))
     scanned = [r for r in scan if r[0] in labels]
     # instructions past the first `limit` of the category are scanned too when they share its chunk
@@ -307,6 +310,7 @@ def run(cfg: DatasetConfig, data_root: str, random_seed: int, model: Callable[[]
         "kept": len(out),
         "heldout": sum(i.split == "heldout" for i in out),
         "new_chunks": model_calls,
+        "classify_clipped": sum(rid in clipped for rid, _, _ in scanned),
         "label_counts": counts,
         **{f"share/{k}": v for k, v in shares(counts).items()},
     }
