@@ -2,13 +2,14 @@
 
 1. memory handed between stages: a generator on the GPU, the pool closed -> nothing left allocated or cached;
    training in a process of its own (launch=gpu1, bf16 on a bf16 GPU) -> the GPU as free after as before;
-   training in this process -> freed after.
+   training in this process -> freed after; FSDP (full shard, the project's FSDP options) in one process.
 2. one small loop (select, generate, evaluate, judge, filter, train, evaluate) with launch=gpu1 and the HF backend
    on the GPU; each stage's seconds from its cache entry.
 Exits non-zero on the first failed check.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from src import launch  # noqa: E402
 from src.launch import LaunchConfig, run_train  # noqa: E402
 from src.models.base import ModelSpec, SamplingConfig  # noqa: E402
 from src.pipeline import ModelPool  # noqa: E402
@@ -41,6 +43,21 @@ def check(ok: bool, what: str) -> None:
     say(("OK   " if ok else "FAIL ") + what)
     if not ok:
         sys.exit(1)
+
+
+def run_train_fsdp_one_gpu(cfg: TrainConfig, examples: list, spec: ModelSpec, cache: Path, out: Path) -> tuple[dict, dict]:
+    """run_train with strategy=fsdp in one process; (its stats, the accelerate config it wrote)."""
+    real = launch.accelerate_config
+
+    def one_process(lc: LaunchConfig, cpu: bool) -> dict:
+        return {**real(dataclasses.replace(lc, num_processes=2), cpu), "num_processes": 1}
+
+    launch.accelerate_config = one_process
+    try:
+        stats = run_train(LaunchConfig(subprocess=True, strategy="fsdp", main_process_port=29572), cfg, examples, spec, cache, None, out, 0, False)
+    finally:
+        launch.accelerate_config = real
+    return stats, json.loads((out / "accelerate.json").read_text())
 
 
 def main() -> None:
@@ -82,6 +99,18 @@ def main() -> None:
     stats = run_train(LaunchConfig(), cfg, examples, spec, cache, None, work / "train-in", 0, False)
     check(stats["trained"] and torch.cuda.memory_allocated() < 8 * MB,
           f"train in this process: {time.time() - t:.1f}s, {torch.cuda.memory_allocated() / MB:.1f} MiB still allocated after")
+
+    # 1d. FSDP on one GPU: the project's FSDP options (accelerate_config writes them only for world_size > 1, so
+    #     they are taken from a 2-process launch) in a 1-process accelerate launch, through the same request,
+    #     worker and train.run as every launch; FSDP's own activation checkpointing, the trainer's off.
+    t = time.time()
+    stats, acc = run_train_fsdp_one_gpu(cfg, examples, spec, cache, work / "train-fsdp")
+    free2, _ = torch.cuda.mem_get_info()
+    check(acc["distributed_type"] == "FSDP" and acc["num_processes"] == 1 and acc["fsdp_config"]["fsdp_sharding_strategy"] == "FULL_SHARD",
+          f"FSDP launch config: {acc['distributed_type']}, {acc['num_processes']} process, {acc['fsdp_config']['fsdp_sharding_strategy']}")
+    check(stats["trained"] and stats["steps"] == 4, f"FSDP train (1 process): {stats['steps']} steps, loss {stats['first_loss']:.3f} -> "
+          f"{stats['last_loss']:.3f}, {time.time() - t:.1f}s")
+    check(free2 >= free0 - 64 * MB, f"GPU free after the FSDP process: {free2 / MB:.0f} of {total / MB:.0f} MiB (before: {free0 / MB:.0f})")
 
     # 2. one small loop through the CLI
     data = work / "data"

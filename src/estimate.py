@@ -12,6 +12,8 @@ Assumptions (all in this module's constants; README "Running on GPUs" shows the 
   benchmarks are local files); generations stop on their own at ~500 tokens (answers), ~600 (judgments), the
   instruction's length (a modified instruction), capped by each max_new_tokens. The second figure printed assumes
   every generation runs to its max_new_tokens: an upper bound;
+- classification scores each scanned instruction once per label, each row prefilling the whole classify prompt
+  (no prefix reuse under prompt_logprobs in vLLM), up to max_scan instructions;
 - no pair is dropped, every pair and order yields a training example (filter=all: every judgment), and a model on
   the HF backend with min_gpus 0 runs on CPU (no GPU-hours).
 Pure functions of the typed configs, so `describe` is cheap and prints before anything loads.
@@ -63,6 +65,30 @@ def _template_tokens(t) -> float:
     return _tok(len(t.text) + len(t.system or ""))
 
 
+def classify_work(d, instr: float) -> Work:
+    """select's classification (src/stages/classify.py), prefill only (one sampled token per row ignored): every
+    scanned instruction, in whole chunks of classify.CHUNK, and every content-free calibration input is scored once
+    per label, one row per (prompt, label) (`score_options`); under prompt_logprobs vLLM reads no prefix cache, so
+    each row prefills the whole prompt. At most max_scan instructions (category `any`: until `limit` are labelled);
+    a one-label set needs no model."""
+    import math
+
+    from .stages import classify, select
+
+    cats = d.categories
+    if len(cats) < 2:
+        return Work()
+    wanted = d.max_scan if d.category != "any" else min(d.limit, d.max_scan)
+    scanned = math.ceil(wanted / classify.CHUNK) * classify.CHUNK
+    context = CHAT_OVERHEAD + _template_tokens(select.classify_template(d)) + _tok(len(", ".join(cats)) + len(classify.PREFIX))
+    labels = sum(_tok(len(" " + c)) for c in cats)  # the trailing space moves onto each label
+
+    def rows(x: float) -> float:  # one prompt's rows: context + x + label, for every label
+        return len(cats) * (context + x) + labels
+
+    return Work(scanned * rows(instr) + sum(rows(_tok(len(t))) for t in d.content_free))
+
+
 def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[str, Work]]:
     """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge", "audit") that runs it."""
     from .stages import evaluate, generate, judge
@@ -83,8 +109,7 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
     else:
         gen += Work(n * (_template_tokens(tpl["single_call"]) + instr + answer),
                     n * _gen(neg.modify_max_new_tokens + neg.answer_max_new_tokens, int(instr + answer), upper))
-    # select: one classification prompt per scanned instruction, prefill only (a next-token choice)
-    classify = Work(d.max_scan * (instr + 100)) if d.category != "any" else Work()
+    classify = classify_work(d, instr)
 
     # judge: every training pair in each order, n samples sharing one prefill
     orders = 2 if jg.both_orders else 1

@@ -27,6 +27,7 @@ from .config import ConfigError, as_dict, knob, typed
 from .data import check_readable, resolve
 from .filters import FilterConfig
 from .launch import LaunchConfig
+from .models import gpu_memory
 from .models.base import Generator, ModelSpec
 from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
 from .stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
@@ -272,8 +273,7 @@ class ModelPool:
             self.loaded[key] = self.loaded.pop(key)  # most recently used last
             return self.loaded[key]
         while len(self.loaded) >= self.capacity:
-            self.loaded.pop(next(iter(self.loaded))).close()
-            launch.free_accelerator_memory()
+            self._release([self.loaded.pop(next(iter(self.loaded)))], spec)
         t0 = time.time()
         gen = load_generator(spec, adapter=str(adapter) if adapter else None, cache_dir=self.cache_dir)
         log.info("model: loaded %s%s in %.1fs", spec.name, f" + adapter {adapter.parent.name}" if adapter else "", time.time() - t0)
@@ -282,10 +282,23 @@ class ModelPool:
 
     def close(self) -> None:
         """Close every engine and hand the GPU memory back (before training, and at the end)."""
-        for g in self.loaded.values():
-            g.close()
+        gens = list(self.loaded.values())
         self.loaded.clear()
+        self._release(gens, None)
+
+    @staticmethod
+    def _release(gens: list[Generator], next_spec: ModelSpec | None) -> None:
+        """Close `gens`, free what they left cached, and after a vLLM engine wait until the GPUs show its memory
+        free: its engine core processes free it as they exit, and the next engine (or the trainer) needs it."""
+        for g in gens:
+            g.close()
         launch.free_accelerator_memory()
+        gpu_memory.clear_cublas_workspaces()
+        need = [g.spec.gpu_memory_utilization for g in gens if g.spec.backend == "vllm"]
+        if need:
+            if next_spec is not None and next_spec.backend == "vllm":
+                need.append(next_spec.gpu_memory_utilization)
+            gpu_memory.wait_until_gpus_free(max(need))
 
 
 def preflight(job: Job) -> list[str]:

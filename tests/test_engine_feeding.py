@@ -154,3 +154,32 @@ def test_dry_run_prints_the_gpu_hours(make_cfg, capsys):
     assert "GPU-h" in line and "every generation at its max_new_tokens" in line, line
     run_job(make_cfg(*TINY, "pipeline.dry_run=true"), {})
     assert "gpu-hours: none (every stage runs on CPU)" in capsys.readouterr().out
+
+
+def test_classify_estimate_counts_one_full_prefill_per_instruction_and_label():
+    """select scores each scanned instruction (whole chunks of 20) and each content-free calibration input once per
+    label, one row per (prompt, label); under prompt_logprobs vLLM reuses no prefix, so every row prefills the
+    template, the label list, the instruction and the label. Hand count for the reasoning pool (8 labels)."""
+    from omegaconf import OmegaConf
+
+    from src.config import typed
+    from src.stages.select import DatasetConfig
+    from tests.conftest import CONF, REPO
+
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "reasoning.yaml"))
+    d = typed(DatasetConfig, {**node, "max_scan": 30, "content_free": ["N/A", ""]}, "dataset")
+    template = (REPO / "src" / "prompts" / "classify.txt").read_text()
+    labels = ["reasoning", "code", "math", "writing", "persona", "extraction", "knowledge", "other"]
+    assert d.categories == labels and d.max_chars == 400
+    # chat overhead 20 + template + ", ".join(labels) + "Category: ", at 4 characters per token
+    context = 20 + (len(template) + len(", ".join(labels)) + len("Category: ")) / 4
+    label_tokens = sum(len(" " + c) for c in labels) / 4
+    instr = 400 / 4  # min(250, max_chars / 4)
+    scanned = 40  # max_scan 30 -> two whole chunks of 20
+    expected = scanned * (8 * (context + instr) + label_tokens) + (8 * (context + 3 / 4) + label_tokens) + (8 * context + label_tokens)
+    assert estimate.classify_work(d, instr).prefill == pytest.approx(expected)
+    assert expected > 15 * d.max_scan * (instr + 100)  # the old count: one short prompt per instruction
+    one_label = typed(DatasetConfig, {**node, "categories": ["reasoning"]}, "dataset")
+    assert estimate.classify_work(one_label, instr).prefill == 0  # a one-label set needs no model
+    anything = typed(DatasetConfig, {**node, "category": "any", "limit": 12, "max_scan": 1000}, "dataset")
+    assert estimate.classify_work(anything, instr).prefill == pytest.approx(20 * (8 * (context + instr) + label_tokens))

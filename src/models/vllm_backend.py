@@ -5,14 +5,13 @@ machines. `loading.preflight` refuses a vllm spec there before anything gets thi
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from pathlib import Path
 from typing import Sequence
 
 from .base import Completion, ModelSpec, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, move_trailing_spaces, option_ids, plan_choices
+from .prompts import check_prompt_length, plan_choices, plan_scores
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +158,14 @@ class VLLMGenerator:
         return chosen  # type: ignore[return-value]
 
     def score_options(self, prompts: Sequence[str], prefixes: Sequence[str], options: Sequence[str]) -> list[list[float]]:
-        """log P(option | chat(prompt)+prefix) per option from prompt_logprobs: one row per (prompt, option),
-        whose shared context vLLM's prefix cache computes once. Untested here (no GPU on the CPU machine)."""
+        """log P(option | chat(prompt)+prefix) per option from prompt_logprobs: one row per (prompt, option), the
+        plan (and length check) shared with the other backends (prompts.plan_scores). Every row prefills its whole
+        context: vLLM 0.31 skips the prefix cache for a request with prompt_logprobs (SamplingParams sets
+        skip_reading_prefix_cache, since cached tokens would get no log-probs), so a prompt with k options costs k
+        prefills, not one (estimate.classify_work counts them so)."""
         from vllm import SamplingParams
 
-        if len(prompts) != len(prefixes):
-            raise ValueError("prompts and prefixes must have the same length")
-        if len(set(options)) != len(options) or not options:
-            raise ValueError(f"need distinct options, got {list(options)}")
-        plans = []
-        for p, pre in zip(prompts, prefixes):
-            text, opt_texts = move_trailing_spaces(self.chat_text(p) + pre, options)
-            ctx = self._encode(text)
-            plans.append((ctx, [option_ids(self._encode, text, ctx, o) for o in opt_texts]))
+        plans = plan_scores(self.chat_text, self._encode, prompts, prefixes, options, self.spec.name, self.spec.max_model_len)
         rows = [(i, j) for i in range(len(prompts)) for j in range(len(options))]
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=0)
         outs = self._run([plans[i][0] + plans[i][1][j] for i, j in rows], params)
@@ -183,21 +177,18 @@ class VLLMGenerator:
         return scores
 
     def close(self) -> None:
-        if getattr(self, "llm", None) is None:
+        """Shut the engine down now, not at garbage collection: vLLM 0.31's LLM has no shutdown of its own, its
+        engine core client's (what vLLM's own tests call) ends the engine core process(es), whose exit frees their
+        GPU memory. The pool then waits until the GPUs show it free (gpu_memory.wait_until_gpus_free)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
             return
-        del self.llm
         self.llm = None
         try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # noqa: BLE001 - best effort; names moved between vLLM versions
-            pass
-        gc.collect()
-        try:
-            import torch
-
-            torch.cuda.empty_cache()
-        except Exception:  # noqa: BLE001
-            pass
+            # in-process state (an engine run with VLLM_ENABLE_V1_MULTIPROCESSING=0): process groups, gc, empty_cache
+            cleanup_dist_env_and_memory()
