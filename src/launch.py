@@ -120,29 +120,44 @@ def full_finetune(train_cfg) -> bool:
 def train_memory(shape: Shape, *, full: bool, world_size: int, num_machines: int, strategy: str, offload: bool,
                  batch: int, seq: int, checkpointing: bool, lora_fraction: float = 0.005) -> dict[str, float]:
     """Estimated GB (1e9 bytes) per GPU and per machine's CPU memory for training with AdamW in mixed precision.
+    Each term is in the returned dict (GB), so the dry run and the tests can name what binds.
 
-    Model state per trained parameter: bf16 weight 2 + bf16 gradient 2 + fp32 master weight 4 + Adam m and v 8
+    state_total_gb: per trained parameter bf16 weight 2 + bf16 gradient 2 + fp32 master weight 4 + Adam m and v 8
     = 16 bytes; a LoRA run keeps the frozen base in bf16 (2 bytes) and trains ~`lora_fraction` of it at 16.
-    FSDP full-shard divides the state by the number of GPUs; with offload it lives in CPU memory and a GPU holds
-    two unsharded layers at a time. Activations per sequence (Korthikanti et al. 2022, flash attention):
-    34*s*h bytes per layer, or with checkpointing the 2*s*h-byte input of every layer plus one layer's 34*s*h,
-    plus fp32 logits (4*s*vocab). Plus ~2 GB of CUDA context and allocator slack.
-    """
+    FSDP full-shard divides it by the number of GPUs (`state_per_gpu_gb`); with offload it lives in CPU memory
+    (`host_per_machine_gb`).
+    activations_gb (Korthikanti et al. 2022, flash attention): 34*s*h bytes per layer, or with checkpointing the
+    2*s*h-byte input of every layer plus one layer's 34*s*h recomputed in backward.
+    logits_gb: the head's bf16 logits (2*s*vocab, kept in the output: TRL's SFTTrainer reads them for its token
+    accuracy), the fp32 copy transformers' loss takes (`ForCausalLMLoss`: logits.float(), 4) and the fp32
+    log-softmax cross_entropy keeps for backward (4): 10 bytes per token and vocabulary entry (128k for Llama-3).
+    fsdp_units_gb (FSDP only): full-shard all-gathers one decoder layer's weights in bf16 before using it, and
+    BACKWARD_PRE (accelerate_config) prefetches the next one while the current one runs; in backward the
+    current unit's gradient is unsharded (bf16) too until its reduce-scatter: 3 layers' worth, 2 bytes each
+    (the gradient only for trained weights).
+    fsdp_root_gb (FSDP only): TRANSFORMER_BASED_WRAP wraps the decoder layers; what is left, the input
+    embeddings and the output head (2*vocab*h parameters, counted untied), is the root unit, which FSDP does
+    not reshard between forward and backward: its bf16 weights stay gathered all step, with their bf16
+    gradient in backward when trained.
+    Plus ~2 GB of CUDA context and allocator slack (`overhead_gb`)."""
     p = shape.params_b * 1e9
     state = 16 * p if full else 2 * p + 16 * lora_fraction * p
-    shards = world_size if strategy == "fsdp" else 1
+    fsdp = strategy == "fsdp"
     sbh = seq * batch * shape.hidden
     acts = (2 * sbh * shape.layers + 34 * sbh) if checkpointing else 34 * sbh * shape.layers
-    acts += 4 * seq * batch * shape.vocab
+    logits = 10 * seq * batch * shape.vocab
+    root_params = 2 * shape.vocab * shape.hidden
+    layer_params = max(p - root_params, 0.0) / shape.layers
+    units = (2 * 2 + (2 if full else 0)) * layer_params if fsdp else 0.0
+    root = (2 + (2 if full else 0)) * root_params if fsdp else 0.0
     if offload:
-        on_gpu = 2 * 2 * p / shape.layers
-        host = state / num_machines
+        state_gpu, host = 0.0, state / num_machines
     else:
-        on_gpu = state / shards
-        host = 0.0
-    gb = 1e9
-    return {"state_total_gb": state / gb, "per_gpu_gb": (on_gpu + acts) / gb + 2.0, "activations_gb": acts / gb,
-            "host_per_machine_gb": host / gb}
+        state_gpu, host = state / (world_size if fsdp else 1), 0.0
+    gb, overhead = 1e9, 2.0
+    terms = {"state_per_gpu_gb": state_gpu / gb, "activations_gb": acts / gb, "logits_gb": logits / gb,
+             "fsdp_units_gb": units / gb, "fsdp_root_gb": root / gb, "overhead_gb": overhead}
+    return {"state_total_gb": state / gb, "per_gpu_gb": sum(terms.values()), **terms, "host_per_machine_gb": host / gb}
 
 
 def train_estimate(launch: LaunchConfig, train_cfg, judge_spec) -> dict[str, float] | None:
@@ -161,11 +176,20 @@ def over_budget(est: dict[str, float] | None, launch: LaunchConfig) -> str | Non
     where = f"{launch.num_machines}x{launch.num_processes} GPUs ({launch.strategy}{', offload' if launch.fsdp_offload else ''})"
     if est["per_gpu_gb"] > launch.gpu_memory_gb:
         return (f"training needs ~{est['per_gpu_gb']:.0f} GB per GPU on {where}, over launch.gpu_memory_gb="
-                f"{launch.gpu_memory_gb:g} (model state {est['state_total_gb']:.0f} GB in all)")
+                f"{launch.gpu_memory_gb:g} ({breakdown(est)}; model state {est['state_total_gb']:.0f} GB in all)")
     if est["host_per_machine_gb"] > launch.host_memory_gb:
         return (f"training offloads ~{est['host_per_machine_gb']:.0f} GB to each machine's CPU memory, over "
                 f"launch.host_memory_gb={launch.host_memory_gb:g}")
     return None
+
+
+TERMS = {"state_per_gpu_gb": "state", "activations_gb": "activations", "logits_gb": "logits",
+         "fsdp_units_gb": "FSDP gathered layers", "fsdp_root_gb": "embeddings+head", "overhead_gb": "overhead"}
+
+
+def breakdown(est: dict[str, float]) -> str:
+    """The per-GPU terms of a `train_memory` estimate, e.g. `state 35.3 + activations 13.0 + ...`."""
+    return " + ".join(f"{name} {est[k]:.1f}" for k, name in TERMS.items() if est[k])
 
 
 def describe(launch: LaunchConfig, train_cfg, judge_spec, seed_spec) -> str:
@@ -183,7 +207,7 @@ def describe(launch: LaunchConfig, train_cfg, judge_spec, seed_spec) -> str:
         lines.append(f"  train memory: unknown size of {judge_spec.name} (not estimated)")
     else:
         lines.append(f"  train memory ({kind}, AdamW mixed precision): state {est['state_total_gb']:.0f} GB in all, "
-                     f"~{est['per_gpu_gb']:.1f} GB per GPU (budget {launch.gpu_memory_gb:g})"
+                     f"~{est['per_gpu_gb']:.1f} GB per GPU (budget {launch.gpu_memory_gb:g}: {breakdown(est)})"
                      + (f", {est['host_per_machine_gb']:.0f} GB CPU memory per machine" if est["host_per_machine_gb"] else ""))
     return "\n".join(lines)
 
@@ -212,7 +236,11 @@ def accelerate_config(launch: LaunchConfig, cpu: bool) -> dict:
             "fsdp_sharding_strategy": "FULL_SHARD",
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder layer (_no_split_modules)
             "fsdp_backward_prefetch": "BACKWARD_PRE",
-            "fsdp_state_dict_type": "FULL_STATE_DICT",  # the saved weights load with from_pretrained
+            # Checkpoints during training: each rank writes its own shard of weights and optimizer state
+            # (torch.distributed.checkpoint), where FULL_STATE_DICT would gather all of it into rank 0's CPU
+            # memory at every save (Llama-3-70B: 1.1 TB). The final weights are gathered once, in bf16, as a
+            # from_pretrained directory (src/stages/train.py: save_output).
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_offload_params": launch.fsdp_offload,
             "fsdp_activation_checkpointing": launch.activation_checkpointing,
             # Rank 0 reads the checkpoint, the others start on the meta device: 8 processes do not each hold 140 GB.

@@ -89,14 +89,43 @@ def test_training_memory_arithmetic_for_llama3_70b():
                         checkpointing=False)["activations_gb"] > 80
 
 
+def test_training_memory_counts_fsdp_gathers_embeddings_and_logits():
+    """Per GPU, beyond the 1/N state and the activations: FSDP's gathered decoder layers (the current unit, the
+    BACKWARD_PRE-prefetched next one, the current unit's unsharded gradient; bf16), the root unit that
+    TRANSFORMER_BASED_WRAP leaves with the embeddings and the output head (not resharded between forward and
+    backward; bf16 weights + gradients), and the logits over Llama-3's 128k vocabulary (bf16 head output, fp32 copy,
+    fp32 log-softmax). Each is a named term, and the terms add up to per_gpu_gb."""
+    kw = dict(batch=1, seq=8192, checkpointing=True)
+    est = train_memory(LLAMA70, full=True, world_size=32, num_machines=4, strategy="fsdp", offload=False, **kw)
+    root = 2 * LLAMA70.vocab * LLAMA70.hidden
+    layer = (LLAMA70.params_b * 1e9 - root) / LLAMA70.layers
+    assert est["fsdp_units_gb"] == pytest.approx(3 * 2 * layer / 1e9)
+    assert est["fsdp_root_gb"] == pytest.approx((2 + 2) * root / 1e9)
+    assert est["logits_gb"] == pytest.approx(10 * 8192 * LLAMA70.vocab / 1e9)
+    assert est["state_per_gpu_gb"] == pytest.approx(16 * 70.6 / 32)
+    terms = ("state_per_gpu_gb", "activations_gb", "logits_gb", "fsdp_units_gb", "fsdp_root_gb", "overhead_gb")
+    assert est["per_gpu_gb"] == pytest.approx(sum(est[k] for k in terms))
+    assert 65 < est["per_gpu_gb"] < 80  # the outside review's ~65-75 GB, not the 55 that left these out
+    # LoRA: the frozen layers and embeddings are gathered but get no gradient.
+    lora = train_memory(LLAMA70, full=False, world_size=8, num_machines=1, strategy="fsdp", offload=False, **kw)
+    assert lora["fsdp_units_gb"] == pytest.approx(2 * 2 * layer / 1e9) and lora["fsdp_root_gb"] == pytest.approx(2 * root / 1e9)
+    # No FSDP: whole model on each GPU, nothing gathered.
+    ddp = train_memory(LLAMA70, full=False, world_size=1, num_machines=1, strategy="ddp", offload=False, **kw)
+    assert ddp["fsdp_units_gb"] == ddp["fsdp_root_gb"] == 0 and ddp["logits_gb"] == est["logits_gb"]
+    # Offload: the state is in CPU memory, the gathered units and the root still on the GPU.
+    off = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=True, **kw)
+    assert off["state_per_gpu_gb"] == 0 and off["fsdp_units_gb"] == est["fsdp_units_gb"] and off["fsdp_root_gb"] == est["fsdp_root_gb"]
+
+
 def test_dry_run_refuses_a_launch_the_gpus_cannot_hold(make_cfg, capsys):
     base = ["seed=tiny_random", "judge=llama", "tracking=none", "pipeline.dry_run=true", "train.max_length=8192",
             "train.per_device_batch_size=1"]
-    with pytest.raises(ConfigError, match=r"~166 GB per GPU .* over launch.gpu_memory_gb=80"):
+    with pytest.raises(ConfigError, match=r"~172 GB per GPU .* over launch.gpu_memory_gb=80 \(state 146.8 \+ activations 13.0 \+ logits 10.5"):
         run_job(make_cfg(*base), {})
     assert "train memory" in capsys.readouterr().out  # the plan and the estimate are printed before refusing
     assert run_job(make_cfg(*base, "launch=lora_1node"), {}) == {}
-    assert "~37.6 GB per GPU" in capsys.readouterr().out
+    assert ("~51.5 GB per GPU (budget 80: state 18.4 + activations 13.0 + logits 10.5 + FSDP gathered layers 3.4 + "
+            "embeddings+head 4.2 + overhead 2.0)") in capsys.readouterr().out
     # Offload moves the state to CPU memory: then that is the budget checked.
     off = LaunchConfig(num_processes=8, strategy="fsdp", fsdp_offload=True, host_memory_gb=512)
     est = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=True, batch=1, seq=8192,

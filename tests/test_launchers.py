@@ -87,3 +87,42 @@ def test_slurm_launcher_asks_for_the_gpus_the_models_need():
         assert launcher("+experiments=gpu_small").gpus_per_node == 1
         assert launcher("launch=lora_1node").gpus_per_node == 8  # training's processes count too
         assert launcher("+experiments=paper", "hydra.launcher.partition=gpu").partition == "gpu"
+
+
+def _slurm_sweep(tmp_path, *overrides):
+    """`python -m src.main -m hydra/launcher=slurm ...` with a fake `sbatch` (and `srun`, which submitit looks for)
+    first on PATH: no SLURM here, the one thing faked. The fake sbatch appends its submission script to a file and
+    fails, so nothing waits on a queue."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch_calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\nfor a; do last="$a"; done\ncat "$last" >> {record}\n'
+                                    'echo "fake sbatch: no SLURM here" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for it to believe it is on a cluster
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "src.main", "-m", "hydra/launcher=slurm", f"results_dir={tmp_path / 'results'}",
+           f"data_root={DATA_ROOT}", "pipeline.dry_run=true", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return proc, record.read_text() if record.exists() else ""
+
+
+def test_slurm_sweep_whose_jobs_need_different_gpus_is_refused_before_submitting(tmp_path):
+    """hydra-submitit-launcher submits a whole sweep with one set of resources; a sweep of a 1-GPU and an 8-GPU job
+    stops with one line naming both, and sbatch is never called."""
+    proc, submitted = _slurm_sweep(tmp_path, "+experiments=gpu_small,paper")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert submitted == ""
+    line = [ln for ln in proc.stderr.splitlines() if "need different resources" in ln]
+    assert len(line) == 1, proc.stderr[-3000:]
+    assert "#1 (+experiments=paper) has" in line[0] and "gpus_per_node=8" in line[0]
+    assert "#0 (+experiments=gpu_small) has" in line[0] and "gpus_per_node=1" in line[0]
+    assert "separate sweeps" in line[0] and "Traceback" not in proc.stderr
+
+
+def test_slurm_sweep_is_submitted_with_its_jobs_resources(tmp_path):
+    """Both jobs train on 8 processes; the sweep's primary config (Hydra leaves the sweep overrides out of it) has the
+    default launch=single, 1 GPU. Each job's SLURM script asks for the 8 GPUs its own config needs."""
+    proc, submitted = _slurm_sweep(tmp_path, "launch=lora_1node,fsdp_offload_1node")
+    assert "fake sbatch: no SLURM here" in proc.stderr, proc.stderr[-3000:]
+    assert "#SBATCH --gpus-per-node=8" in submitted and "--gpus-per-node=1" not in submitted, submitted

@@ -250,12 +250,12 @@ def run(
     resume = resumable_checkpoint(ckpt_dir)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights. With a
-    # full fine-tune (peft=none) it writes a whole model directory (weights + the tokenizer, TRL's processing_class)
-    # that load_generator and vLLM load like any model.
+    # save_model, not model.save_pretrained: it writes once (main process) and gathers FSDP-sharded weights
+    # (save_output). With a full fine-tune (peft=none) it writes a whole model directory (weights + the tokenizer,
+    # TRL's processing_class) that load_generator and vLLM load like any model.
     produced = "adapter" if cfg.peft == "lora" else "full"
     saved = out_dir / ("adapter" if produced == "adapter" else "model")
-    trainer.save_model(str(saved))
+    save_output(trainer, saved, full=produced == "full")
     # save_model also pickles the TrainingArguments, paths of this attempt included: not needed to load the
     # weights, and it would make a retrained output differ byte for byte from the first (the cache compares them).
     if trainer.is_world_process_zero():
@@ -343,17 +343,84 @@ def gradient_checkpointing(env, on_gpu: bool = True) -> bool:
     return not (fsdp and fsdp_checkpointing)
 
 
+def save_output(trainer, saved: Path, full: bool) -> None:
+    """The trained weights as a from_pretrained directory, `trainer.save_model` on every process.
+
+    Under FSDP the checkpoints during training are sharded (SHARDED_STATE_DICT, src/launch.py: accelerate_config),
+    and transformers' save_model (5.17) writes nothing then: it saves only under FULL_STATE_DICT, through
+    accelerate's `get_state_dict` (the whole model gathered into rank 0's CPU memory, once). So the plugin is switched
+    to FULL_STATE_DICT for this one save. The gathered state is what FSDP trains, fp32 (accelerate upcasts the
+    sharded parameters under mixed precision: ~282 GB for Llama-3-70B); a full fine-tune trained in bf16 is written
+    in bf16 (141 GB), and its config says so (save_pretrained records the dtype of the fp32 parameters). A LoRA
+    adapter keeps its dtype (a few MB). Without FSDP (CPU, one GPU) this is plain save_model, unchanged."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(saved))
+        return
+    import json
+
+    import torch
+    from torch.distributed.fsdp import StateDictType
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.state_dict_type != StateDictType.FULL_STATE_DICT:
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # set_state_dict_type fills only empty ones
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    to_bf16 = full and trainer.args.bf16
+    if not to_bf16:
+        trainer.save_model(str(saved))
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)  # collective: every rank; the tensors land on rank 0
+    if trainer.args.should_save:
+        for k, v in state.items():  # one tensor at a time: rank 0 never holds a second full copy
+            if v.is_floating_point():
+                state[k] = v.to(torch.bfloat16)
+        trainer._save(str(saved), state_dict=state)
+        conf = saved / "config.json"
+        c = json.loads(conf.read_text())
+        c["dtype"] = "bfloat16"
+        conf.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+    del state
+    trainer.accelerator.wait_for_everyone()
+
+
 def checkpoint_complete(path: Path) -> bool:
     """A Trainer checkpoint that a resume can load: transformers writes trainer_state.json after the weights, the
     optimizer, scheduler and RNG state (trainer.py `_save_checkpoint`), so one that parses means the save finished. A
-    save cut by a full disk or a kill leaves it missing or truncated (a 4 KB optimizer.pt and no state, measured)."""
+    save cut by a full disk or a kill leaves it missing or truncated (a 4 KB optimizer.pt and no state, measured).
+
+    An FSDP checkpoint (SHARDED_STATE_DICT) holds the weights and the optimizer state as torch.distributed.checkpoint
+    directories, `pytorch_model_fsdp_0/` and `optimizer_0/` (accelerate's save_fsdp_model / save_fsdp_optimizer),
+    each one `__<rank>_0.distcp` file per rank and a `.metadata` the coordinator writes last, naming every file. A
+    resume needs both (transformers looks for a `pytorch_model_fsdp*` directory to call it an FSDP checkpoint, and
+    skips the optimizer silently when `optimizer*` is missing): a sharded checkpoint is complete when both are there
+    and every file its metadata names exists (a copy or a sync that lost one rank's shard is not)."""
     import json
 
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(state, dict) and "global_step" in state
+    if not (isinstance(state, dict) and "global_step" in state):
+        return False
+    sharded = sorted(p for p in path.glob("pytorch_model_fsdp_*") if p.is_dir())
+    if not sharded:
+        return True  # one process, DDP or FULL_STATE_DICT: the files trainer_state.json came after
+    optimizers = sorted(p for p in path.glob("optimizer_*") if p.is_dir()) or [path / "optimizer_0"]  # none: incomplete
+    return all(_dcp_complete(d) for d in [*sharded, *optimizers])
+
+
+def _dcp_complete(d: Path) -> bool:
+    """A torch.distributed.checkpoint directory with its `.metadata` and every file that metadata names."""
+    if not (d / ".metadata").is_file():
+        return False
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(str(d)).read_metadata()
+    except Exception:  # a truncated or unreadable .metadata: the save was cut
+        return False
+    files = {info.relative_path for info in (meta.storage_data or {}).values()}
+    return all((d / f).is_file() for f in files)
 
 
 def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -366,7 +433,8 @@ def resumable_checkpoint(ckpt_dir: Path) -> Path | None:
     for p in found:
         if checkpoint_complete(p):
             return p
-        log.warning("train: %s is an incomplete checkpoint (no readable trainer_state.json: its save was cut); "
+        log.warning("train: %s is an incomplete checkpoint (no readable trainer_state.json, or a sharded part "
+                    "without its .metadata or a shard file: its save was cut); "
                     "resuming from an earlier one or from the start", p)
     return None
 
