@@ -245,10 +245,11 @@ def token_budgets(job) -> list[dict]:
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     rows = []
 
-    def row(stage, spec, prompt_chars, fixed, new, over):
+    def row(stage, spec, prompt_chars, fixed, new, over, room=None):
         tok = lambda cpt: fixed + prompt_chars / cpt + CHAT_OVERHEAD  # noqa: E731
         rows.append({"stage": stage, "model": spec.name, "prompt": tok(CHARS_PER_TOKEN), "dense": tok(1.0),
-                     "new": new, "max_model_len": spec.max_model_len, "over": over})
+                     "new": new, "max_model_len": spec.max_model_len, "over": over,
+                     "room": spec.max_model_len - new if room is None else room})
 
     if d.category != "any" and len(d.categories) > 1:
         labels = len(classify.PREFIX) + max(len(c) for c in d.categories)
@@ -272,8 +273,9 @@ def token_budgets(job) -> list[dict]:
     jtpl = _template_tokens(judge.judge_template(jg.prompt, "judging.prompt"))
     margin = 32 if jg.verdict == "constrained" else 0  # judge.token_budget: room to read the verdict after the judgment
     for spec in ([first] + ([job.judge] if job.judge != first else [])) if job.iterations else []:
+        cap = judge.training_budget(jg, spec, job.judge, job.train.max_length)
         row("judge", spec, min(2 * jg.max_response_chars, d.max_chars) + 2 * min(jg.max_response_chars, 4 * neg.answer_max_new_tokens),
-            jtpl, jg.max_new_tokens + margin, cut)
+            jtpl, jg.max_new_tokens + margin, cut if cap is None else cut + f" (to {cap:,}: what {job.judge.name} trains on)", cap)
     etpl = _template_tokens(judge.judge_template(ev.prompt, "eval.prompt"))
     row("evaluate", job.judge, 4 * ev.max_response_chars, etpl, ev.max_new_tokens + (32 if ev.verdict == "constrained" else 0), cut)
     if job.audit.judge:
@@ -286,7 +288,7 @@ def token_budgets(job) -> list[dict]:
 def describe_budgets(job) -> str:
     lines = ["  token budget (longest prompt + new tokens vs max_model_len; prompts at 4 chars/token, [at 1 char/token]):"]
     for r in token_budgets(job):
-        room = r["max_model_len"] - r["new"]
+        room = r["room"]
         state = lambda p: "fits" if p <= room else "over"  # noqa: E731
         lines.append(f"    {r['stage']:<26} {r['model']:<16} {r['prompt']:>7,.0f} [{r['dense']:>7,.0f}] + {r['new']:>6,} "
                      f"of {r['max_model_len']:>7,}: {state(r['prompt'])} [{state(r['dense'])}]; a prompt over {room:,}: {r['over']}")

@@ -137,7 +137,7 @@ class Step:
     iteration: int
     key: str
     model: str  # what the log and the plan call the model: its name, + "+iter<k>" for the weights it wears
-    config: Any = None  # the stage's typed config, its key's source; filter: (filter, judging), train: (train, launch)
+    config: Any = None  # the stage's typed config, its key's source; judge: (judging, prompt budget), filter: (filter, judging), train: (train, launch)
     spec: ModelSpec | None = None  # the model that runs it; None: no model (filter)
     adapter: str | None = None
     init: str | None = None
@@ -201,8 +201,9 @@ def plan(job: Job) -> list[Step]:
         else:
             jspec, jadapter = job.judge, prev_train
             jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
-        jud = judge.key(job.judging, gen, jspec, jadapter, k, rs)
-        steps.append(Step("judge", k, jud, jname, job.judging, jspec, jadapter, inputs=pairs, seed=rs + k))
+        budget = judge.training_budget(job.judging, jspec, job.judge, job.train.max_length)
+        jud = judge.key(job.judging, gen, jspec, jadapter, k, rs, budget)
+        steps.append(Step("judge", k, jud, jname, (job.judging, budget), jspec, jadapter, inputs=pairs, seed=rs + k))
         rule = filter_rule(job)
         fil = filter.key(rule, job.judging, jud, gen, k, rs)
         steps.append(Step("filter", k, fil, "-", (rule, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
@@ -490,9 +491,10 @@ class Runner:
         self._log_stage(st, meta, cached, rows, "")  # audit/judge/* shares, named already
 
     def _judge(self, st: Step) -> None:
+        cfg, budget = st.config
         rows, meta, cached = self.stage(
-            st, lambda p: _records(judge.run(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec))),
-            as_dict(st.config),
+            st, lambda p: _records(judge.run(cfg, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec), budget)),
+            {**as_dict(cfg), **({"prompt_budget": budget} if budget is not None else {})},
         )
         self._log_stage(st, meta, cached, rows, "judge/")
 

@@ -59,13 +59,27 @@ def judge_template(path: str | None, key: str) -> Template:
     return template
 
 
-def key(cfg: JudgingConfig, pairs_key: str, model: ModelSpec, adapter: str | None, iteration: int, random_seed: int) -> str:
+def key(cfg: JudgingConfig, pairs_key: str, model: ModelSpec, adapter: str | None, iteration: int, random_seed: int,
+        prompt_budget: int | None = None) -> str:
     """judge's key: `judging`, the pairs, the judging model (and the train key of the weights it wears), the
-    iteration, the prompt's text."""
+    iteration, the prompt's text, and the trained model's prompt budget where it is tighter than the judging
+    model's own (`training_budget`)."""
     return make_key(
         "judge", VERSION, as_dict(cfg), {"pairs": pairs_key}, model=model_id(model, adapter), iteration=iteration,
         random_seed=random_seed, prompt=text_fingerprint(judge_template(cfg.prompt, "judging.prompt")),
+        **({"prompt_budget": prompt_budget} if prompt_budget is not None else {}),
     )
+
+
+def training_budget(cfg: JudgingConfig, judging: ModelSpec, trained: ModelSpec, train_max_length: int) -> int | None:
+    """Prompt tokens a training judgment's prompt may have so that prompt + judgment is an example the train stage
+    keeps (<= train.max_length, within the trained model's context), or None where the judging model's own budget
+    is already as tight. The paper's iteration 1 is judged by Mixtral (64k context) and trains Llama-3-70B (8k):
+    without it, the long prompts Mixtral accepts would be dropped by training. Counted with the judging model's
+    tokenizer (the one at hand); Llama-3's 128k vocabulary needs fewer tokens for the same text than Mixtral's 32k."""
+    own = judging.max_model_len - cfg.max_new_tokens - _margin(cfg.verdict)
+    cap = min(trained.max_model_len, train_max_length) - cfg.max_new_tokens - _margin(cfg.verdict)
+    return cap if cap < own else None
 
 
 def prompt_params(**paths: str | None) -> dict[str, str]:
@@ -87,10 +101,14 @@ def is_clipped(instruction: str, a: str, b: str, max_chars: int) -> bool:
     return len(instruction) > 2 * max_chars or len(a) > max_chars or len(b) > max_chars
 
 
+def _margin(verdict_mode: str) -> int:
+    return 32 if verdict_mode == "constrained" else 0
+
+
 def token_budget(model: Generator, max_new_tokens: int, verdict_mode: str) -> int:
     """Prompt tokens allowed: the model's context minus the generation, minus (constrained mode) room for the
     re-encoded judgment, the verdict prefix and the option scored after it."""
-    return model.spec.max_model_len - max_new_tokens - (32 if verdict_mode == "constrained" else 0)
+    return model.spec.max_model_len - max_new_tokens - _margin(verdict_mode)
 
 
 def fit_prompts(template: Template, parts: list[tuple[str, str, str]], max_chars: int, model: Generator, budget: int) -> list[tuple[Prompt, int | None]]:
@@ -138,12 +156,14 @@ def judge_prompts(
     return [[(t, v, s if v else None, n) for t, v, s, n in cs] for cs in result]
 
 
-def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, partial: Partial, chunk_size: int) -> tuple[list[Judgment], dict]:
-    """Judgments for the train split only: held-out pairs are for evaluation and never reach training."""
+def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, partial: Partial, chunk_size: int,
+        prompt_budget: int | None = None) -> tuple[list[Judgment], dict]:
+    """Judgments for the train split only: held-out pairs are for evaluation and never reach training. Prompts fit
+    the judging model's context and, given `prompt_budget` (training_budget), the trained model's."""
     template = judge_template(cfg.prompt, "judging.prompt")
     work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
     sampling = lambda seeds: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, seeds=seeds)  # noqa: E731
-    budget = token_budget(model, cfg.max_new_tokens, cfg.verdict)
+    budget = min(token_budget(model, cfg.max_new_tokens, cfg.verdict), prompt_budget or 1 << 62)
 
     def process(chunk: list[tuple[Pair, str]]) -> list[dict]:
         fitted = fit_prompts(template, [pair_parts(p, o) for p, o in chunk], cfg.max_response_chars, model, budget)

@@ -142,3 +142,28 @@ def test_paper_dry_run_reports_each_stages_budget_against_its_context():
     assert [r["model"] for r in estimate.token_budgets(job) if r["stage"] == "judge"] == ["mixtral", "llama"]  # iteration 1, then 2+
     text = estimate.describe_budgets(job)
     assert "generate: single call" in text and "of  65,536" in text and "too_long" in text
+
+
+def test_paper_iteration_1_judges_prompts_that_llama_can_train_on():
+    """Mixtral judges iteration 1 at 64k context, Llama-3-70B trains at 8,192: the judge step's prompt budget is
+    the trained model's (8,192 - 4,096 judgment tokens), keyed; iterations 2+ are judged by Llama itself (None)."""
+    from src.pipeline import plan
+
+    steps = [s for s in plan(job_of(["+experiments=paper"])) if s.stage == "judge"]
+    assert [s.config[1] for s in steps] == [8192 - 4096] + [None] * 4
+    assert steps[0].spec.name == "mixtral" and all(s.spec.name == "llama" for s in steps[1:])
+
+
+def test_judge_stage_keeps_prompts_within_the_trained_models_budget(tiny, tmp_path):
+    from src.records import Pair
+    from src.stages import judge
+    from src.stages.judge import JudgingConfig
+
+    text = LONG["latin"][:6000]
+    pairs = [Pair("p0", text, text, text[::-1], text, "train")]
+    cfg = JudgingConfig(n=1, max_new_tokens=4, max_response_chars=16000)
+    out, _ = judge.run(cfg, pairs, tiny, seed=0, partial=StageCache(tmp_path).partial("judge", "b"), chunk_size=4, prompt_budget=600)
+    template = judge_template(None, "judging.prompt")
+    for j in out:
+        prompt = judge.pair_prompt(template, pairs[0], j.order, j.clip_chars)
+        assert 0.6 * 600 < tiny.count_tokens([prompt])[0] <= 600  # the filter re-renders exactly this prompt
