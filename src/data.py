@@ -113,6 +113,8 @@ def read_hub(hf_id: str, split: str, revision: str | None) -> Iterator[tuple[str
 
 
 def require(row: dict, key: str, where: str) -> Any:
-    if key not in row or row[key] is None:
+    if key not in row:
         raise DataError(f"{where}: missing key {key!r} (has: {', '.join(sorted(row)) or 'nothing'})")
+    if row[key] is None:
+        raise DataError(f"{where}: key {key!r} is null")
     return row[key]

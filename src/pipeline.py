@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import estimate, launch, schedule
 from .cache import Partial, StageCache, check
-from .config import ConfigError, as_dict, knob, typed
+from .config import ConfigError, _check, as_dict, knob, typed
 from .data import check_readable, resolve
 from .filters import FilterConfig
 from .launch import LaunchConfig
@@ -94,12 +94,12 @@ class Job:
         missing = [g for g in groups if g not in cfg]
         if missing:
             raise ConfigError(f"config has no `{missing[0]}` group")
-        if int(cfg.iterations) < 0:
-            raise ConfigError("iterations must be >= 0")
+        top = {k: _check(cfg[k], int, k) for k in ("iterations", "random_seed")}  # one line for iterations=two
+        if top["iterations"] < 0:
+            raise ConfigError(f"iterations={top['iterations']}: must be >= 0")
         return cls(
             **{g: typed(t, cfg[g], g) for g, t in groups.items()},
-            iterations=int(cfg.iterations),
-            random_seed=int(cfg.random_seed),
+            **top,
             data_root=str(cfg.data_root),
             results_dir=Path(str(cfg.results_dir)).expanduser().resolve(),
         )

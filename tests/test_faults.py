@@ -160,13 +160,13 @@ def test_a_damaged_saved_chunk_is_flagged_by_the_dry_run_and_recomputed(referenc
     """Issue 21: a saved (not yet committed) chunk edited after a kill is named by the dry run, moved aside by the
     run with a warning naming its file, and computed again: the committed output is the unbroken run's."""
     results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")
-    proc = cli(results, *SMALL, fault="generate:chunk", check=False)
+    proc = cli(results, *RUN, fault="generate:chunk", check=False)
     assert proc.returncode == -signal.SIGKILL
     (chunk,) = (results / "cache" / "generate").glob("*.partial/chunks/*.jsonl")
     chunk.write_text(chunk.read_text().replace('"id": "', '"id": "z', 1))
-    dry = cli(results, *SMALL, "pipeline.dry_run=true").stdout
+    dry = cli(results, *RUN, "pipeline.dry_run=true").stdout
     assert "partial (1 saved chunk(s) damaged: recomputed)" in dry, dry
-    run = cli(results, *SMALL)
+    run = cli(results, *RUN)
     assert str(chunk) in run.stdout + run.stderr and "damaged" in run.stdout + run.stderr
     resumed, ref = outputs(results / "cache"), reference[1]
     gen = [k for k in resumed if k.startswith("generate/")]
@@ -206,7 +206,7 @@ def _one_clear_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
     assert "Loading weights" not in err and "model: loaded" not in err  # failed before any model loaded
 
 
-@pytest.mark.parametrize("case", ["truncated.jsonl.gz", "latin1.jsonl", "nofield.jsonl", "rewardbench"])
+@pytest.mark.parametrize("case", ["truncated.jsonl.gz", "latin1.jsonl", "nofield.jsonl", "null.jsonl", "rewardbench", "prompt_latin1", "prompt_json"])
 def test_malformed_input_fails_in_dry_run_with_one_line_naming_file_and_line(tmp_path, case):
     import gzip
 
@@ -222,6 +222,17 @@ def test_malformed_input_fails_in_dry_run_with_one_line_naming_file_and_line(tmp
     elif case == "nofield.jsonl":
         path.write_text(good + json.dumps({"id": "b", "text": "no prompt field"}) + "\n")
         override, pattern = f"dataset.sources=[{{path: {path}}}]", r"nofield\.jsonl:2 .*missing key 'prompt'"
+    elif case == "null.jsonl":
+        path.write_text(good + json.dumps({"id": "b", "prompt": None}) + "\n")
+        override, pattern = f"dataset.sources=[{{path: {path}}}]", r"null\.jsonl:2.*key 'prompt' is null"
+    elif case == "prompt_latin1":
+        path = tmp_path / "judge.txt"
+        path.write_bytes("Judge {input} {generation} {generation2} caf\xe9".encode("latin-1"))
+        override, pattern = f"judging.prompt={path}", r"judging\.prompt: prompt file .*judge\.txt is not UTF-8"
+    elif case == "prompt_json":
+        path = tmp_path / "judge.json"
+        path.write_text('{"judge": "Judge {input} {generation} {generation2}",}')
+        override, pattern = f"judging.prompt={path}:judge", r"judging\.prompt: prompt file .*judge\.json is not valid JSON \(line 1"
     else:
         path = tmp_path / "filtered.jsonl.gz"
         path.write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
@@ -235,6 +246,8 @@ def test_malformed_input_fails_in_dry_run_with_one_line_naming_file_and_line(tmp
     ("judging.n=2.5", r"judging\.n=2\.5: expected an integer"),
     ("pipeline.chunk_size=0", r"pipeline\.chunk_size=0: must be >= 1"),
     ("eval.max_new_tokens=-5", r"eval\.max_new_tokens=-5: must be >= 1"),
+    ("iterations=two", r"iterations='two': expected an integer"),
+    ("random_seed=abc", r"random_seed='abc': expected an integer"),
 ])
 def test_bad_config_value_fails_with_one_line_before_any_model_loads(tmp_path, override, pattern):
     _one_clear_line(cli(tmp_path / "results", *RUN, override, check=False), pattern)
