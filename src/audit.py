@@ -123,10 +123,11 @@ def outcome(chosen: str, rejected: str, reference: str) -> str:
 
 
 def audit_stats(outcomes: Iterable[str]) -> dict[str, float]:
-    """Shares of the pairs, as the issue asks them: `audit/chosen_wrong`, `audit/rejected_right`, `audit/both` (chosen
-    wrong AND rejected right: the label is backwards, the `inverted` outcome) and `audit/neither` (neither: the label
-    is what the method assumes, `clean`); plus the two other cells, `audit/both_right` and `audit/neither_right`
-    (no preference by correctness), and `audit/pairs`. The four outcome shares sum to 1."""
+    """Shares of the pairs: `audit/chosen_wrong`, `audit/rejected_right`, and one per outcome, named as the outcome:
+    `audit/clean` (chosen right, rejected wrong: the label is what the method assumes), `audit/inverted` (chosen wrong
+    AND rejected right: the label is backwards), `audit/both_right` and `audit/neither_right` (no preference by
+    correctness); plus `audit/pairs`. The four outcome shares sum to 1. (Before, `audit/neither` held the clean share,
+    "neither wrong", and `audit/both` the inverted one, "both errors": `RENAMED`.)"""
     outs = list(outcomes)
     n = len(outs)
     stats: dict[str, float] = {"audit/pairs": float(n)}
@@ -136,12 +137,18 @@ def audit_stats(outcomes: Iterable[str]) -> dict[str, float]:
     stats.update({
         "audit/chosen_wrong": share["inverted"] + share["neither_right"],
         "audit/rejected_right": share["inverted"] + share["both_right"],
-        "audit/both": share["inverted"],
-        "audit/neither": share["clean"],
-        "audit/both_right": share["both_right"],
-        "audit/neither_right": share["neither_right"],
+        **{f"audit/{o}": share[o] for o in OUTCOMES},
     })
     return stats
+
+
+# the names the clean and inverted shares were logged under before they were named as their outcomes
+RENAMED = {"audit/neither": "audit/clean", "audit/both": "audit/inverted"}
+
+
+def current_names(stats: dict) -> dict:
+    """`stats` with the names of `RENAMED` replaced (an audit unit cached before the rename holds the old ones)."""
+    return {RENAMED.get(k, k): v for k, v in stats.items()}
 
 
 def audit_pairs(references: dict[str, str | None], pairs: Iterable) -> tuple[list[dict], dict[str, float]]:

@@ -481,7 +481,7 @@ class Runner:
             return audit.run(acfg, dataset, self.job.data_root, inputs["instructions"], inputs["pairs"])
 
         rows, meta, cached = self.stage(st, compute, {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {})
-        self._log_stage(st, meta, cached, rows, "")  # audit/* shares, named already
+        self._log_stage(st, {**meta, "stats": audit.logged_stats(meta["stats"])}, cached, rows, "")  # audit/* shares, named already
 
     def _audit_judge(self, st: Step) -> None:
         rows, meta, cached = self.stage(
@@ -506,7 +506,7 @@ class Runner:
             return _records(filter.run(rule, judging, inputs["judgments"], inputs["pairs"], st.seed))
 
         rows, meta, cached = self.stage(st, compute, as_dict(rule))
-        self._log_stage(st, meta, cached, rows, "filter/")
+        self._log_stage(st, {**meta, "stats": filter.logged_stats(meta["stats"])}, cached, rows, "filter/")
 
     def _train(self, st: Step) -> None:
         tcfg, lcfg = st.config

@@ -35,7 +35,8 @@ CONSTRAINED = ["synthetic/constrained/accuracy", "rewardbench/constrained/overal
                "mtbench/constrained/agreement_s2"]
 MAJ = re.compile(r"^(rewardbench/(constrained/)?overall|synthetic/accuracy)_maj\d+$")
 SECTIONS = ["rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning"]
-PROCESS = ["filter/keep_rate", "judge/text_parse_fail", "judge/correct_rate", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
+# filter/keep_rate: kept examples per judged (pair, order); filter/examples_per_judgment: per sampled judgment (<= 1/n)
+PROCESS = ["filter/keep_rate", "filter/examples_per_judgment", "judge/text_parse_fail", "judge/correct_rate", "synthetic/parse_fail", "rewardbench/parse_fail", "train/loss"]
 ITEM_BENCHMARKS = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}
 # The reported numbers that get an interval from per-item data, and the benchmark whose items they resample.
 ITEM_METRICS = {"synthetic/accuracy": "synthetic", "rewardbench/overall": "rewardbench", "mtbench/agreement_s1": "mtbench",
@@ -48,8 +49,23 @@ VOTE_K = re.compile(r"^(rewardbench|synthetic)/vote_k/(overall|accuracy|tokens)_
 # Checks of the training data, logged once per job (step 0) where the pool allows them: decontamination counts and
 # the label-noise audit of the pairs (`audit/*`, exact: reference answers or unit tests; `audit/judge/*`, an audit
 # judge's estimate where no reference exists).
-DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|signature_only|rows)|audit/(pairs|chosen_wrong|rejected_right|both|neither)"
+DATA_CHECKS = re.compile(r"^(decontam/(matched|exact|ngram_only|signature_only|rows)|audit/(pairs|chosen_wrong|rejected_right|clean|inverted)"
                          r"|audit/judge/(pairs|prefers_rejected|undecided))$")
+# Metrics older runs logged under names that said something else: the audit cells (`audit/neither` was the clean
+# share, `audit/both` the inverted one) and, in a run without `filter/examples_per_judgment`, `filter/keep_rate`
+# (then kept / judgments, not kept / judged pairs and orders). Such runs are read under the current names.
+OLD_NAMES = {"audit/neither": "audit/clean", "audit/both": "audit/inverted"}
+
+
+def current_names(metrics) -> dict[str, str]:
+    """current name -> the name one run logged it under (`OLD_NAMES`; a run's old `filter/keep_rate`)."""
+    names = {m: m for m in metrics if m not in OLD_NAMES}
+    for old, new in OLD_NAMES.items():
+        if old in metrics:
+            names.setdefault(new, old)  # a run that logged both: the current name's number
+    if "filter/keep_rate" in metrics and "filter/examples_per_judgment" not in metrics:
+        names["filter/examples_per_judgment"] = names.pop("filter/keep_rate")
+    return names
 
 
 @dataclass
@@ -127,10 +143,11 @@ def load_jobs(client, runs: list, with_items: bool = True) -> list[JobResult]:
     jobs = []
     for r in runs:
         history = {}
-        extra = sorted(m for m in r.data.metrics if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m) or DATA_CHECKS.match(m))
+        logged = current_names(r.data.metrics)
+        extra = sorted(m for m in logged if MAJ.match(m) or DRIFT.match(m) or VOTE_K.match(m) or DATA_CHECKS.match(m))
         for metric in [*HEADLINE, *SECTIONS, *PROCESS, *CONSTRAINED, *extra]:
-            if metric in r.data.metrics:
-                history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, metric)}
+            if metric in logged:
+                history[metric] = {m.step: m.value for m in client.get_metric_history(r.info.run_id, logged[metric])}
         overrides = r.data.tags.get("ste.overrides")
         job = JobResult(
             run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8], status=r.info.status,
@@ -391,6 +408,8 @@ def markdown(title: str, jobs: list[JobResult], rows: list[dict[str, Any]], plot
                   j.at("judge/correct_rate", 1), j.final("synthetic/accuracy")]) + " |" for j in jobs]
         lines += ["", "`audit/chosen_wrong`: share of pairs whose chosen answer is wrong by the reference; a judge that agrees "
                       "with such a label is counted correct (`judge/correct_rate`), so the audit bounds what the filter can trust. "
+                      "`audit/clean`: chosen right and rejected wrong (the label the method assumes); `audit/inverted`: chosen "
+                      "wrong and rejected right (the label backwards). "
                       "`audit/judge/prefers_rejected`: share of pairs an audit judge's majority (both orders, k votes each) "
                       "prefers the rejected answer on, an estimate of the same noise where no reference exists."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -457,7 +476,8 @@ def plot(jobs: list[JobResult], out: Path) -> list[str]:
     plt.close(fig)
     files.append("rewardbench_sections.png")
 
-    files.append(curves(["filter/keep_rate", "judge/text_parse_fail", "synthetic/parse_fail"], "keep_rate_and_parse_failures.png", (-0.05, 1.05)))
+    files.append(curves(["filter/keep_rate", "filter/examples_per_judgment", "judge/text_parse_fail", "synthetic/parse_fail"],
+                        "keep_rate_and_parse_failures.png", (-0.05, 1.05)))
     drift = [m for m in ("synthetic/position/frac_A", "rewardbench/position/frac_A", "synthetic/position/flips", "rewardbench/position/flips")
              if any(m in j.history for j in jobs)]
     if drift:

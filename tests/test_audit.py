@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from src.audit import audit_stats, final_answer, outcome, reference_answer, same_answer
+from src.audit import OUTCOMES, audit_stats, final_answer, outcome, reference_answer, same_answer
 from tests.conftest import DATA_ROOT, only_run
 
 
@@ -46,8 +46,11 @@ def test_outcomes_and_shares():
     s = audit_stats(outs + ["clean"] * 4)
     assert s["audit/pairs"] == 8
     assert s["audit/chosen_wrong"] == 2 / 8 and s["audit/rejected_right"] == 2 / 8
-    assert s["audit/both"] == 1 / 8 and s["audit/neither"] == 5 / 8  # both = inverted label, neither = clean
-    assert s["audit/both"] + s["audit/neither"] + s["audit/both_right"] + s["audit/neither_right"] == 1
+    assert s["audit/inverted"] == 1 / 8 and s["audit/clean"] == 5 / 8  # the cells by what they mean
+    assert s["audit/inverted"] + s["audit/clean"] + s["audit/both_right"] + s["audit/neither_right"] == 1
+    # the old names said the opposite of what they held ("both" = inverted, "neither" = clean): gone
+    assert not {"audit/both", "audit/neither"} & set(s)
+    assert {k.split("/", 1)[1] for k in s} >= set(OUTCOMES)  # one share per outcome, named as the outcome
     assert audit_stats([]) == {"audit/pairs": 0.0}
 
 
@@ -66,8 +69,8 @@ def test_audit_pairs_on_real_gsm8k_references():
     assert len(rows) == 59 == stats["audit/pairs"]  # the pair without a reference is not audited
     final = [r["answer"].rsplit("####", 1)[1].strip().replace(",", "") for r in gsm]
     same = sum(final[i] == final[i + 1] for i in range(59))
-    assert stats["audit/neither"] == (59 - same) / 59 and stats["audit/both_right"] == same / 59
-    assert stats["audit/chosen_wrong"] == stats["audit/both"] == stats["audit/neither_right"] == 0.0
+    assert stats["audit/clean"] == (59 - same) / 59 and stats["audit/both_right"] == same / 59
+    assert stats["audit/chosen_wrong"] == stats["audit/inverted"] == stats["audit/neither_right"] == 0.0
     assert stats["audit/no_answer/chosen"] == 0.0
     assert {r["outcome"] for r in rows} <= {"clean", "both_right"}
 
@@ -84,7 +87,7 @@ def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
-    cells = ["audit/both", "audit/neither", "audit/both_right", "audit/neither_right"]
+    cells = ["audit/inverted", "audit/clean", "audit/both_right", "audit/neither_right"]
     for metric in ["audit/pairs", "audit/chosen_wrong", "audit/rejected_right", *cells]:
         assert [h.step for h in client.get_metric_history(run.info.run_id, metric)] == [0], metric
     assert m["audit/pairs"] == m["generate/pairs"] >= 1  # every pair has a reference
@@ -93,7 +96,7 @@ def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
     # the logged rows agree with the shares, and each reference is the GSM8K answer of that question
     rows = [json.loads(l) for l in open(client.download_artifacts(run.info.run_id, "data/audit_iter0/data.jsonl", str(tmp_path)))]
     selected = [json.loads(l) for l in open(client.download_artifacts(run.info.run_id, "data/select_iter0/data.jsonl", str(tmp_path)))]
-    assert len(rows) == m["audit/pairs"] and m["audit/both"] == sum(r["outcome"] == "inverted" for r in rows) / len(rows)
+    assert len(rows) == m["audit/pairs"] and m["audit/inverted"] == sum(r["outcome"] == "inverted" for r in rows) / len(rows)
     with gzip.open(DATA_ROOT / "math/gsm8k_train.jsonl.gz", "rt") as f:
         answer = {r["question"].strip(): r["answer"].rsplit("####", 1)[1].strip() for r in map(json.loads, f)}
     text = {i["id"]: i["text"] for i in selected}
@@ -152,3 +155,14 @@ def test_final_answer_takes_the_result_of_an_equation_and_the_number_of_a_gsm8k_
     ref = reference_answer(row["answer"])
     assert same_answer(final_answer(f"Janet sells the rest.\n#### {ref} dollars"), ref)
     assert same_answer(final_answer(f"The answer is 9 x 2 = {ref}."), ref)
+
+
+def test_a_cached_audit_unit_logs_the_cells_under_their_current_names():
+    """An `audit` unit cached before the rename holds `audit/neither` (clean) and `audit/both` (inverted); its key
+    did not change, so the stage renames them when they are logged."""
+    from src.stages.audit import logged_stats
+
+    old = {"audit/pairs": 8.0, "audit/both": 1 / 8, "audit/neither": 5 / 8, "audit/both_right": 1 / 8, "audit/neither_right": 1 / 8}
+    assert logged_stats(old) == {"audit/pairs": 8.0, "audit/inverted": 1 / 8, "audit/clean": 5 / 8, "audit/both_right": 1 / 8,
+                                 "audit/neither_right": 1 / 8}
+    assert logged_stats(audit_stats(["clean", "inverted"])) == audit_stats(["clean", "inverted"])

@@ -93,7 +93,7 @@ def test_the_audit_stage_reads_the_pool_tests_and_fills_the_four_cells(make_cfg)
     rows, stats = audit.run(job.audit, job.dataset, job.data_root, instructions, pairs)
     assert [r["outcome"] for r in rows] == ["clean"] * 4 + ["inverted", "both_right"]
     assert stats["audit/pairs"] == stats["audit/executed_pairs"] == 6
-    assert stats["audit/neither"] == 4 / 6 and stats["audit/both"] == 1 / 6 and stats["audit/both_right"] == 1 / 6
+    assert stats["audit/clean"] == 4 / 6 and stats["audit/inverted"] == 1 / 6 and stats["audit/both_right"] == 1 / 6
     assert stats["audit/chosen_wrong"] == 1 / 6 and stats["audit/rejected_right"] == 2 / 6
     assert stats["audit/exec/passed"] == 7 / 12 and stats["audit/exec/passed"] + stats["audit/exec/failed"] + stats["audit/exec/error"] + stats["audit/exec/timeout"] == 1
     assert rows[0]["rejected_status"] == "failed" and "Error" in rows[0]["rejected_stderr"]
@@ -157,7 +157,7 @@ def test_tiny_run_with_audit_execute_on_code_prompts_logs_audit_metrics(tmp_path
     m = r.data.metrics
     assert r.info.status == "FINISHED"
     assert m["audit/pairs"] == m["audit/executed_pairs"] == m["generate/pairs"] >= 1
-    cells = ["audit/both", "audit/neither", "audit/both_right", "audit/neither_right"]
+    cells = ["audit/inverted", "audit/clean", "audit/both_right", "audit/neither_right"]
     assert abs(sum(m[c] for c in cells) - 1) < 1e-9
     rows = [json.loads(l) for l in open(client.download_artifacts(r.info.run_id, "data/audit_iter0/data.jsonl", str(tmp_path)))]
     assert len(rows) == m["audit/pairs"] and all(row["chosen_status"] in ("passed", "failed", "timeout", "error") for row in rows)

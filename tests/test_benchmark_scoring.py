@@ -283,6 +283,18 @@ def test_mtbench_metrics_from_records_hand_computed():
     assert m["mtbench/n_keys"] == 3
 
 
+def test_mtbench_swap_consistency_counts_tie_in_both_orders_as_consistent():
+    """A tie in both orders is the same preference under the swap (FastChat combines it to "tie", not to
+    "tie (inconsistent)"): consistent. Orders that disagree, or an unparsed order ("error"), are not."""
+    def key(q, va, vb):
+        return [{"question_id": q, "model_a": "a", "model_b": "b", "turn": 1, "order": "ab", "verdict": va},
+                {"question_id": q, "model_a": "a", "model_b": "b", "turn": 1, "order": "ba", "verdict": vb}]
+
+    records = key(1, "tie", "tie") + key(2, "A", "B") + key(3, "A", "A") + key(4, "tie", "A") + key(5, None, None)
+    m = mt.mtbench_metrics(records, [_h(q, "a", "b", 1, "tie", "expert_1") for q in range(1, 6)])
+    assert m["mtbench/swap_consistency"] == pytest.approx(2 / 5)  # keys 1 (tie, tie) and 2 (model_a twice)
+
+
 @needs_data
 def test_gpt4_pair_vs_experts_reproduces_paper_agreement():
     """FastChat compute_agreement.py on the shipped labels: GPT-4 pair vs expert votes, 66% / 85% in the paper."""

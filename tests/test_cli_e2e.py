@@ -60,7 +60,7 @@ def test_run_logs_params_metrics_and_artifacts(first_run):
     for metric in ["generate/dropped/format_break", "generate/dropped/modified_equals_original", "generate/truncated/chosen",
                    "generate/truncated/rejected"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [0], metric
-    for metric in ["filter/keep_rate", "judge/tokens", "time/judge", "train/examples", "judge/clipped", "judge/clipped_to_fit"]:
+    for metric in ["filter/keep_rate", "filter/examples_per_judgment", "filter/judged", "judge/tokens", "time/judge", "train/examples", "judge/clipped", "judge/clipped_to_fit"]:
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1], metric
     # Vote-k curve (k = 1, 2 from the one set of 2 samples) with its token cost; position bias and flips per iteration.
     for metric in ["rewardbench/vote_k/overall_k1", "rewardbench/vote_k/overall_k2", "rewardbench/vote_k/tokens_k2",

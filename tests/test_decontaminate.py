@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tests.conftest import DATA_ROOT, jsonl_rows
-from src.decontaminate import BenchmarkPrompt, Index, counts, normalise
+from src.decontaminate import _ASKED, BenchmarkPrompt, Index, counts, normalise
 
 
 
@@ -143,3 +143,25 @@ def test_sharegpt_near_duplicates_are_grouped(data_root):
         for i in members:
             a = shingles(text[i])
             assert any(len(a & shingles(text[j])) >= 0.5 * len(a | shingles(text[j])) for j in members if j != i)
+
+
+def test_generic_signatures_fall_to_the_13gram_rule(index, rewardbench, data_root):
+    """An untyped signature (`is_prime(n)`, `solve(s)`: a name and argument names, which any code may share) is
+    generic: defining it is no match by itself, only through the 13-gram rule. Of the signatures RewardBench asks for
+    (hep-python, and hep-rust in the same form), 103 are generic, all hep-python; the typed ones still match, among
+    them the three HumanEval problems only the signature rule catches (/23 `strlen`, /38 `decode_cyclic`,
+    /50 `decode_shift`: asserted in test_humaneval_problems_that_are_hep_python_prompts)."""
+    from src.decontaminate import generic_signature
+
+    asked = [(r["subset"], *m.groups()) for r in rewardbench for m in _ASKED.finditer(r["prompt"])]
+    generic = [a for a in asked if generic_signature(*a[1:])]
+    assert len(asked) == 326 and len(generic) == 103 and {a[0] for a in generic} == {"hep-python"}
+    assert ("hep-python", "is_prime", "n", None) in generic and ("hep-python", "solve", "s", None) in generic
+    assert not generic_signature("strlen", "string: str", "int") and not generic_signature("decode_cyclic", "s: str", None)
+    assert index.matches("pool", "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))") == []
+    assert index.matches("pool", "def solve(s):\n    return s[::-1]") == []
+    assert [(m.benchmark_id, m.how) for m in index.matches("pool", "def strlen(string: str) -> int:\n    return len(string)")] == [("3715", "signature")]
+    # a HumanEval problem with an untyped signature is still caught by its words
+    humaneval = {r["task_id"]: r["prompt"] for r in jsonl_rows(data_root / "code/HumanEval.jsonl.gz")}
+    assert "def is_prime(n):" in humaneval["HumanEval/31"]
+    assert {m.how for m in index.matches("HumanEval/31", humaneval["HumanEval/31"]) if m.subset == "hep-python"} == {"ngram"}

@@ -238,12 +238,12 @@ def test_training_data_checks_are_shown_beside_judge_accuracy(tmp_path):
     client = mlflow.tracking.MlflowClient()
     exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
     rid = _job(client, exp, "gsm8k", ["dataset=gsm8k"], [0.5, 0.75])
-    for name, value in {"decontam/matched": 3, "audit/pairs": 8, "audit/chosen_wrong": 0.25, "audit/neither": 0.625}.items():
+    for name, value in {"decontam/matched": 3, "audit/pairs": 8, "audit/chosen_wrong": 0.25, "audit/clean": 0.625}.items():
         client.log_metric(rid, name, value, step=0)
     client.log_metric(rid, "judge/correct_rate", 0.6875, step=1)
     md = (build(store, None, tmp_path / "r") / "report.md").read_text()
     table = md.split("## Training-data checks")[1].split("\n## ")[0]
-    assert "| audit/chosen_wrong | audit/neither | audit/pairs | decontam/matched | judge/correct_rate@1 |" in table
+    assert "| audit/chosen_wrong | audit/clean | audit/pairs | decontam/matched | judge/correct_rate@1 |" in table
     assert "| 0.250 | 0.625 | 8.000 | 3.000 | 0.688 | 0.750 |" in table
     plain = _job(client, exp, "code", ["dataset=code"], [0.5, 0.6])
     assert plain and "## Training-data checks" not in (build(store, None, tmp_path / "r2") / "report.md").read_text()
@@ -310,3 +310,36 @@ def test_rewardbench_intervals_use_the_runs_own_section_weights(tmp_path):
     client.log_param(logged, "eval.rewardbench.weights", "v0.1.3")
     jobs = load_jobs(client, [client.get_run(logged), client.get_run(unlogged)], with_items=False)
     assert [j.rb_weights for j in jobs] == ["v0.1.3", "v0.1.2"]
+
+
+def test_runs_logged_under_the_old_names_are_read_under_the_new_ones(tmp_path):
+    """Before the renames, `audit/neither` held the clean share and `audit/both` the inverted one, and
+    `filter/keep_rate` was kept examples / judgments. A run that logged them is read as `audit/clean`,
+    `audit/inverted` and `filter/examples_per_judgment` (what the numbers are), and shows no `filter/keep_rate`;
+    a new run's numbers are read as logged."""
+    import mlflow
+
+    from src.report import _client, load_jobs
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(store)
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("ste", artifact_location=(tmp_path / "art").as_uri())
+    old = _job(client, exp, "old", ["dataset=gsm8k"], [0.5, 0.75])
+    for name, value in {"audit/pairs": 8, "audit/both": 0.125, "audit/neither": 0.625}.items():
+        client.log_metric(old, name, value, step=0)
+    client.log_metric(old, "filter/keep_rate", 0.25, step=1)
+    new = _job(client, exp, "new", ["dataset=math"], [0.5, 0.75])
+    for name, value in {"audit/pairs": 8, "audit/inverted": 0.25, "audit/clean": 0.5}.items():
+        client.log_metric(new, name, value, step=0)
+    client.log_metric(new, "filter/keep_rate", 0.5, step=1)
+    client.log_metric(new, "filter/examples_per_judgment", 0.25, step=1)
+    jobs = {j.name: j for j in load_jobs(_client(store), [client.get_run(old), client.get_run(new)], with_items=False)}
+    assert jobs["old"].at("audit/clean", 0) == 0.625 and jobs["old"].at("audit/inverted", 0) == 0.125
+    assert jobs["old"].at("filter/examples_per_judgment", 1) == 0.25 and "filter/keep_rate" not in jobs["old"].history
+    assert not {"audit/both", "audit/neither"} & set(jobs["old"].history)
+    assert jobs["new"].at("audit/clean", 0) == 0.5 and jobs["new"].at("audit/inverted", 0) == 0.25
+    assert jobs["new"].at("filter/keep_rate", 1) == 0.5 and jobs["new"].at("filter/examples_per_judgment", 1) == 0.25
+    md = (build(store, None, tmp_path / "r", tag="ste.kind=job") / "report.md").read_text()
+    table = md.split("## Training-data checks")[1].split("\n## ")[0]
+    assert "| audit/clean | audit/inverted | audit/pairs |" in table and "audit/neither" not in md

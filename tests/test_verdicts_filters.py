@@ -95,3 +95,32 @@ def test_length_balanced_equalises_shorter_and_longer_winners():
 def test_balance_with_one_side_only_keeps_nothing():
     only_a = [J("p1", "chosen_first", 0, "A"), J("p2", "chosen_first", 0, "A")]
     assert balance(only_a, seed=0) == []
+
+
+def test_filter_stage_keep_rate_is_per_judged_pair_and_order():
+    """`filter/keep_rate` is the share of judged (pair, order) that give an example, not examples / judgments
+    (which is at most 1/n with n judgments sampled per pair and order); the old ratio keeps an honest name."""
+    from src.stages import filter as filter_stage
+    from src.stages.judge import JudgingConfig
+
+    pool = list(pairs("p1", "p2", "p3", "p4").values())
+    examples, stats = filter_stage.run(FilterConfig("correct", balance=False), JudgingConfig(n=3), JUDGMENTS, pool, seed=0)
+    assert len(examples) == stats["kept"] == 3 and stats["judgments"] == 16
+    assert stats["judged"] == 8  # (pair, order) with at least one judgment
+    assert stats["keep_rate"] == 3 / 8
+    assert stats["examples_per_judgment"] == 3 / 16
+    # every pair and order right in all n samples: everything is kept, whatever n
+    everywhere = [J(p, o, s, "A" if o == "chosen_first" else "B") for p in ("p1", "p2") for o in ("chosen_first", "chosen_second") for s in range(4)]
+    _, full = filter_stage.run(FilterConfig("correct", balance=True), JudgingConfig(n=4), everywhere, pool, seed=0)
+    assert full["keep_rate"] == 1.0 and full["examples_per_judgment"] == 1 / 4
+
+
+def test_filter_stats_of_a_cached_unit_from_before_the_rename():
+    """A filter unit cached before `keep_rate` meant per (pair, order) holds the old ratio under that name: it is
+    logged as `examples_per_judgment`, and no `keep_rate` is logged for it (its meaning would be the old one)."""
+    from src.stages import filter as filter_stage
+
+    old = {"kept": 3, "judgments": 16, "keep_rate": 3 / 16, "kept_A": 2, "kept_B": 1}
+    assert filter_stage.logged_stats(old) == {"kept": 3, "judgments": 16, "examples_per_judgment": 3 / 16, "kept_A": 2, "kept_B": 1}
+    new = {"kept": 3, "judgments": 16, "judged": 8, "keep_rate": 3 / 8, "examples_per_judgment": 3 / 16}
+    assert filter_stage.logged_stats(new) == new

@@ -289,7 +289,9 @@ def mtbench_metrics(
     normalised here). Orders are combined by `combine_orders`.
 
     Keys: everything from `agreement_metrics`, plus mtbench/swap_consistency (keys judged in both orders whose
-    two verdicts name the same model), mtbench/parse_fail (records whose text names no verdict: "error"),
+    two verdicts state the same preference under the swap: the same model, or a tie in both orders, which FastChat
+    combines to "tie", not "tie (inconsistent)"; orders that disagree, or an order without a verdict, are
+    inconsistent), mtbench/parse_fail (records whose text names no verdict: "error"),
     mtbench/n_keys, mtbench/n_records, mtbench/judge_tie_rate (combined votes that are ties, inconsistent
     ones included), mtbench/judge_error_rate (combined votes that are "error": both orders unparsed).
     """
@@ -303,7 +305,7 @@ def mtbench_metrics(
     both = [v for v in per_key.values() if len(v) == 2]
     if both:
         out["mtbench/swap_consistency"] = sum(
-            1 for v in both if combine_orders(v["ab"], v["ba"]) in ("model_a", "model_b")
+            1 for v in both if combine_orders(v["ab"], v["ba"]) in ("model_a", "model_b", "tie")
         ) / len(both)
     out["mtbench/parse_fail"] = n_fail / n_records
     out["mtbench/judge_tie_rate"] = sum(1 for w in judge_votes.values() if is_tie(w)) / len(judge_votes)

@@ -261,7 +261,18 @@ def item_score(outcomes: Sequence[str | None]) -> float:
 
 
 def majority_vote(verdicts: Sequence[str | None]) -> str | None:
-    """Most common non-None verdict; a tie for the top count -> None; all None (or empty) -> None."""
+    """Most common non-None verdict; a tie for the top count -> None; all None (or empty) -> None.
+
+    A sample without a verdict abstains. reward-bench's one vote (scripts/run_generative.py, an ensemble of API
+    judges, `--model a b c`) is `max(set(winners), key=winners.count)` over the judges' winners, "error" included:
+    "error" can win (the item then scores 0.5, "effectively a tie"), and a tie for the top count goes to whichever
+    candidate set iteration yields first, which for strings changes with PYTHONHASHSEED. It has no rule for k
+    samples of one judge (maj@k is not an official RewardBench number; the paper's 88.7 is its own). We keep
+    votes and errors apart: with k samples of one model, an unparsed sample is a failed read, not a preference,
+    and the share of them is reported beside the vote (`rewardbench/parse_fail_maj<k>`); an A/B tie is None (0.5)
+    rather than an arbitrary pick, so a score does not depend on the process's hash seed. The two rules differ
+    only on items where errors are at least as many as the leading verdict (["A", None, None]: ours A, theirs 0.5)
+    or where the top count is tied (ours 0.5, theirs A or B)."""
     counts = Counter(v for v in verdicts if v is not None)
     if not counts:
         return None

@@ -4,7 +4,7 @@ Runs before classification and generation, so no model time is spent on a benchm
 pool's sources (before the length filter: the counts describe the source, whatever `max_chars` a job uses) is
 compared with every prompt of each enabled benchmark: RewardBench prompts (`eval.rewardbench.source`) and MT-Bench
 questions, both turns (the user turns of `eval.mtbench.source`, the human-judgment file the run scores against),
-by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram, same Python signature). The benchmark index is built
+by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram, same typed Python signature). The benchmark index is built
 once per cache unit.
 
 One cache unit per (pool, benchmark files), `decontam/<key>`: its rows are the matches (the matched ids, logged as an artifact),
@@ -24,7 +24,7 @@ from .evaluate import EvalConfig, _source, source_fingerprint
 from .select import DatasetConfig, source_fingerprints, source_rows
 
 log = logging.getLogger(__name__)
-VERSION = 2  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it)
+VERSION = 3  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it); 3: typed signatures only (generic ones fall to the 13-gram rule)
 
 
 def _benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:

@@ -58,14 +58,30 @@ def training_examples(kept: list[Judgment], all_judgments: list[Judgment], pairs
 
 
 def run(cfg: FilterConfig, judging: JudgingConfig, judgments: list[Judgment], pairs: list[Pair], seed: int) -> tuple[list[TrainExample], dict]:
-    """The rule's kept judgments as training examples, and what was kept (counts, keep rate, A/B balance)."""
+    """The rule's kept judgments as training examples, and what was kept: `kept` examples, `judgments`, `judged`
+    (pairs and orders with a judgment), `keep_rate` (kept / judged: the share of judged pairs and orders that give an
+    example, for every rule but `all`, which keeps up to n per pair and order), `examples_per_judgment` (kept /
+    judgments, at most 1/n for the rules that keep one per pair and order), the A/B balance."""
     index = {p.id: p for p in pairs}
     kept = filters.apply(cfg, judgments, index, seed)
     examples = training_examples(kept, judgments, index, judging, seed)
-    stats = {"kept": len(examples), "judgments": len(judgments), "keep_rate": len(examples) / max(len(judgments), 1),
+    judged = len({(j.pair_id, j.order) for j in judgments})
+    # keep_rate: per judged (pair, order), the unit every rule keeps at most one example of (`all` aside); kept /
+    # judgments is at most 1/n with n judgments sampled per pair and order, so it has a name of its own
+    stats = {"kept": len(examples), "judgments": len(judgments), "judged": judged, "keep_rate": len(examples) / max(judged, 1),
+             "examples_per_judgment": len(examples) / max(len(judgments), 1),
              "kept_A": sum(e.verdict == "A" for e in examples), "kept_B": sum(e.verdict == "B" for e in examples),
              "with_verdict": sum(j.verdict is not None for j in judgments),
              "with_rejected": sum(e.rejected_completion is not None for e in examples)}
-    log.info("filter: filter=%s kept %d/%d judgments (A %d / B %d)", cfg.name, len(examples), len(judgments),
-             stats["kept_A"], stats["kept_B"])
+    log.info("filter: filter=%s kept %d examples of %d judged pairs and orders (%d judgments; A %d / B %d)", cfg.name,
+             len(examples), judged, len(judgments), stats["kept_A"], stats["kept_B"])
     return examples, stats
+
+
+def logged_stats(stats: dict) -> dict:
+    """The stats a filter unit logs. A unit cached before `keep_rate` meant kept / judged pairs and orders holds
+    kept / judgments under that name: logged as `examples_per_judgment`, with no `keep_rate` (its number is unknown
+    without the judgments; the unit's data, and so its key, are unchanged)."""
+    if "examples_per_judgment" in stats:
+        return stats
+    return {("examples_per_judgment" if k == "keep_rate" else k): v for k, v in stats.items()}
