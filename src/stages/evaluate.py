@@ -293,7 +293,13 @@ def key(name: str, cfg: EvalConfig, data_root: str, model: ModelSpec, adapter: s
         name, VERSION, config_part(name, cfg),
         {"pairs": pairs_key} if name == "synthetic" else {"data": BENCHMARKS[name].data(cfg, data_root)},
         model=model_id(model, adapter), prompt=text_fingerprint(judge_template(cfg.prompt, "eval.prompt")), chunk_size=chunk_size,
+        # a benchmark's metrics are stored with its output: a change of its scoring rule must not reuse old numbers
+        # (mtbench 2: a tie in both orders is swap-consistent)
+        **({"scoring": SCORING[name]} if name in SCORING else {}),
     )
+
+
+SCORING = {"mtbench": 2}
 
 
 # ------------------------------------------------------------------------------------------ running
