@@ -25,7 +25,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reward
 def judge_prompts(path: Path, pairs: int, response_chars: int = 400, seed: int = 0) -> list[str]:
     with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f]
-    from .stages.judge import judge_template, render
+    from src.stages.judge import judge_template, render
 
     template = judge_template(None, "judging.prompt")
     rng = random.Random(seed)
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from .models.base import ModelSpec, SamplingConfig
-    from .models.hf import HFGenerator
-    from .models.loading import preflight, resolve_model_dir
+    from src.models.base import ModelSpec, SamplingConfig
+    from src.models.hf import HFGenerator
+    from src.models.loading import preflight, resolve_model_dir
 
     source = "tiny_random" if args.model == "tiny_random" else "packaged"
     spec = ModelSpec(name=args.model, source=source, package=args.model if source == "packaged" else None,
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
 def bench_llamacpp(spec, model_dir, prompts: list[str], sampling, args) -> dict:
     import dataclasses
 
-    from .models.base import SamplingConfig
-    from .models.llamacpp import LlamaCppGenerator, available
-    from .models.packaged import locate_gguf
+    from src.models.base import SamplingConfig
+    from src.models.llamacpp import LlamaCppGenerator, available
+    from src.models.packaged import locate_gguf
 
     if not available():
         print('llama.cpp: llama-cpp-python not installed (pip install -e ".[cpu]")')

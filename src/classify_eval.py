@@ -18,13 +18,13 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from .cache import StageCache, file_fingerprint, make_key
-from .config import as_dict, typed
-from .data import resolve
-from .models.base import ModelSpec
-from .prompts import text_fingerprint
-from .stages import classify, select
-from .stages.select import DatasetConfig
+from src.cache import StageCache, file_fingerprint, make_key
+from src.config import as_dict, typed
+from src.data import resolve
+from src.models.base import ModelSpec
+from src.prompts import text_fingerprint
+from src.stages import classify, select
+from src.stages.select import DatasetConfig
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -69,7 +69,7 @@ def evaluate(spec: ModelSpec, dataset: DatasetConfig, data_root: str, cache_dir:
     cache = StageCache(cache_dir)
 
     def compute(partial):
-        from .models.loading import load_generator
+        from src.models.loading import load_generator
 
         rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
         # the pool skips instructions over max_chars; MT-Bench's long extraction prompts are cut there instead
@@ -102,7 +102,7 @@ def evaluate(spec: ModelSpec, dataset: DatasetConfig, data_root: str, cache_dir:
 
 
 def main(argv: list[str]) -> None:
-    from .main import CONF_DIR
+    from src.main import CONF_DIR
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

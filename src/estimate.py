@@ -73,7 +73,7 @@ def classify_work(d, instr: float) -> Work:
     a one-label set needs no model."""
     import math
 
-    from .stages import classify, select
+    from src.stages import classify, select
 
     cats = d.categories
     if len(cats) < 2:
@@ -91,7 +91,7 @@ def classify_work(d, instr: float) -> Work:
 
 def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[str, Work]]:
     """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge", "audit") that runs it."""
-    from .stages import evaluate, generate, judge
+    from src.stages import evaluate, generate, judge
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     instr = min(TYPICAL["instruction"], _tok(d.max_chars))
@@ -173,7 +173,7 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
 
 
 def _local(source: str, data_root: str) -> bool:
-    from .data import resolve
+    from src.data import resolve
 
     return resolve(source, data_root).exists()
 
@@ -188,7 +188,7 @@ def gpus_of(spec) -> int:
 
 def estimate(job, upper: bool, data_root: str | None = None) -> dict[str, dict[str, float]] | None:
     """{stage: {"gpu_hours", "wall_hours"}}, or None when a model's size is unknown."""
-    from .launch import full_finetune, model_shape
+    from src.launch import full_finetune, model_shape
 
     specs = {"seed": job.seed, "judge": job.judge, **({"audit": job.audit.model} if job.audit.judge else {})}
     shapes = {r: model_shape(s) for r, s in specs.items()}
@@ -240,7 +240,7 @@ def token_budgets(job) -> list[dict]:
     the generation it asks for, vs max_model_len. Prompts at 4 characters per token (English) and at 1 (`dense`:
     CJK scripts come close to a token per character). `over` says what the stage does with a prompt that does not
     fit: nothing aborts (judge.fit_prompts, classify.fit, generate's base.fits)."""
-    from .stages import classify, generate, judge, select
+    from src.stages import classify, generate, judge, select
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     rows = []

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .main import CONF_DIR
+from src.main import CONF_DIR
 
 log = logging.getLogger("src.evaluate")
 
@@ -32,8 +32,8 @@ def adapter_key(adapter: Path | None, cache) -> str | None:
     """What the benchmark keys call the weights an adapter directory holds: the loop's train key when it is an
     intact adapter output of this cache's train stage (`<cache>/train/<key>/adapter`; then the loop's evaluations
     of it are reused), otherwise a hash of its bytes."""
-    from .cache import check
-    from .stages import train
+    from src.cache import check
+    from src.stages import train
 
     if adapter is None:
         return None
@@ -47,7 +47,7 @@ def adapter_key(adapter: Path | None, cache) -> str | None:
 def scorer_keys(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_size: int) -> dict[str, str]:
     """Each enabled benchmark's key (synthetic excluded: it needs a run's pairs), by the stage's own key function,
     the one the loop's plan calls."""
-    from .stages import evaluate
+    from src.stages import evaluate
 
     a = adapter_key(adapter, cache)
     return {b: evaluate.key(b, ecfg, data_root, spec, a, None, chunk_size)
@@ -55,15 +55,15 @@ def scorer_keys(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_s
 
 
 def evaluate_model(cfg: DictConfig) -> dict[str, float]:
-    from .cache import StageCache
-    from .config import ConfigError, typed
-    from .models.base import ModelSpec
-    from .models.loading import load_generator, preflight
-    from .pipeline import PipelineConfig
-    from .records import to_dict
-    from .stages import evaluate
-    from .stages.judge import judge_template, prompt_params
-    from .tracking import Tracker, TrackingConfig, flatten
+    from src.cache import StageCache
+    from src.config import ConfigError, typed
+    from src.models.base import ModelSpec
+    from src.models.loading import load_generator, preflight
+    from src.pipeline import PipelineConfig
+    from src.records import to_dict
+    from src.stages import evaluate
+    from src.stages.judge import judge_template, prompt_params
+    from src.tracking import Tracker, TrackingConfig, flatten
 
     spec = typed(ModelSpec, cfg.model, "model")
     ecfg = typed(evaluate.EvalConfig, cfg.eval, "eval")

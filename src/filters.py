@@ -11,8 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import ConfigError
-from .records import Judgment, Pair
+from src.config import ConfigError
+from src.records import Judgment, Pair
 
 @dataclass
 class FilterConfig:

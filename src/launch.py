@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from src.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +293,10 @@ def launch_command(launch: LaunchConfig, config_file: Path, request: Path, cpu: 
 def run_train(launch: LaunchConfig, train_cfg, examples: list, judge_spec, model_cache: Path | None,
               previous_adapter: Path | None, out_dir: Path, seed: int, report_to_mlflow: bool) -> dict:
     """Run the train stage as `launch` says; the stats `train.run` returns."""
-    from .stages import train
+    from src.stages import train
 
     if not launch.isolated:
-        from .models.loading import load_for_training
+        from src.models.loading import load_for_training
 
         try:
             return train.run(train_cfg, examples, load_for_training(judge_spec, model_cache), previous_adapter, out_dir,
@@ -304,7 +304,7 @@ def run_train(launch: LaunchConfig, train_cfg, examples: list, judge_spec, model
         finally:
             free_accelerator_memory()
     import torch
-    from .records import to_dict
+    from src.records import to_dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     request = out_dir / "launch_request.json"
@@ -346,11 +346,11 @@ def worker(request_path: str) -> None:
     """One training process: rebuild the typed inputs from the request and call `train.run`."""
     from accelerate import PartialState
 
-    from .config import typed
-    from .models.base import ModelSpec
-    from .models.loading import load_for_training
-    from .records import TrainExample, from_dict
-    from .stages import train
+    from src.config import typed
+    from src.models.base import ModelSpec
+    from src.models.loading import load_for_training
+    from src.records import TrainExample, from_dict
+    from src.stages import train
 
     req = json.loads(Path(request_path).read_text())
     # The process group first: with FSDP, from_pretrained then loads the weights on rank 0 only.

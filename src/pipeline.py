@@ -21,23 +21,23 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import estimate, launch, schedule
-from .cache import Partial, StageCache, check
-from .config import ConfigError, _check, as_dict, knob, typed
-from .data import check_readable, resolve
-from .filters import FilterConfig
-from .launch import LaunchConfig
-from .models import gpu_memory
-from .models.base import Generator, ModelSpec
-from .records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from .stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
-from .stages.audit import AuditConfig
-from .stages.evaluate import EvalConfig
-from .stages.generate import NegativesConfig
-from .stages.judge import JudgingConfig
-from .stages.select import DatasetConfig
-from .stages.train import TrainConfig
-from .tracking import Tracker, TrackingConfig, input_rows
+from src import estimate, launch, schedule
+from src.cache import Partial, StageCache, check
+from src.config import ConfigError, _check, as_dict, knob, typed
+from src.data import check_readable, resolve
+from src.filters import FilterConfig
+from src.launch import LaunchConfig
+from src.models import gpu_memory
+from src.models.base import Generator, ModelSpec
+from src.records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
+from src.stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from src.stages.audit import AuditConfig
+from src.stages.evaluate import EvalConfig
+from src.stages.generate import NegativesConfig
+from src.stages.judge import JudgingConfig
+from src.stages.select import DatasetConfig
+from src.stages.train import TrainConfig
+from src.tracking import Tracker, TrackingConfig, input_rows
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Job:
 def check_lengths(job: Job) -> None:
     """Every generation the job asks for must fit its model's max_model_len (what vLLM would reject later).
     Checked on the composed job (not per group: a group option alone may pair with another model)."""
-    from .models.base import check_fits
+    from src.models.base import check_fits
 
     n = job.negatives
     for spec, tokens, where in [
@@ -267,7 +267,7 @@ class ModelPool:
         self.loaded: dict[tuple, Generator] = {}
 
     def get(self, spec: ModelSpec, adapter: Path | None) -> Generator:
-        from .models.loading import load_generator
+        from src.models.loading import load_generator
 
         key = (repr(as_dict(spec)), str(adapter))
         if key in self.loaded:
@@ -304,7 +304,7 @@ class ModelPool:
 
 def preflight(job: Job) -> list[str]:
     """Problems that would make the job fail after expensive work, found before any weights load."""
-    from .models.loading import preflight as model_preflight
+    from src.models.loading import preflight as model_preflight
 
     problems = []
     # Read local pools now: a malformed line or missing field fails here, not after a model has loaded.
@@ -398,7 +398,7 @@ class Runner:
 
     def _log_base_weights(self) -> None:
         """Provenance: the seed's and the judge's weights (directory + hash) as tags of the run."""
-        from .provenance import model_weights
+        from src.provenance import model_weights
 
         if self.tracker.active:
             for role, spec in (("seed", self.job.seed), ("judge", self.job.judge)):
@@ -411,7 +411,7 @@ class Runner:
     def _log_trained_weights(self, k: int, step: Step, meta: dict) -> None:
         """Provenance: what iteration k trained (hash from the train stage's verified manifest); a LoRA adapter is
         also logged as an artifact, full weights by path and hash only."""
-        from .provenance import train_output_digests, weights_hash
+        from src.provenance import train_output_digests, weights_hash
 
         path = self._adapter(step.key) if self.tracker.active else None
         if path is not None:
@@ -549,7 +549,7 @@ class Runner:
         iteration's verdicts on the same (item, order), `<bench>/position/flips` split into flips to the correct
         verdict and to a wrong one (MT-Bench has no correct verdict: flips only). Meta-Rewarding (Wu et al. 2024)
         saw position bias grow as a judge trained on itself; these show whether ours does."""
-        from .analysis import verdict_flips
+        from src.analysis import verdict_flips
 
         stated = [r["verdict"] for r in rows if r["verdict"] is not None]
         out = {f"{st.stage}/position/frac_A": sum(v == "A" for v in stated) / len(stated) if stated else None}
@@ -573,7 +573,7 @@ def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:
 
 def job_params(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     """MLflow params: the group choices (what the UI compares) plus the flattened resolved config."""
-    from .tracking import flatten
+    from src.tracking import flatten
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {**{f"choice.{k}": v for k, v in choices.items()}, **flatten(resolved)}

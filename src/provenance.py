@@ -78,7 +78,7 @@ def _hub_blob_digest(path: Path) -> str | None:
 def file_sha256(path: Path, memo: Path | None = None) -> str:
     """SHA-256 of a file, remembered in `memo` (default: file-sha256.json in the model cache) by real path, size and
     mtime, so a 140 GB model is read once, not at every run. A failed memo write only costs a rehash next time."""
-    from .models.store import default_cache_dir, sha256_file
+    from src.models.store import default_cache_dir, sha256_file
 
     memo = Path(memo or default_cache_dir() / "file-sha256.json")
     real, st = Path(path).resolve(), Path(path).stat()
@@ -109,7 +109,7 @@ def file_sha256(path: Path, memo: Path | None = None) -> str:
 def manifest_digests(model_dir: Path) -> dict[str, str]:
     """The per-file SHA-256 a packaged model's conversion recorded (`ste_source.json`; `materialize` checks them
     against the bytes before the model is used), or {} for a directory without one."""
-    from .models.store import MANIFEST
+    from src.models.store import MANIFEST
 
     try:
         files = json.loads((Path(model_dir) / MANIFEST).read_text()).get("files")
@@ -122,11 +122,11 @@ def model_weights(spec, cache_dir: Path | None = None) -> tuple[Path, str]:
     """(directory, weights hash) of a model spec's base weights. A packaged model already converted is read from its
     manifest without converting or rehashing 2.5 GB; anything else is resolved as loading would (convert, build or
     download once), then hashed (`weights_hash`)."""
-    from .models.loading import resolve_model_dir
+    from src.models.loading import resolve_model_dir
 
     path = None
     if spec.source == "packaged":
-        from .models.packaged import materialized_dir
+        from src.models.packaged import materialized_dir
 
         path = materialized_dir(spec.package or spec.name, cache_dir)
         path = path if manifest_digests(path) else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stats import (bootstrap_ci, item_scores, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap,
+from src.stats import (bootstrap_ci, item_scores, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap,
                     stratified_bootstrap)
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _items(client, run_id: str, iterations: dict[str, int]) -> dict[str, dict]:
 def mtbench_items(rows: list[dict]) -> dict[tuple[str, str], dict[str, tuple[int, int]]]:
     """{(turn, key): {"s1": (agree, total), "s2": (agree, total)}} from the MT-Bench evaluation rows (one per key and
     order, the expert votes in `extra`), the same votes the logged agreement counts (FastChat's rule)."""
-    from .benchmarks import mtbench
+    from src.benchmarks import mtbench
 
     meta = ("question_id", "model_a", "model_b", "turn")
     records = [{**{k: r["extra"][k] for k in meta}, "order": r["order"], "verdict": r["verdict"]} for r in rows]
@@ -198,7 +198,7 @@ def mtbench_items(rows: list[dict]) -> dict[tuple[str, str], dict[str, tuple[int
 
 
 def _official_overall(weights: str):
-    from .benchmarks.rewardbench import overall, section_scores
+    from src.benchmarks.rewardbench import overall, section_scores
 
     return lambda subset_means: overall(section_scores(subset_means, weights))
 
@@ -558,8 +558,8 @@ class ReportCallback(Callback):
 
         if not config.tracking.enabled or config.pipeline.dry_run:
             return
-        from .tracking import TrackingConfig, store_uri
-        from .config import typed
+        from src.tracking import TrackingConfig, store_uri
+        from src.config import typed
 
         tcfg = typed(TrackingConfig, config.tracking, "tracking")
         results = Path(str(config.results_dir)).expanduser().resolve()

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .config import ConfigError, knob
+from src.config import ConfigError, knob
 
 STATUSES = ("passed", "failed", "timeout", "error")
 TAIL = 2000  # characters of stderr kept in a result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .config import ConfigError
+from src.config import ConfigError
 
 
 def expected_examples(job) -> int:

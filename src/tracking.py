@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import knob
+from src.config import knob
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def store_lock(results_dir: Path):
     """Exclusive across processes on this machine: held while shared tracking state is created."""
-    from .cache import file_lock
+    from src.cache import file_lock
 
     return file_lock(Path(results_dir) / ".mlflow.lock")
 
@@ -184,7 +184,7 @@ class Tracker:
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)
         parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None
-        from .provenance import git_state, package_versions
+        from src.provenance import git_state, package_versions
 
         # Which code and libraries made these numbers (a dirty tree is flagged: its commit alone does not say).
         provenance = {**git_state(), **package_versions()}

@@ -63,7 +63,7 @@ def load_mtbench_human(
     e.g. gpt4_pair_judgments_labels.jsonl) or the hub id `lmsys/mt_bench_human_judgments` (split `human`,
     at `revision`; needs network access or a warm HF cache). Bad lines raise ValueError with file:line.
     """
-    from ..data import iter_jsonl, read_hub
+    from src.data import iter_jsonl, read_hub
 
     path = Path(source)
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".json")):

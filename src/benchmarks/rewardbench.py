@@ -170,7 +170,7 @@ def load_rewardbench(source: str, revision: str | None = None) -> list[RewardBen
     Malformed lines raise ValueError naming the file, the 1-based line number and what is wrong.
     Duplicate (subset, id) keys also raise.
     """
-    from ..data import iter_jsonl, read_hub
+    from src.data import iter_jsonl, read_hub
 
     path = Path(source)
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".json")):

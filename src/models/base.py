@@ -148,7 +148,7 @@ class Generator(Protocol):
 
 def engine_versions(backend: str) -> dict[str, str]:
     """The libraries whose arithmetic makes a model's outputs: an upgrade may change them, so they are keyed."""
-    from ..provenance import package_versions
+    from src.provenance import package_versions
 
     extra = {"vllm": ("vllm",), "llamacpp": ("llama-cpp-python", "gguf")}.get(backend, ())
     return package_versions(("torch", "transformers", "peft") + extra)
@@ -157,6 +157,6 @@ def engine_versions(backend: str) -> dict[str, str]:
 def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
     """A model's identity in a stage key: its spec, the train key (or adapter hash) of the weights it wears, the
     engine versions. Every stage's `key()` builds its model part with this."""
-    from ..config import as_dict
+    from src.config import as_dict
 
     return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}

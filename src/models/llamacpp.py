@@ -34,8 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, plan_choices, plan_scores
+from src.models.base import Completion, ModelSpec, Prompt, SamplingConfig, chat_messages
+from src.models.prompts import check_prompt_length, plan_choices, plan_scores
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def adapter_gguf(adapter_dir: str | Path, base_gguf: str | Path, cache_dir: str 
     """The llama.cpp GGUF form of a PEFT LoRA adapter directory, converted once and kept under cache_dir by the
     hash of the adapter's files and the base model (an adapter is retrained under a new train key, so a hash of
     its bytes is its identity)."""
-    from .gguf_lora import write_lora_gguf
+    from src.models.gguf_lora import write_lora_gguf
 
     h = hashlib.sha256()
     for name in ("adapter_config.json", "adapter_model.safetensors"):

@@ -5,7 +5,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from .base import Generator, ModelSpec
+from src.models.base import Generator, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def preflight(spec: ModelSpec) -> None:
             raise RuntimeError(f"model {spec.name!r}: backend llamacpp runs the packaged GGUF files (source packaged); "
                                f"source {spec.source!r} runs on backend hf or vllm")
     if spec.source == "packaged":
-        from .packaged import PACKAGED_MODELS, part_paths
+        from src.models.packaged import PACKAGED_MODELS, part_paths
 
         key = spec.package or spec.name
         if key not in PACKAGED_MODELS:
@@ -98,11 +98,11 @@ def preflight(spec: ModelSpec) -> None:
 def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:
     """Local directory with the model's `save_pretrained` files (built, converted or downloaded once)."""
     if spec.source == "packaged":
-        from .packaged import materialize
+        from src.models.packaged import materialize
 
         return materialize(spec.package or spec.name, cache_dir)
     if spec.source == "tiny_random":
-        from .tiny import build_tiny_random
+        from src.models.tiny import build_tiny_random
 
         return build_tiny_random(cache_dir)
     if spec.source == "hf":
@@ -150,18 +150,18 @@ def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir
                                f"weights (train.peft=none): use backend hf for this judge")
         model_dir, adapter = Path(adapter), None
     if spec.backend == "vllm":
-        from .vllm_backend import VLLMGenerator
+        from src.models.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(spec, model_dir, adapter=adapter)
     if spec.backend == "llamacpp":
-        from .llamacpp import LlamaCppGenerator, adapter_gguf
-        from .packaged import locate_gguf
-        from .store import default_cache_dir
+        from src.models.llamacpp import LlamaCppGenerator, adapter_gguf
+        from src.models.packaged import locate_gguf
+        from src.models.store import default_cache_dir
 
         gguf = locate_gguf(spec.package or spec.name, cache_dir)
         lora = adapter_gguf(adapter, gguf, cache_dir or default_cache_dir()) if adapter is not None else None
         return LlamaCppGenerator(spec, model_dir, gguf, lora)
-    from .hf import HFGenerator
+    from src.models.hf import HFGenerator
 
     return HFGenerator(spec, model_dir, adapter=adapter)
 

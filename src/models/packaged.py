@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import default_cache_dir, save_atomically, set_aside, sha256_file, verify_manifest
+from src.models.store import default_cache_dir, save_atomically, set_aside, sha256_file, verify_manifest
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .store import default_cache_dir, save_atomically
+from src.models.store import default_cache_dir, save_atomically
 
 TINY_NAME = "tiny_random_v2"  # bump when the recipe below changes (v2: 2 key/value heads)
 

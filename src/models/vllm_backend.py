@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .base import Completion, ModelSpec, SamplingConfig, chat_messages
-from .prompts import check_prompt_length, plan_choices, plan_scores
+from src.models.base import Completion, ModelSpec, SamplingConfig, chat_messages
+from src.models.prompts import check_prompt_length, plan_choices, plan_scores
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import ConfigError
+from src.config import ConfigError
 
 PROMPT_DIR = Path(__file__).parent
 _PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")

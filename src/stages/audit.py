@@ -13,16 +13,16 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from .. import audit as rules
-from .. import sandbox
-from ..cache import Partial, make_key, run_chunked
-from ..config import ConfigError, as_dict, knob, typed
-from ..data import read_records, resolve
-from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
-from ..prompts import text_fingerprint
-from ..records import ORDERS, Instruction, Pair
-from .judge import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
-from .select import DatasetConfig, source_rows
+from src import audit as rules
+from src import sandbox
+from src.cache import Partial, make_key, run_chunked
+from src.config import ConfigError, as_dict, knob, typed
+from src.data import read_records, resolve
+from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
+from src.prompts import text_fingerprint
+from src.records import ORDERS, Instruction, Pair
+from src.stages.judge import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
+from src.stages.select import DatasetConfig, source_rows
 
 log = logging.getLogger(__name__)
 VERSION = 2  # of the `audit` output by reference answers; 2: \text{} answers kept, \frac12, percent, "a x b = c", "#### 18 eggs", empty references match nothing

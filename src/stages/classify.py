@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from ..models.base import Generator
-from ..prompts import Template, clip_middle, fit_to_budget
+from src.models.base import Generator
+from src.prompts import Template, clip_middle, fit_to_budget
 
 VERSION = 1
 CHUNK = 20  # pool instructions per cache unit (max_scan: 40 = two units)

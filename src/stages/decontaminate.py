@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import time
 
-from ..cache import make_key
-from ..config import as_dict
-from ..benchmarks import mtbench, rewardbench
-from ..decontaminate import NGRAM, BenchmarkPrompt, Index, Match, counts
-from .evaluate import EvalConfig, _source, source_fingerprint
-from .select import DatasetConfig, source_fingerprints, source_rows
+from src.cache import make_key
+from src.config import as_dict
+from src.benchmarks import mtbench, rewardbench
+from src.decontaminate import NGRAM, BenchmarkPrompt, Index, Match, counts
+from src.stages.evaluate import EvalConfig, _source, source_fingerprint
+from src.stages.select import DatasetConfig, source_fingerprints, source_rows
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it); 3: typed signatures only (generic ones fall to the 13-gram rule)
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from ..pipeline import Job
+    from src.pipeline import Job
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         job = Job.from_config(compose("config", overrides=argv))

@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..analysis import vote_ks
-from ..benchmarks import mtbench, rewardbench
-from ..benchmarks.rewardbench import majority_vote
-from ..cache import Partial, file_fingerprint, make_key, run_chunked
-from ..config import ConfigError, as_dict, knob
-from ..data import resolve
-from ..metrics import item_score, synthetic_metrics
-from ..prompts import text_fingerprint
-from ..models.base import Generator, ModelSpec, SamplingConfig, model_id
-from ..records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
-from ..verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from .judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
+from src.analysis import vote_ks
+from src.benchmarks import mtbench, rewardbench
+from src.benchmarks.rewardbench import majority_vote
+from src.cache import Partial, file_fingerprint, make_key, run_chunked
+from src.config import ConfigError, as_dict, knob
+from src.data import resolve
+from src.metrics import item_score, synthetic_metrics
+from src.prompts import text_fingerprint
+from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
+from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
+from src.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
+from src.stages.judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
 
 log = logging.getLogger(__name__)
 # 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's

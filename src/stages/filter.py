@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from .. import filters
-from ..cache import make_key
-from ..config import as_dict
-from ..filters import FilterConfig
-from ..prompts import text_fingerprint
-from ..records import Judgment, Pair, TrainExample
-from ..verdicts import parse_verdict
-from .judge import JudgingConfig, judge_template, pair_prompt
+from src import filters
+from src.cache import make_key
+from src.config import as_dict
+from src.filters import FilterConfig
+from src.prompts import text_fingerprint
+from src.records import Judgment, Pair, TrainExample
+from src.verdicts import parse_verdict
+from src.stages.judge import JudgingConfig, judge_template, pair_prompt
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: examples carry an incorrect judgment of the same pair and order (for DPO); 3: or a verdict-less one (RAM)

@@ -13,12 +13,12 @@ import logging
 import re
 from dataclasses import dataclass
 
-from ..cache import Partial, make_key, run_chunked
-from ..config import ConfigError, as_dict
-from ..models.base import Completion, Generator, ModelSpec, SamplingConfig, fits, model_id
-from ..prompts import load_template, text_fingerprint
-from ..records import Instruction, Pair, from_dict, to_dict
-from .judge import item_seed
+from src.cache import Partial, make_key, run_chunked
+from src.config import ConfigError, as_dict
+from src.models.base import Completion, Generator, ModelSpec, SamplingConfig, fits, model_id
+from src.prompts import load_template, text_fingerprint
+from src.records import Instruction, Pair, from_dict, to_dict
+from src.stages.judge import item_seed
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: format_break drop reason, truncation counts, drop_truncated

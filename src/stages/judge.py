@@ -10,12 +10,12 @@ import logging
 import random
 from dataclasses import dataclass
 
-from ..cache import Partial, make_key, run_chunked
-from ..config import ConfigError, as_dict, knob
-from ..models.base import Generator, ModelSpec, Prompt, SamplingConfig, model_id
-from ..prompts import Template, clip_end, clip_middle, fit_to_budget, load_template, text_fingerprint
-from ..records import ORDERS, Judgment, Pair, from_dict, to_dict
-from ..verdicts import parse_verdict
+from src.cache import Partial, make_key, run_chunked
+from src.config import ConfigError, as_dict, knob
+from src.models.base import Generator, ModelSpec, Prompt, SamplingConfig, model_id
+from src.prompts import Template, clip_end, clip_middle, fit_to_budget, load_template, text_fingerprint
+from src.records import ORDERS, Judgment, Pair, from_dict, to_dict
+from src.verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: sampling seeded per pair and order (was per chunk); 3: the paper's eval_plan prompt by default, one-pass

@@ -14,14 +14,14 @@ from typing import Callable, Collection, Iterable, Iterator
 
 from tqdm import tqdm
 
-from ..cache import StageCache, file_fingerprint, make_key
-from ..config import ConfigError, as_dict
-from ..data import DataError, read_hub, read_records, require, resolve
-from ..decontaminate import near_duplicate_groups
-from ..models.base import Generator, ModelSpec, model_id
-from ..prompts import Template, load_template, text_fingerprint
-from ..records import Instruction
-from . import classify
+from src.cache import StageCache, file_fingerprint, make_key
+from src.config import ConfigError, as_dict
+from src.data import DataError, read_hub, read_records, require, resolve
+from src.decontaminate import near_duplicate_groups
+from src.models.base import Generator, ModelSpec, model_id
+from src.prompts import Template, load_template, text_fingerprint
+from src.records import Instruction
+from src.stages import classify
 
 log = logging.getLogger(__name__)
 VERSION = 3  # v3: benchmark matches dropped (dataset.decontaminate), held-out split per near-duplicate group, references

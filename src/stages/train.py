@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import CacheError, StageCache, make_key
-from ..config import ConfigError, as_dict, knob
-from ..models.base import ModelSpec, model_id
-from ..records import TrainExample
+from src.cache import CacheError, StageCache, make_key
+from src.config import ConfigError, as_dict, knob
+from src.models.base import ModelSpec, model_id
+from src.records import TrainExample
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: peft=none (full weights), DPO A/B rebalance, train_loss = mean over all steps after resume
