@@ -17,7 +17,7 @@ message is doc_to_text; the system message rides in each doc's "judge_system" fi
 task `description`: with --apply_chat_template lm-eval sends it as the system turn (without, it is prepended).
 Unlike the loop, responses are not clipped (lm-eval truncates over-long contexts itself).
 
-Verdicts: each benchmark's official parser, as in the loop (src/verdicts.py): RewardBench `process_judgement`,
+Verdicts: each benchmark's official parser, as in the loop (src/rules/verdicts.py): RewardBench `process_judgement`,
 FastChat's per-order parse for MT-Bench.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import datasets  # noqa: E402
 
 from src.benchmarks import mtbench as _mt  # noqa: E402
 from src.benchmarks import rewardbench as _rb  # noqa: E402
-from src.verdicts import fastchat_verdict, rewardbench_verdict  # noqa: E402
+from src.rules.verdicts import fastchat_verdict, rewardbench_verdict  # noqa: E402
 
 SLICE_SEED = int(os.environ.get("STE_LMEVAL_SLICE_SEED", "0"))
 

@@ -21,11 +21,13 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from src import estimate, launch, schedule
+from src import launch
+from src.costs import estimate
+from src.costs import schedule
 from src.cache import Partial, StageCache, check
 from src.config import ConfigError, _check, as_dict, knob, typed
 from src.data import check_readable, resolve
-from src.filters import FilterConfig
+from src.rules.filters import FilterConfig
 from src.launch import LaunchConfig
 from src.models import gpu_memory
 from src.models.base import Generator, ModelSpec
@@ -549,7 +551,7 @@ class Runner:
         iteration's verdicts on the same (item, order), `<bench>/position/flips` split into flips to the correct
         verdict and to a wrong one (MT-Bench has no correct verdict: flips only). Meta-Rewarding (Wu et al. 2024)
         saw position bias grow as a judge trained on itself; these show whether ours does."""
-        from src.analysis import verdict_flips
+        from src.rules.analysis import verdict_flips
 
         stated = [r["verdict"] for r in rows if r["verdict"] is not None]
         out = {f"{st.stage}/position/frac_A": sum(v == "A" for v in stated) / len(stated) if stated else None}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from src.stats import (bootstrap_ci, item_scores, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap,
+from src.rules.stats import (bootstrap_ci, item_scores, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap,
                     stratified_bootstrap)
 
 log = logging.getLogger(__name__)

@@ -68,10 +68,10 @@ def jsonl_rows(path: Path) -> list[dict]:
 
 
 def standalone_eval(results: Path, args: list[str]) -> subprocess.CompletedProcess:
-    """`python -m src.evaluate <args>` on the shared data with its own store under `results`; must exit 0."""
+    """`python -m src.cli.evaluate <args>` on the shared data with its own store under `results`; must exit 0."""
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
     env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in this process exports it; the run must use its own store
-    proc = subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "src.cli.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -1,4 +1,4 @@
-from src.analysis import verdict_flips, vote_ks
+from src.rules.analysis import verdict_flips, vote_ks
 
 
 def test_vote_ks():

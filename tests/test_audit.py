@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from src.audit import OUTCOMES, audit_stats, final_answer, outcome, reference_answer, same_answer
+from src.rules.audit import OUTCOMES, audit_stats, final_answer, outcome, reference_answer, same_answer
 from tests.conftest import DATA_ROOT, only_run
 
 
@@ -59,7 +59,7 @@ def test_audit_pairs_on_real_gsm8k_references():
     problem's. The audit reads each final answer and finds the label right exactly where the two answers differ."""
     from types import SimpleNamespace
 
-    from src.audit import audit_pairs
+    from src.rules.audit import audit_pairs
 
     gsm = [json.loads(l) for l in open(DATA_ROOT / "math/gsm8k_test.jsonl")][:60]
     refs = {str(i): r["answer"] for i, r in enumerate(gsm)}
@@ -113,7 +113,7 @@ def test_no_real_math_reference_normalises_to_empty_and_an_empty_one_matches_not
     import gzip
     import json
 
-    from src.audit import normalise_answer, reference_answer, same_answer
+    from src.rules.audit import normalise_answer, reference_answer, same_answer
     from tests.conftest import DATA_ROOT
 
     rows = [json.loads(line) for line in gzip.open(DATA_ROOT / "math" / "math_test5000.jsonl.gz", "rt")]
@@ -128,27 +128,27 @@ def test_no_real_math_reference_normalises_to_empty_and_an_empty_one_matches_not
     ("\\frac{1}{2}", "\\frac12"), ("0.5", "\\frac12"), ("\\frac{3}{4}", "\\frac3{4}"), ("50", "50\\%"), ("50\\%", "50"),
 ])
 def test_same_answer_reads_math_surface_forms(predicted, reference):
-    from src.audit import same_answer
+    from src.rules.audit import same_answer
 
     assert same_answer(predicted, reference)
 
 
 def test_same_answer_still_tells_different_answers_apart():
-    from src.audit import same_answer
+    from src.rules.audit import same_answer
 
     assert not same_answer("Tuesday", "\\text{Monday}") and not same_answer("\\frac13", "\\frac12")
     assert not same_answer("6", "5\\text{ cm}")
 
 
 def test_final_answer_takes_the_result_of_an_equation_and_the_number_of_a_gsm8k_tail():
-    from src.audit import final_answer, same_answer
+    from src.rules.audit import final_answer, same_answer
 
     assert final_answer("Each box holds 12, so the answer is 3 x 12 = 36.") == "36"
     assert final_answer("She has 20 - 2 = 18 eggs.\n#### 18 eggs") == "18"
     # a real GSM8K reference and a hand-written response in the styles the seed writes
     import json
 
-    from src.audit import reference_answer
+    from src.rules.audit import reference_answer
     from tests.conftest import DATA_ROOT
 
     row = json.loads((DATA_ROOT / "math" / "gsm8k_test.jsonl").read_text().splitlines()[0])

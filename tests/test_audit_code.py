@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from src.audit import code_program, extract_code, humaneval_program, mbpp_program
+from src.rules.audit import code_program, extract_code, humaneval_program, mbpp_program
 from src.records import Instruction, Pair
 from src.sandbox import SandboxConfig, run
 from tests.conftest import DATA_ROOT, TINY, only_run

@@ -2,7 +2,7 @@
 (its verdicts are noise; accuracy is not what is tested)."""
 import json
 
-from src.audit import judge_audit_stats, judge_outcome
+from src.rules.audit import judge_audit_stats, judge_outcome
 from tests.conftest import TINY, only_run
 
 

@@ -11,7 +11,8 @@ from src.data import DataError
 from src.models.base import ModelSpec
 from src.models.prompts import option_ids
 from src.pipeline import Job, plan
-from src.stages import classify, select
+from src.stages import select
+from src import classification as classify
 
 from tests.conftest import TINY, model_cache
 
@@ -157,12 +158,12 @@ def test_score_options_shared_prefix_path_matches_the_batched_one(tiny, monkeypa
 
 
 def test_classify_eval_measures_all_80_mtbench_questions_and_caches(make_cfg, tmp_path, monkeypatch):
-    """python -m src.classify_eval's core on the tiny model: gold labels from MT-Bench's categories (10 per category,
+    """python -m src.cli.classify_eval's core on the tiny model: gold labels from MT-Bench's categories (10 per category,
     stem + humanities = 20 knowledge), precision/recall per label consistent with the predictions it saved, and a
     second call with the same classifier config reads the cache without loading a model."""
     import json
 
-    from src import classify_eval
+    from src.cli import classify_eval
     from src.config import typed
     from src.models import loading
     from src.stages.select import DatasetConfig

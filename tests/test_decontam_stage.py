@@ -15,7 +15,7 @@ import shutil
 import pytest
 
 from src.cache import StageCache
-from src.decontaminate import near_duplicate_groups, normalise
+from src.rules.decontamination import near_duplicate_groups, normalise
 from src.pipeline import Job, plan
 from src.stages import decontaminate, select
 from tests.conftest import DATA_ROOT, TINY, jsonl_rows

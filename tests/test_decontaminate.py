@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tests.conftest import DATA_ROOT, jsonl_rows
-from src.decontaminate import _ASKED, BenchmarkPrompt, Index, counts, normalise
+from src.rules.decontamination import _ASKED, BenchmarkPrompt, Index, counts, normalise
 
 
 
@@ -109,7 +109,7 @@ def test_signature_rule():
 
 
 def test_near_duplicate_groups():
-    from src.decontaminate import near_duplicate_groups
+    from src.rules.decontamination import near_duplicate_groups
 
     items = [
         ("3", "Write a poem about the sea and the sailors who cross it every winter night"),
@@ -124,13 +124,13 @@ def test_near_duplicate_groups():
 
 
 def test_sharegpt_near_duplicates_are_grouped(data_root):
-    from src.decontaminate import near_duplicate_groups
+    from src.rules.decontamination import near_duplicate_groups
 
     pool = jsonl_rows(data_root / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")[:3000]
     groups = near_duplicate_groups((str(r["id"]), r["prompt"]) for r in pool)
     from collections import Counter
 
-    from src.decontaminate import shingles
+    from src.rules.decontamination import shingles
 
     sizes = Counter(groups.values())
     multi = [g for g, n in sizes.items() if n > 1]
@@ -151,7 +151,7 @@ def test_generic_signatures_fall_to_the_13gram_rule(index, rewardbench, data_roo
     (hep-python, and hep-rust in the same form), 103 are generic, all hep-python; the typed ones still match, among
     them the three HumanEval problems only the signature rule catches (/23 `strlen`, /38 `decode_cyclic`,
     /50 `decode_shift`: asserted in test_humaneval_problems_that_are_hep_python_prompts)."""
-    from src.decontaminate import generic_signature
+    from src.rules.decontamination import generic_signature
 
     asked = [(r["subset"], *m.groups()) for r in rewardbench for m in _ASKED.finditer(r["prompt"])]
     generic = [a for a in asked if generic_signature(*a[1:])]

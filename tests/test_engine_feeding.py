@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from src import estimate
+from src.costs import estimate
 from src.cache import StageCache
 from src.launch import SHAPES
 from src.models import loading

@@ -115,7 +115,7 @@ def test_preflight_names_the_missing_engine(monkeypatch):
 
 # ------------------------------------------------------------------------------------- the engine itself
 def judge_prompts(n: int) -> list[str]:
-    from src.bench_judge import judge_prompts as prompts
+    from src.cli.bench_judge import judge_prompts as prompts
 
     return prompts(REWARDBENCH, n, response_chars=400, seed=1)
 

@@ -66,7 +66,7 @@ def test_standalone_scorer_keys_a_model_and_a_loop_adapter_as_the_loop_does(make
 
     from src.cache import StageCache
     from src.config import typed
-    from src.evaluate import scorer_keys
+    from src.cli.evaluate import scorer_keys
     from src.models.base import ModelSpec
     from src.pipeline import PipelineConfig
     from src.stages.evaluate import EvalConfig

@@ -303,7 +303,7 @@ def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
             elif d != node[f.name]:
                 diffs.append(f"{where}.{f.name}: dataclass {d!r}, conf {node[f.name]!r}")
 
-    from src.filters import FilterConfig
+    from src.rules.filters import FilterConfig
     from src.pipeline import PipelineConfig
     from src.stages.evaluate import EvalConfig
     from src.stages.generate import NegativesConfig

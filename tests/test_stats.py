@@ -1,7 +1,7 @@
 """Bootstrap intervals and the paired test behave as statistics should."""
 import random
 
-from src.stats import bootstrap_ci, item_scores, paired_test
+from src.rules.stats import bootstrap_ci, item_scores, paired_test
 
 
 def test_bootstrap_ci_brackets_the_mean_and_narrows_with_more_items():
@@ -61,7 +61,7 @@ def _exact_bootstrap_distribution(items):
     """Every within-subset resample with its probability: the distribution a bootstrap estimates."""
     import itertools
 
-    from src.stats import _strata
+    from src.rules.stats import _strata
 
     strata = _strata(items)
     per_stratum = []
@@ -84,7 +84,7 @@ def _exact_bootstrap_distribution(items):
 def test_official_overall_interval_matches_brute_force_enumeration():
     import numpy as np
 
-    from src.stats import stratified_bootstrap
+    from src.rules.stats import stratified_bootstrap
 
     dist = sorted(_exact_bootstrap_distribution(_SMALL))
     values, probs = np.array([v for v, _ in dist]), np.array([p for _, p in dist])
@@ -105,7 +105,7 @@ def test_official_overall_interval_matches_brute_force_enumeration():
 def test_paired_official_overall_test():
     import random
 
-    from src.stats import paired_stratified_test
+    from src.rules.stats import paired_stratified_test
 
     rng = random.Random(0)
     subsets = ["alpacaeval-easy", "llmbar-natural", "donotanswer", "math-prm", "hep-python"]
@@ -130,7 +130,7 @@ def test_pooled_rate_interval_matches_brute_force_enumeration():
 
     import numpy as np
 
-    from src.stats import ratio_bootstrap
+    from src.rules.stats import ratio_bootstrap
 
     strata: dict[str, list] = {}
     for (s, _), c in sorted(_RATIO.items()):
@@ -153,7 +153,7 @@ def test_pooled_rate_interval_matches_brute_force_enumeration():
 def test_paired_pooled_rate_test():
     import random
 
-    from src.stats import paired_ratio_test
+    from src.rules.stats import paired_ratio_test
 
     rng = random.Random(0)
     a = {(f"t{t}", str(i)): (float(rng.randint(0, 3)), 3.0) for t in (1, 2) for i in range(80)}

@@ -1,9 +1,9 @@
 """Verdict parsing and filtering rules: pure functions, checked on hand-made judgments."""
 import pytest
 
-from src.filters import FilterConfig, apply, balance
+from src.rules.filters import FilterConfig, apply, balance
 from src.records import Judgment, Pair
-from src.verdicts import parse_verdict
+from src.rules.verdicts import parse_verdict
 
 
 @pytest.mark.parametrize(

@@ -182,8 +182,8 @@ class LlamaCppGenerator:
                 raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {adapter_gguf_path}")
         self._mem = L.llama_get_memory(self._ctx)
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self.decode_seconds = 0.0  # time inside llama_decode: the engine's share of a call (src.bench_judge)
-        self.reused_tokens = 0  # prompt tokens served from cells already in the cache (src.bench_judge)
+        self.decode_seconds = 0.0  # time inside llama_decode: the engine's share of a call (src.cli.bench_judge)
+        self.reused_tokens = 0  # prompt tokens served from cells already in the cache (src.cli.bench_judge)
         self._held: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each slot's cells hold, by position
         self.load_seconds = time.time() - t0
         log.info("llama.cpp loaded %s from %s%s in %.1f s (%d slots, %d threads)", spec.name, self.gguf_path,

@@ -1,7 +1,7 @@
 """The label-noise audit of the synthetic pairs: does the answer to x beat the answer to x'? Reads the `audit` group.
 
 Two stages, both at iteration 0, after generate:
-* `audit` (exact, `audit/*`): pairs whose instruction has a reference answer (GSM8K, MATH: `src/audit.py` reads the
+* `audit` (exact, `audit/*`): pairs whose instruction has a reference answer (GSM8K, MATH: `src/rules/audit.py` reads the
   final answers; no code runs); with `audit.execute` (opt-in, `audit=execute`) also the pairs of code pools, by
   running the pool's unit tests on both responses in `src/sandbox.py`;
 * `audit_judge` (estimate, `audit/judge/*`, `audit=judge`): an audit judge model votes on every pair, both orders,
@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
-from src import audit as rules
+from src.rules import audit as rules
 from src import sandbox
 from src.cache import Partial, make_key, run_chunked
 from src.config import ConfigError, as_dict, knob, typed
@@ -32,7 +32,7 @@ JUDGE_VERSION = 1  # of the `audit_judge` output
 
 def logged_stats(stats: dict) -> dict:
     """The stats an `audit` unit logs: a unit cached before `audit/clean` and `audit/inverted` were named so holds
-    them as `audit/neither` and `audit/both` (`src/audit.py` RENAMED); its rows, and so its key, are unchanged."""
+    them as `audit/neither` and `audit/both` (`src/rules/audit.py` RENAMED); its rows, and so its key, are unchanged."""
     return rules.current_names(stats)
 
 

@@ -4,7 +4,7 @@ Runs before classification and generation, so no model time is spent on a benchm
 pool's sources (before the length filter: the counts describe the source, whatever `max_chars` a job uses) is
 compared with every prompt of each enabled benchmark: RewardBench prompts (`eval.rewardbench.source`) and MT-Bench
 questions, both turns (the user turns of `eval.mtbench.source`, the human-judgment file the run scores against),
-by the rules of src/decontaminate.py (normalised exact match, shared word 13-gram, same typed Python signature). The benchmark index is built
+by the rules of src/rules/decontamination.py (normalised exact match, shared word 13-gram, same typed Python signature). The benchmark index is built
 once per cache unit.
 
 One cache unit per (pool, benchmark files), `decontam/<key>`: its rows are the matches (the matched ids, logged as an artifact),
@@ -19,7 +19,7 @@ import time
 from src.cache import make_key
 from src.config import as_dict
 from src.benchmarks import mtbench, rewardbench
-from src.decontaminate import NGRAM, BenchmarkPrompt, Index, Match, counts
+from src.rules.decontamination import NGRAM, BenchmarkPrompt, Index, Match, counts
 from src.stages.evaluate import EvalConfig, _source, source_fingerprint
 from src.stages.select import DatasetConfig, source_fingerprints, source_rows
 

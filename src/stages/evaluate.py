@@ -6,7 +6,7 @@ cached unit with its own key (a RewardBench score is shared by every run that ev
 entry to BENCHMARKS: a function from config and data to judge inputs, and one from judged items to metrics.
 
 Headline metrics (`synthetic/*`, `rewardbench/*`, `mtbench/*`) are the judgment TEXT read by each benchmark's
-official parser (src/verdicts.py): RewardBench `process_judgement`, FastChat for MT-Bench, the paper's rule for
+official parser (src/rules/verdicts.py): RewardBench `process_judgement`, FastChat for MT-Bench, the paper's rule for
 the synthetic pairs. With `eval.verdict=constrained`, the same judgments are also scored with a verdict read by
 next-token choice where the text names none, under `<benchmark>/constrained/*`: never the headline.
 """
@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from src.analysis import vote_ks
+from src.rules.analysis import vote_ks
 from src.benchmarks import mtbench, rewardbench
 from src.benchmarks.rewardbench import majority_vote
 from src.cache import Partial, file_fingerprint, make_key, run_chunked
 from src.config import ConfigError, as_dict, knob
 from src.data import resolve
-from src.metrics import item_score, synthetic_metrics
+from src.rules.metrics import item_score, synthetic_metrics
 from src.prompts import text_fingerprint
 from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
-from src.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
+from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from src.stages.judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ def config_part(name: str, cfg: EvalConfig) -> dict:
 
 
 def key(name: str, cfg: EvalConfig, data_root: str, model: ModelSpec, adapter: str | None, pairs_key: str | None, chunk_size: int) -> str:
-    """One benchmark's key, for the loop and the standalone scorer (src/evaluate.py) alike: the model (and the
+    """One benchmark's key, for the loop and the standalone scorer (src/cli/evaluate.py) alike: the model (and the
     train key or adapter hash of the weights it wears), `config_part`, the benchmark's data (the synthetic one: the
     pairs), the prompt's text, and the chunk size (a chunk bounds its batches; padded batched arithmetic is not
     bit-invariant)."""

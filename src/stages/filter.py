@@ -1,4 +1,4 @@
-"""Stage 4, filter: the kept judgments as training examples. Reads the `filter` group (the rule, `src/filters.py`)
+"""Stage 4, filter: the kept judgments as training examples. Reads the `filter` group (the rule, `src/rules/filters.py`)
 and renders each kept judgment with the `judging` prompt it was made on.
 
 An example is the judge prompt (as clipped for the judgment) and the judgment with its verdict stated; it also
@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from src import filters
+from src.rules import filters
 from src.cache import make_key
 from src.config import as_dict
-from src.filters import FilterConfig
+from src.rules.filters import FilterConfig
 from src.prompts import text_fingerprint
 from src.records import Judgment, Pair, TrainExample
-from src.verdicts import parse_verdict
+from src.rules.verdicts import parse_verdict
 from src.stages.judge import JudgingConfig, judge_template, pair_prompt
 
 log = logging.getLogger(__name__)

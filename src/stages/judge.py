@@ -15,7 +15,7 @@ from src.config import ConfigError, as_dict, knob
 from src.models.base import Generator, ModelSpec, Prompt, SamplingConfig, model_id
 from src.prompts import Template, clip_end, clip_middle, fit_to_budget, load_template, text_fingerprint
 from src.records import ORDERS, Judgment, Pair, from_dict, to_dict
-from src.verdicts import parse_verdict
+from src.rules.verdicts import parse_verdict
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: sampling seeded per pair and order (was per chunk); 3: the paper's eval_plan prompt by default, one-pass

@@ -17,11 +17,11 @@ from tqdm import tqdm
 from src.cache import StageCache, file_fingerprint, make_key
 from src.config import ConfigError, as_dict
 from src.data import DataError, read_hub, read_records, require, resolve
-from src.decontaminate import near_duplicate_groups
+from src.rules.decontamination import near_duplicate_groups
 from src.models.base import Generator, ModelSpec, model_id
 from src.prompts import Template, load_template, text_fingerprint
 from src.records import Instruction
-from src.stages import classify
+from src import classification as classify
 
 log = logging.getLogger(__name__)
 VERSION = 3  # v3: benchmark matches dropped (dataset.decontaminate), held-out split per near-duplicate group, references

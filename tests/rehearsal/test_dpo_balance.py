@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from src.filters import FilterConfig, apply
+from src.rules.filters import FilterConfig, apply
 from src.pipeline import Job, filter_rule, plan
 from src.records import Judgment, Pair
 from src.stages import train

@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from src.cache import StageCache
 from src.models.base import SamplingConfig
 from src.records import Instruction
-from src.stages import classify, generate
+from src.stages import generate
+from src import classification as classify
 from src.stages.generate import NegativesConfig
 from src.stages.judge import fit_prompts, judge_template, token_budget
 
@@ -130,7 +131,7 @@ def job_of(overrides):
 def test_paper_dry_run_reports_each_stages_budget_against_its_context():
     """The dry run's table: at Mixtral's 64k context the single call fits; at the 8,192 the preset had, the
     instruction (16,000 characters) + a 4,096-token chosen answer + 5,120 new tokens did not."""
-    from src import estimate
+    from src.costs import estimate
 
     job = job_of(["+experiments=paper"])
     rows = {r["stage"]: r for r in estimate.token_budgets(job)}

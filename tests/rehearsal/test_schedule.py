@@ -5,7 +5,7 @@ from hydra import compose, initialize_config_dir
 from src.config import ConfigError
 from src.main import CONF_DIR
 from src.pipeline import Job
-from src import schedule
+from src.costs import schedule
 
 
 def job_of(overrides):
@@ -30,7 +30,7 @@ def test_steps_not_exceeding_warmup_is_refused():
 
 def test_gpu_hours_held_counts_the_whole_allocation():
     """The paper's sbatch job holds 4 x 8 GPUs for the whole run, not only while a stage uses them (§5)."""
-    from src import estimate
+    from src.costs import estimate
 
     job = job_of(["+experiments=paper"])
     assert estimate.held_gpus(job) == 32

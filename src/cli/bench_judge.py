@@ -1,7 +1,7 @@
 """Benchmark: judge-prompt sampling, naive (one prompt, one sample per `generate` call) vs HFGenerator batched
 vs the llama.cpp engine (LlamaCppGenerator, when installed), side by side on the same prompts.
 
-    python -m src.bench_judge [--model smollm2_135m] [--pairs 8] [--n 2] [--max-new-tokens 48] [--batch-size 8]
+    python -m src.cli.bench_judge [--model smollm2_135m] [--pairs 8] [--n 2] [--max-new-tokens 48] [--batch-size 8]
 
 All runs use the same prompts (real RewardBench pairs in the judge stage's template, responses cut to
 --response-chars). Throughput counts generated tokens only (EOS and padding excluded). For llama.cpp it also

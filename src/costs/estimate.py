@@ -66,14 +66,15 @@ def _template_tokens(t) -> float:
 
 
 def classify_work(d, instr: float) -> Work:
-    """select's classification (src/stages/classify.py), prefill only (one sampled token per row ignored): every
+    """select's classification (src/classification.py), prefill only (one sampled token per row ignored): every
     scanned instruction, in whole chunks of classify.CHUNK, and every content-free calibration input is scored once
     per label, one row per (prompt, label) (`score_options`); under prompt_logprobs vLLM reads no prefix cache, so
     each row prefills the whole prompt. At most max_scan instructions (category `any`: until `limit` are labelled);
     a one-label set needs no model."""
     import math
 
-    from src.stages import classify, select
+    from src.stages import select
+    from src import classification as classify
 
     cats = d.categories
     if len(cats) < 2:
@@ -230,7 +231,7 @@ def describe(job, data_root: str | None = None) -> str:
     wall = sum(v["wall_hours"] for v in typical.values())
     parts = ", ".join(f"{k} {v['gpu_hours']:.0f}" if v["gpu_hours"] >= 10 else f"{k} {v['gpu_hours']:.2g}" for k, v in typical.items())
     held = wall * held_gpus(job)  # the allocation holds its largest stage's GPUs for the whole run: what is billed
-    return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/estimate.py): ~{total:,.0f} GPU-h used, "
+    return (f"  gpu-hours (estimate, H100 bf16 at assumed utilisation; src/costs/estimate.py): ~{total:,.0f} GPU-h used, "
             f"~{held:,.0f} GPU-h held ({held_gpus(job)} GPUs x ~{wall:,.0f} h wall) "
             f"({parts}); every generation at its max_new_tokens: ~{sum(v['gpu_hours'] for v in upper.values()):,.0f} GPU-h")
 
@@ -240,7 +241,8 @@ def token_budgets(job) -> list[dict]:
     the generation it asks for, vs max_model_len. Prompts at 4 characters per token (English) and at 1 (`dense`:
     CJK scripts come close to a token per character). `over` says what the stage does with a prompt that does not
     fit: nothing aborts (judge.fit_prompts, classify.fit, generate's base.fits)."""
-    from src.stages import classify, generate, judge, select
+    from src.stages import generate, judge, select
+    from src import classification as classify
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     rows = []

@@ -1,9 +1,9 @@
 """Measure the instruction classifier on MT-Bench's 80 labelled questions (first turns):
 
-    python -m src.classify_eval                      # the CPU default's seed and dataset label set
-    python -m src.classify_eval seed=qwen_coder_1.5b dataset=reasoning
+    python -m src.cli.classify_eval                      # the CPU default's seed and dataset label set
+    python -m src.cli.classify_eval seed=qwen_coder_1.5b dataset=reasoning
 
-Per-category precision and recall of the seed's calibrated label choice (src/stages/classify.py), the same
+Per-category precision and recall of the seed's calibrated label choice (src/classification.py), the same
 prompt, label set and calibration the `dataset` group configures. Cached under <results_dir>/cache/classify_eval/<key>
 (key: model, prompt text, label set, calibration inputs, data file), so it runs again only when the classifier
 config changes; every run prints the table and writes it to that folder (metrics.json, table.md).
@@ -23,7 +23,8 @@ from src.config import as_dict, typed
 from src.data import resolve
 from src.models.base import ModelSpec
 from src.prompts import text_fingerprint
-from src.stages import classify, select
+from src.stages import select
+from src import classification as classify
 from src.stages.select import DatasetConfig
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Standalone judge evaluation: RewardBench and MT-Bench agreement for any model or adapter.
 
-    python -m src.evaluate model=smollm2_135m [adapter=DIR] [eval.rewardbench.per_subset=null]
+    python -m src.cli.evaluate model=smollm2_135m [adapter=DIR] [eval.rewardbench.per_subset=null]
 
 Same scoring, prompts and cache as the loop's evaluate stage (a model already scored by a run is not
 re-judged), logged as an MLflow run tagged ste.kind=eval.
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from src.main import CONF_DIR
 
-log = logging.getLogger("src.evaluate")
+log = logging.getLogger("src.cli.evaluate")
 
 
 def adapter_fingerprint(adapter: Path) -> str:
