@@ -11,16 +11,32 @@ values and the dataclass the one source of types and bounds.)
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
+
+# Source checkout / editable install: the top-level conf/. Wheel install: the copy packaged as src/conf.
+_HERE = Path(__file__).resolve().parent
+CONF_DIR = str(_HERE / "conf" if (_HERE / "conf" / "config.yaml").exists() else _HERE.parent / "conf")
+
+
+def register_resolvers() -> None:
+    """The interpolations conf/ uses beyond OmegaConf's own (conf/hydra/launcher/slurm.yaml sizes each SLURM job
+    from the model specs). Registered when this module is imported, before anything composes conf/."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ste_max", lambda *xs: max(int(x) for x in xs), replace=True)
+    OmegaConf.register_new_resolver("ste_mul", lambda a, b: int(a) * int(b), replace=True)
+
+
+register_resolvers()
 
 
 class ConfigError(ValueError):

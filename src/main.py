@@ -12,15 +12,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-# Source checkout / editable install: the top-level conf/. Wheel install: the copy packaged as src/conf.
-_HERE = Path(__file__).resolve().parent
-CONF_DIR = str(_HERE / "conf" if (_HERE / "conf" / "config.yaml").exists() else _HERE.parent / "conf")
+from src.config import CONF_DIR
+
 log = logging.getLogger("src.main")
-# Used by conf/hydra/launcher/slurm.yaml to size each SLURM job from the model specs.
-OmegaConf.register_new_resolver("ste_max", lambda *xs: max(int(x) for x in xs), replace=True)
-OmegaConf.register_new_resolver("ste_mul", lambda a, b: int(a) * int(b), replace=True)
 
 
 class JobError(CompactHydraException):

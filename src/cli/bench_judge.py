@@ -19,7 +19,7 @@ import resource
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rewardbench" / "filtered.jsonl.gz"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "rewardbench" / "filtered.jsonl.gz"
 
 
 def judge_prompts(path: Path, pairs: int, response_chars: int = 400, seed: int = 0) -> list[str]:

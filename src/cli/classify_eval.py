@@ -103,7 +103,7 @@ def evaluate(spec: ModelSpec, dataset: DatasetConfig, data_root: str, cache_dir:
 
 
 def main(argv: list[str]) -> None:
-    from src.main import CONF_DIR
+    from src.config import CONF_DIR
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from src.main import CONF_DIR
+from src.config import CONF_DIR
 
 log = logging.getLogger("src.cli.evaluate")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from src.rules.analysis import vote_ks

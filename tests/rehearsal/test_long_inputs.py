@@ -121,7 +121,7 @@ def test_judge_prompts_fit_in_every_script(tiny, script):
 
 
 def job_of(overrides):
-    from src.main import CONF_DIR
+    from src.config import CONF_DIR
     from src.pipeline import Job
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):

@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError
-from src.main import CONF_DIR
+from src.config import CONF_DIR
 from src.pipeline import Job
 from src.costs import schedule
 
