@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from src import launch
+from src import judging, launch
 from src.costs import estimate
 from src.costs import schedule
 from src.cache import Partial, StageCache, check
@@ -36,7 +36,7 @@ from src.stages import audit, decontaminate, evaluate, filter, generate, judge, 
 from src.stages.audit import AuditConfig
 from src.stages.evaluate import EvalConfig
 from src.stages.generate import NegativesConfig
-from src.stages.judge import JudgingConfig
+from src.judging import JudgingConfig
 from src.stages.select import DatasetConfig
 from src.stages.train import TrainConfig
 from src.tracking import Tracker, TrackingConfig, input_rows
@@ -203,7 +203,7 @@ def plan(job: Job) -> list[Step]:
         else:
             jspec, jadapter = job.judge, prev_train
             jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
-        budget = judge.training_budget(job.judging, jspec, job.judge, job.train.max_length)
+        budget = judging.training_budget(job.judging, jspec, job.judge, job.train.max_length)
         jud = judge.key(job.judging, gen, jspec, jadapter, k, rs, budget)
         steps.append(Step("judge", k, jud, jname, (job.judging, budget), jspec, jadapter, inputs=pairs, seed=rs + k))
         rule = filter_rule(job)
@@ -615,7 +615,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     # The overrides as a tag: the report labels a sweep's jobs by every override that differs between them.
     tags = {**{f"choice.{k}": v for k, v in choices.items()}, "ste.overrides": json.dumps(overrides)}
     name = run_name(job, choices, overrides)
-    tracker.start(name, {**job_params(cfg, choices), **judge.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
+    tracker.start(name, {**job_params(cfg, choices), **judging.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
     status = "FAILED"
     runner = Runner(job, tracker)
     previous = _end_on_sigterm()

@@ -15,7 +15,7 @@ from src.prompts import Template, load_template
 from src.records import EvalItem
 from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
-from src.stages.judge import fit_prompts, judge_template, render, token_budget
+from src.judging import fit_prompts, judge_template, render, token_budget
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from tests.conftest import DATA_ROOT, REPO, model_cache, only_run, standalone_eval
 

@@ -10,7 +10,7 @@ import pytest
 from src.cache import StageCache
 from src.records import Pair
 from src.stages import judge
-from src.stages.judge import JudgingConfig
+from src.judging import JudgingConfig
 from tests.conftest import TINY, model_cache
 
 
@@ -307,7 +307,7 @@ def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
     from src.pipeline import PipelineConfig
     from src.stages.evaluate import EvalConfig
     from src.stages.generate import NegativesConfig
-    from src.stages.judge import JudgingConfig
+    from src.judging import JudgingConfig
     from src.stages.select import DatasetConfig
     from src.stages.train import TrainConfig
     from src.tracking import TrackingConfig

@@ -6,7 +6,7 @@ from src.models.base import SamplingConfig
 from src.pipeline import Job, Runner, plan
 from src.records import Pair
 from src.stages import judge
-from src.stages.judge import JudgingConfig
+from src.judging import JudgingConfig
 from src.tracking import Tracker
 from tests.conftest import TINY, model_cache
 

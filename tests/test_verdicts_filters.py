@@ -101,7 +101,7 @@ def test_filter_stage_keep_rate_is_per_judged_pair_and_order():
     """`filter/keep_rate` is the share of judged (pair, order) that give an example, not examples / judgments
     (which is at most 1/n with n judgments sampled per pair and order); the old ratio keeps an honest name."""
     from src.stages import filter as filter_stage
-    from src.stages.judge import JudgingConfig
+    from src.judging import JudgingConfig
 
     pool = list(pairs("p1", "p2", "p3", "p4").values())
     examples, stats = filter_stage.run(FilterConfig("correct", balance=False), JudgingConfig(n=3), JUDGMENTS, pool, seed=0)

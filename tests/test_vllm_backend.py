@@ -242,7 +242,7 @@ def test_rewardbench_stage_matches_hf(hf, vllm, make_cfg, tmp_path):
     from src.cache import StageCache
     from src.pipeline import Job
     from src.stages import evaluate
-    from src.stages.judge import judge_template
+    from src.judging import judge_template
 
     job = Job.from_config(make_cfg(*LOOP, "eval.rewardbench.enabled=true"))
     items = evaluate.rewardbench_items(job.eval, str(DATA_ROOT))

@@ -25,7 +25,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "reward
 def judge_prompts(path: Path, pairs: int, response_chars: int = 400, seed: int = 0) -> list[str]:
     with gzip.open(path, "rt") as f:
         rows = [json.loads(line) for line in f]
-    from src.stages.judge import judge_template, render
+    from src.judging import judge_template, render
 
     template = judge_template(None, "judging.prompt")
     rng = random.Random(seed)

@@ -62,7 +62,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     from src.pipeline import PipelineConfig
     from src.records import to_dict
     from src.stages import evaluate
-    from src.stages.judge import judge_template, prompt_params
+    from src.judging import judge_template, prompt_params
     from src.tracking import Tracker, TrackingConfig, flatten
 
     spec = typed(ModelSpec, cfg.model, "model")

@@ -92,7 +92,8 @@ def classify_work(d, instr: float) -> Work:
 
 def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[str, Work]]:
     """{stage: (role, Work)} for the whole plan; role names the model ("seed", "judge", "audit") that runs it."""
-    from src.stages import evaluate, generate, judge
+    from src import judging
+    from src.stages import evaluate, generate
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     instr = min(TYPICAL["instruction"], _tok(d.max_chars))
@@ -115,7 +116,7 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
     # judge: every training pair in each order, n samples sharing one prefill
     orders = 2 if jg.both_orders else 1
     train_pairs = n * (1 - d.heldout_fraction)
-    jtpl = judge.judge_template(jg.prompt, "judging.prompt")
+    jtpl = judging.judge_template(jg.prompt, "judging.prompt")
     resp = min(answer, _tok(jg.max_response_chars))
     judge_prompt = min(_template_tokens(jtpl) + instr + 2 * resp, job.judge.max_model_len - jg.max_new_tokens)
     judgment = _gen(jg.max_new_tokens, TYPICAL["judgment"], upper)
@@ -124,7 +125,7 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
     train_work = Work(train=examples * min(judge_prompt + judgment, job.train.max_length) * job.train.num_epochs)
 
     # evaluate, once per iteration and for the untrained judge: the benchmarks' own prompts when local
-    etpl = judge.judge_template(ev.prompt, "eval.prompt")
+    etpl = judging.judge_template(ev.prompt, "eval.prompt")
     ejudgment = _gen(ev.max_new_tokens, TYPICAL["judgment"], upper)
     budget = job.judge.max_model_len - ev.max_new_tokens
     c = ev.max_response_chars
@@ -240,9 +241,10 @@ def token_budgets(job) -> list[dict]:
     """The dry run's per-stage worst case against each model's context: the longest prompt the config admits plus
     the generation it asks for, vs max_model_len. Prompts at 4 characters per token (English) and at 1 (`dense`:
     CJK scripts come close to a token per character). `over` says what the stage does with a prompt that does not
-    fit: nothing aborts (judge.fit_prompts, classify.fit, generate's base.fits)."""
-    from src.stages import generate, judge, select
+    fit: nothing aborts (judging.fit_prompts, classify.fit, generate's base.fits)."""
     from src import classification as classify
+    from src import judging
+    from src.stages import generate, select
 
     d, neg, jg, ev = job.dataset, job.negatives, job.judging, job.eval
     rows = []
@@ -272,13 +274,13 @@ def token_budgets(job) -> list[dict]:
     cut = "responses, then the instruction, cut to fit"
     first = job.seed if job.pipeline.first_judge == "seed" else job.judge
     # a judge prompt shows the instruction (to 2 x max_response_chars) and both responses (each to max_response_chars)
-    jtpl = _template_tokens(judge.judge_template(jg.prompt, "judging.prompt"))
-    margin = 32 if jg.verdict == "constrained" else 0  # judge.token_budget: room to read the verdict after the judgment
+    jtpl = _template_tokens(judging.judge_template(jg.prompt, "judging.prompt"))
+    margin = 32 if jg.verdict == "constrained" else 0  # judging.token_budget: room to read the verdict after the judgment
     for spec in ([first] + ([job.judge] if job.judge != first else [])) if job.iterations else []:
-        cap = judge.training_budget(jg, spec, job.judge, job.train.max_length)
+        cap = judging.training_budget(jg, spec, job.judge, job.train.max_length)
         row("judge", spec, min(2 * jg.max_response_chars, d.max_chars) + 2 * min(jg.max_response_chars, 4 * neg.answer_max_new_tokens),
             jtpl, jg.max_new_tokens + margin, cut if cap is None else cut + f" (to {cap:,}: what {job.judge.name} trains on)", cap)
-    etpl = _template_tokens(judge.judge_template(ev.prompt, "eval.prompt"))
+    etpl = _template_tokens(judging.judge_template(ev.prompt, "eval.prompt"))
     row("evaluate", job.judge, 4 * ev.max_response_chars, etpl, ev.max_new_tokens + (32 if ev.verdict == "constrained" else 0), cut)
     if job.audit.judge:
         au = job.audit

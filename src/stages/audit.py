@@ -21,7 +21,7 @@ from src.data import read_records, resolve
 from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.prompts import text_fingerprint
 from src.records import ORDERS, Instruction, Pair
-from src.stages.judge import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
+from src.judging import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
 from src.stages.select import DatasetConfig, source_rows
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from src.prompts import text_fingerprint
 from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from src.stages.judge import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
+from src.judging import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
 
 log = logging.getLogger(__name__)
 # 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's

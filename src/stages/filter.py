@@ -17,7 +17,7 @@ from src.rules.filters import FilterConfig
 from src.prompts import text_fingerprint
 from src.records import Judgment, Pair, TrainExample
 from src.rules.verdicts import parse_verdict
-from src.stages.judge import JudgingConfig, judge_template, pair_prompt
+from src.judging import JudgingConfig, judge_template, pair_prompt
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: examples carry an incorrect judgment of the same pair and order (for DPO); 3: or a verdict-less one (RAM)

@@ -18,7 +18,7 @@ from src.config import ConfigError, as_dict
 from src.models.base import Completion, Generator, ModelSpec, SamplingConfig, fits, model_id
 from src.prompts import load_template, text_fingerprint
 from src.records import Instruction, Pair, from_dict, to_dict
-from src.stages.judge import item_seed
+from src.judging import item_seed
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: format_break drop reason, truncation counts, drop_truncated

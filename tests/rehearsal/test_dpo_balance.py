@@ -9,7 +9,7 @@ from src.pipeline import Job, filter_rule, plan
 from src.records import Judgment, Pair
 from src.stages import train
 from src.stages.filter import training_examples
-from src.stages.judge import JudgingConfig
+from src.judging import JudgingConfig
 from tests.conftest import TINY
 
 

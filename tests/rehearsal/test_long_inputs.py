@@ -4,7 +4,7 @@ vLLM rejects a whole call when one prompt + max_tokens exceeds max_model_len, so
 The real tiny model stands in for the GPU models, with a 1,024-token context, so 16,000-character instructions in
 several scripts are over it the way they are over a GPU model's context at the paper's budgets. Each backend
 applies the same length rule (prompts.check_prompt_length); the stages ask before they call (base.fits,
-classify.fit, judge.fit_prompts), so what is over is cut where the method allows it and dropped under
+classify.fit, judging.fit_prompts), so what is over is cut where the method allows it and dropped under
 `<stage>/dropped/too_long` where it does not.
 """
 import pytest
@@ -16,7 +16,7 @@ from src.records import Instruction
 from src.stages import generate
 from src import classification as classify
 from src.stages.generate import NegativesConfig
-from src.stages.judge import fit_prompts, judge_template, token_budget
+from src.judging import fit_prompts, judge_template, token_budget
 
 # 16,000+ characters in four scripts: tokens per character differ by ~4x between them
 LONG = {
@@ -157,8 +157,9 @@ def test_paper_iteration_1_judges_prompts_that_llama_can_train_on():
 
 def test_judge_stage_keeps_prompts_within_the_trained_models_budget(tiny, tmp_path):
     from src.records import Pair
+    from src import judging
     from src.stages import judge
-    from src.stages.judge import JudgingConfig
+    from src.judging import JudgingConfig
 
     text = LONG["latin"][:6000]
     pairs = [Pair("p0", text, text, text[::-1], text, "train")]
@@ -166,5 +167,5 @@ def test_judge_stage_keeps_prompts_within_the_trained_models_budget(tiny, tmp_pa
     out, _ = judge.run(cfg, pairs, tiny, seed=0, partial=StageCache(tmp_path).partial("judge", "b"), chunk_size=4, prompt_budget=600)
     template = judge_template(None, "judging.prompt")
     for j in out:
-        prompt = judge.pair_prompt(template, pairs[0], j.order, j.clip_chars)
+        prompt = judging.pair_prompt(template, pairs[0], j.order, j.clip_chars)
         assert 0.6 * 600 < tiny.count_tokens([prompt])[0] <= 600  # the filter re-renders exactly this prompt
