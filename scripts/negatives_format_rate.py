@@ -18,7 +18,7 @@ from src.models.loading import load_generator
 from src.pipeline import Job
 from src.records import Instruction
 from src.stages import generate
-from src.stages.select import load_pool
+from src.pool import load_pool
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -10,6 +10,7 @@ import json
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
+from src.cache import file_fingerprint
 
 
 class DataError(ValueError):
@@ -118,3 +119,13 @@ def require(row: dict, key: str, where: str) -> Any:
     if row[key] is None:
         raise DataError(f"{where}: key {key!r} is null")
     return row[key]
+
+
+def benchmark_source(source: str, data_root: str) -> str:
+    local = resolve(source, data_root)
+    return str(local) if local.exists() else source  # otherwise a hub id
+
+
+def source_fingerprint(source: str, revision: str | None, data_root: str) -> str:
+    local = resolve(source, data_root)
+    return file_fingerprint(local) if local.exists() else f"{source}@{revision or 'main'}"

@@ -37,7 +37,7 @@ from src.stages.audit import AuditConfig
 from src.stages.evaluate import EvalConfig
 from src.stages.generate import NegativesConfig
 from src.judging import JudgingConfig
-from src.stages.select import DatasetConfig
+from src.pool import DatasetConfig
 from src.stages.train import TrainConfig
 from src.tracking import Tracker, TrackingConfig, input_rows
 
@@ -166,7 +166,7 @@ def plan(job: Job) -> list[Step]:
     rs = job.random_seed
     steps: list[Step] = []
     # Benchmark prompts in the pool, found once per (pool, benchmark files); select drops them before classifying.
-    dec = decontaminate.key(job.dataset, job.eval, job.data_root)
+    dec = decontaminate.key(job.dataset, evaluate.decontam_benchmarks(job.eval), job.data_root)
     steps.append(Step("decontam", 0, dec, "-", (job.dataset, job.eval)))
     # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
     cls = select.classify_key(job.dataset, job.data_root, job.seed, rs, dec)
@@ -451,8 +451,9 @@ class Runner:
     # One method per stage: what it computes from its step (inputs are read only when it is computed).
     def _decontam(self, st: Step) -> None:
         dataset, ecfg = st.config
-        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, ecfg, self.job.data_root),
-                                        decontaminate.key_parts(dataset, ecfg, self.job.data_root)[0])
+        benches = evaluate.decontam_benchmarks(ecfg)
+        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, benches, self.job.data_root),
+                                        decontaminate.key_parts(dataset, benches, self.job.data_root)[0])
         self._log_stage(st, meta, cached, rows, "decontam/")
 
     def _select(self, st: Step) -> None:

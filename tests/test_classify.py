@@ -166,7 +166,7 @@ def test_classify_eval_measures_all_80_mtbench_questions_and_caches(make_cfg, tm
     from src.cli import classify_eval
     from src.config import typed
     from src.models import loading
-    from src.stages.select import DatasetConfig
+    from src.pool import DatasetConfig
     from tests.conftest import DATA_ROOT
 
     cfg = make_cfg("seed=tiny_random", "dataset=reasoning", "dataset.max_chars=150")  # the tiny tokenizer: 1024 tokens

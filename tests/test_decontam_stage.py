@@ -18,6 +18,7 @@ from src.cache import StageCache
 from src.rules.decontamination import near_duplicate_groups, normalise
 from src.pipeline import Job, plan
 from src.stages import decontaminate, select
+from src.stages.evaluate import decontam_benchmarks
 from tests.conftest import DATA_ROOT, TINY, jsonl_rows
 
 MODELS = ["seed=tiny_random", "judge=tiny_random"]  # plans only: no model is loaded
@@ -36,7 +37,7 @@ def job(make_cfg):
 
 def test_math_competition_drops_every_math_prm_prompt(job, rewardbench):
     j = job("dataset=math_competition")
-    rows, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
+    rows, stats = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     math_prm = {str(r["id"]): normalise(r["prompt"]) for r in rewardbench if r["subset"] == "math-prm"}
     assert len(math_prm) == 447
     assert {r["benchmark_id"] for r in rows if r["how"] == "exact" and r["subset"] == "math-prm"} == set(math_prm)
@@ -58,7 +59,7 @@ def test_math_competition_drops_every_math_prm_prompt(job, rewardbench):
 
 def test_code_prompts_drop_the_humaneval_problems_that_are_hep_python_prompts(job, rewardbench):
     j = job("dataset=code_prompts")
-    rows, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
+    rows, stats = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     humaneval = jsonl_rows(DATA_ROOT / "code/HumanEval.jsonl.gz")
     hep = [normalise(r["prompt"]) for r in rewardbench if r["subset"] == "hep-python"]
 
@@ -79,7 +80,7 @@ def test_code_prompts_drop_the_humaneval_problems_that_are_hep_python_prompts(jo
 
 def test_sharegpt_pool_prompts_identical_to_rewardbench_rows(job, rewardbench):
     j = job("dataset=code")  # the CPU default's pool
-    rows, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
+    rows, stats = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     benchmark = {normalise(r["prompt"]) for r in rewardbench}
     pool = jsonl_rows(DATA_ROOT / "instructions/sharegpt_v3_first_turn_prompts.jsonl.gz")
     identical = {str(r["id"]) for r in pool if normalise(r["prompt"]) in benchmark}
@@ -99,12 +100,12 @@ def test_mtbench_questions_both_turns_are_compared(job, tmp_path):
             {"id": "clean", "prompt": "Name three rivers that flow through more than four countries, and say which is longest."}]
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     j = job("dataset=reasoning", f"dataset.sources=[{{path: {pool}}}]")
-    found, stats = decontaminate.run(j.dataset, j.eval, j.data_root)
+    found, stats = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     assert {(r["instruction_id"], r["benchmark_id"]) for r in found if r["benchmark"] == "mtbench"} == {
         ("t1", f"{q[0]['question_id']}/turn1"), ("t2", f"{q[5]['question_id']}/turn2")}
     assert stats["mtbench"] == 2 and stats["matched"] == 2  # (the first turn is also a RewardBench mt-bench-* prompt)
     j = job("dataset=reasoning", f"dataset.sources=[{{path: {pool}}}]", "eval.mtbench.enabled=false")
-    assert "mtbench" not in decontaminate.run(j.dataset, j.eval, j.data_root)[1]  # only benchmarks the run evaluates on
+    assert "mtbench" not in decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)[1]  # only benchmarks the run evaluates on
 
 
 def keys(job, *o):
@@ -136,7 +137,7 @@ def test_select_drops_matches_before_classifying(job, tmp_path):
     without it, the same scan keeps some."""
     base = ("dataset=math_competition", "dataset.limit=96", "dataset.max_scan=96")
     j = job(*base)
-    rows, _ = decontaminate.run(j.dataset, j.eval, j.data_root)
+    rows, _ = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     contaminated = {r["instruction_id"] for r in rows}
     cache = StageCache(tmp_path / "cache")
     out, stats = select.run(j.dataset, j.data_root, j.random_seed, lambda: None, select.cached_units(cache, "on", "-"), contaminated)

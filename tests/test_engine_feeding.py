@@ -163,7 +163,7 @@ def test_classify_estimate_counts_one_full_prefill_per_instruction_and_label():
     from omegaconf import OmegaConf
 
     from src.config import typed
-    from src.stages.select import DatasetConfig
+    from src.pool import DatasetConfig
     from tests.conftest import CONF, REPO
 
     node = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / "reasoning.yaml"))

@@ -308,7 +308,7 @@ def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
     from src.stages.evaluate import EvalConfig
     from src.stages.generate import NegativesConfig
     from src.judging import JudgingConfig
-    from src.stages.select import DatasetConfig
+    from src.pool import DatasetConfig
     from src.stages.train import TrainConfig
     from src.tracking import TrackingConfig
 

@@ -25,7 +25,7 @@ from src.models.base import ModelSpec
 from src.prompts import text_fingerprint
 from src.stages import select
 from src import classification as classify
-from src.stages.select import DatasetConfig
+from src.pool import DatasetConfig
 
 log = logging.getLogger(__name__)
 VERSION = 1

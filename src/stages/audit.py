@@ -22,7 +22,7 @@ from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.prompts import text_fingerprint
 from src.records import ORDERS, Instruction, Pair
 from src.judging import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
-from src.stages.select import DatasetConfig, source_rows
+from src.pool import DatasetConfig, source_rows
 
 log = logging.getLogger(__name__)
 VERSION = 2  # of the `audit` output by reference answers; 2: \text{} answers kept, \frac12, percent, "a x b = c", "#### 18 eggs", empty references match nothing

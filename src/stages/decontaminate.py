@@ -20,50 +20,41 @@ from src.cache import make_key
 from src.config import as_dict
 from src.benchmarks import mtbench, rewardbench
 from src.rules.decontamination import NGRAM, BenchmarkPrompt, Index, Match, counts
-from src.stages.evaluate import EvalConfig, _source, source_fingerprint
-from src.stages.select import DatasetConfig, source_fingerprints, source_rows
+from src.data import benchmark_source, source_fingerprint
+from src.pool import DatasetConfig, source_fingerprints, source_rows
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it); 3: typed signatures only (generic ones fall to the 13-gram rule)
 
 
-def _benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:
-    """The enabled benchmarks whose prompts a pool must not contain: name -> (source, revision)."""
-    out = {}
-    if cfg.rewardbench.enabled:
-        out["rewardbench"] = (cfg.rewardbench.source, cfg.rewardbench.revision)
-    if cfg.mtbench.enabled:
-        out["mtbench"] = (cfg.mtbench.source, cfg.mtbench.revision)
-    return out
+Benchmarks = dict[str, tuple[str, str | None]]  # name -> (source, revision) of each benchmark the run evaluates on
 
 
-def key_parts(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[dict, dict]:
+def key_parts(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> tuple[dict, dict]:
     """(config, inputs) of the stage's cache key: how pool rows are read (`dataset.sources`, the only part of the
     dataset group this stage reads), the rule, and the identity (content hash, or hub id@revision) of the pool and
     of each benchmark file."""
     read = [{k: v for k, v in as_dict(s).items() if k != "reference_field"} for s in dataset.sources]
-    benches = _benchmarks(cfg)
     config = {"sources": read, "ngram": NGRAM, "benchmarks": {b: {"source": s, "revision": r} for b, (s, r) in benches.items()}}
     inputs = {"pool": source_fingerprints(dataset, data_root),
               "benchmarks": {b: source_fingerprint(s, r, data_root) for b, (s, r) in benches.items()}}
     return config, inputs
 
 
-def key(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> str:
-    return make_key("decontam", VERSION, *key_parts(dataset, cfg, data_root))
+def key(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> str:
+    return make_key("decontam", VERSION, *key_parts(dataset, benches, data_root))
 
 
-def benchmark_prompts(cfg: EvalConfig, data_root: str) -> list[BenchmarkPrompt]:
-    benches = _benchmarks(cfg)
+def benchmark_prompts(benches: Benchmarks, data_root: str) -> list[BenchmarkPrompt]:
     prompts: list[BenchmarkPrompt] = []
     if "rewardbench" in benches:
         source, revision = benches["rewardbench"]
         prompts += [BenchmarkPrompt("rewardbench", it.subset, str(it.id), it.prompt)
-                    for it in rewardbench.load_rewardbench(_source(source, data_root), revision)]
+                    for it in rewardbench.load_rewardbench(benchmark_source(source, data_root), revision)]
     if "mtbench" in benches:
         source, revision = benches["mtbench"]
         seen: set[tuple[int, int]] = set()
-        for row in mtbench.load_mtbench_human(_source(source, data_root), revision):
+        for row in mtbench.load_mtbench_human(benchmark_source(source, data_root), revision):
             for turn in (1, 2):  # every row holds both user turns (conversation: user, assistant, user, assistant)
                 if (row["question_id"], turn) in seen or len(row["conversation_a"]) < 2 * turn - 1:
                     continue
@@ -73,10 +64,10 @@ def benchmark_prompts(cfg: EvalConfig, data_root: str) -> list[BenchmarkPrompt]:
     return prompts
 
 
-def run(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[list[dict], dict]:
+def run(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> tuple[list[dict], dict]:
     """(one row per (instruction, benchmark prompt) match, counts). Reads `dataset.sources` and the benchmark files."""
     t0 = time.time()
-    prompts = benchmark_prompts(cfg, data_root)
+    prompts = benchmark_prompts(benches, data_root)
     index = Index(prompts)
     rows, seen, n = [], set(), 0
     for rid, text, where, _, _ in source_rows(dataset, data_root):
@@ -86,32 +77,10 @@ def run(dataset: DatasetConfig, cfg: EvalConfig, data_root: str) -> tuple[list[d
         seen.add(rid)
         rows += [{"instruction_id": rid, "benchmark": m.benchmark, "subset": m.subset, "benchmark_id": m.benchmark_id,
                   "how": m.how, "where": where} for m in index.matches(rid, text)]
-    zero = dict.fromkeys(["matched", "exact", "ngram_only", "signature_only", *_benchmarks(cfg)], 0)  # logged as 0 too: runs compare
+    zero = dict.fromkeys(["matched", "exact", "ngram_only", "signature_only", *benches], 0)  # logged as 0 too: runs compare
     stats = {"rows": n, "benchmark_prompts": len(prompts), **zero,
              **counts(Match(r["instruction_id"], r["benchmark"], r["subset"], r["benchmark_id"], r["how"]) for r in rows)}
     log.info("decontaminate: %d of %d pool rows match a prompt of %s (%d prompts; %.1fs): %s", stats["matched"], n,
-             "+".join(_benchmarks(cfg)) or "no benchmark", len(prompts), time.time() - t0,
+             "+".join(benches) or "no benchmark", len(prompts), time.time() - t0,
              {k: v for k, v in stats.items() if "/" in k})
     return rows, stats
-
-
-def main(argv: list[str]) -> None:
-    """`python -m src.stages.decontaminate [overrides]`: the stage's counts for a config's pool, without a run."""
-    import json
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    from src.pipeline import Job
-
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        job = Job.from_config(compose("config", overrides=argv))
-    rows, stats = run(job.dataset, job.eval, job.data_root)
-    print(json.dumps(stats, indent=1))
-
-
-if __name__ == "__main__":
-    import sys
-
-    logging.basicConfig(level=logging.INFO)
-    main(sys.argv[1:])

@@ -20,15 +20,15 @@ from typing import Callable
 from src.rules.analysis import vote_ks
 from src.benchmarks import mtbench, rewardbench
 from src.benchmarks.rewardbench import majority_vote
-from src.cache import Partial, file_fingerprint, make_key, run_chunked
+from src.cache import Partial, make_key, run_chunked
 from src.config import ConfigError, as_dict, knob
-from src.data import resolve
 from src.rules.metrics import item_score, synthetic_metrics
 from src.prompts import text_fingerprint
 from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from src.judging import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
+from src.data import benchmark_source, source_fingerprint
 
 log = logging.getLogger(__name__)
 # 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's
@@ -106,16 +106,6 @@ def judging_part(cfg: EvalConfig) -> dict:
     return {k: v for k, v in as_dict(cfg).items() if k not in ("synthetic", "synthetic_maj_k", "rewardbench", "mtbench")}
 
 
-def _source(source: str, data_root: str) -> str:
-    local = resolve(source, data_root)
-    return str(local) if local.exists() else source  # otherwise a hub id
-
-
-def source_fingerprint(source: str, revision: str | None, data_root: str) -> str:
-    local = resolve(source, data_root)
-    return file_fingerprint(local) if local.exists() else f"{source}@{revision or 'main'}"
-
-
 # ------------------------------------------------------------------------------------------ benchmarks
 def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
     return [
@@ -129,7 +119,7 @@ def synthetic_items(cfg: EvalConfig, pairs: list[Pair]) -> list[Prompted]:
 def rewardbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
     rb = cfg.rewardbench
     seed = rb.slice_seed
-    items = rewardbench.stratified_slice(rewardbench.load_rewardbench(_source(rb.source, data_root), rb.revision), rb.per_subset, seed)
+    items = rewardbench.stratified_slice(rewardbench.load_rewardbench(benchmark_source(rb.source, data_root), rb.revision), rb.per_subset, seed)
     out = []
     for it in items:
         for order in orders_for(f"{it.subset}/{it.id}", rb.orders == "both", seed):
@@ -222,7 +212,7 @@ def vote_k_curve(items: list[EvalItem], weights: str = rewardbench.WEIGHTS_DEFAU
 def mtbench_items(cfg: EvalConfig, data_root: str) -> list[Prompted]:
     mt = cfg.mtbench
     seed = mt.slice_seed
-    rows = mtbench.load_mtbench_human(_source(mt.source, data_root), mt.revision)
+    rows = mtbench.load_mtbench_human(benchmark_source(mt.source, data_root), mt.revision)
     keyed = mtbench.stratified_slice(rows, mt.max_keys, seed, tuple(mt.human_prefixes))
     out = []
     for r in keyed:
@@ -355,3 +345,13 @@ def run(name: str, cfg: EvalConfig, pairs: list[Pair], data_root: str, model: Ge
         return [], {}
     judged = judge_items(cfg, name, items, model, partial, chunk_size, BENCHMARKS[name].maj_k(cfg))
     return judged, BENCHMARKS[name].score(judged, cfg)
+
+
+def decontam_benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:
+    """The enabled benchmarks whose prompts a pool must not contain: name -> (source, revision)."""
+    out = {}
+    if cfg.rewardbench.enabled:
+        out["rewardbench"] = (cfg.rewardbench.source, cfg.rewardbench.revision)
+    if cfg.mtbench.enabled:
+        out["mtbench"] = (cfg.mtbench.source, cfg.mtbench.revision)
+    return out

@@ -92,7 +92,7 @@ def test_single_call_drops_an_instruction_whose_answer_fits_but_whose_single_cal
 def test_classify_cuts_long_instructions_to_the_context_and_leaves_short_ones(tiny):
     """Before: score_options raised for the whole chunk (vLLM rejects the call). Now each long instruction is cut
     in the middle until prompt + 'Category: ' + the longest label fits; the rows of the short ones are unchanged."""
-    from src.stages.select import DatasetConfig, classify_template
+    from src.pool import DatasetConfig, classify_template
 
     cats = ["reasoning", "coding", "math", "writing"]
     template = classify_template(DatasetConfig(name="test", category="reasoning"))
