@@ -400,7 +400,7 @@ class Runner:
 
     def _log_base_weights(self) -> None:
         """Provenance: the seed's and the judge's weights (directory + hash) as tags of the run."""
-        from src.provenance import model_weights
+        from src.models.weights import model_weights
 
         if self.tracker.active:
             for role, spec in (("seed", self.job.seed), ("judge", self.job.judge)):
@@ -413,7 +413,7 @@ class Runner:
     def _log_trained_weights(self, k: int, step: Step, meta: dict) -> None:
         """Provenance: what iteration k trained (hash from the train stage's verified manifest); a LoRA adapter is
         also logged as an artifact, full weights by path and hash only."""
-        from src.provenance import train_output_digests, weights_hash
+        from src.models.weights import train_output_digests, weights_hash
 
         path = self._adapter(step.key) if self.tracker.active else None
         if path is not None:

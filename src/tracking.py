@@ -268,7 +268,7 @@ class Tracker:
             mlflow.log_input(data, context=context)
 
     def model(self, role: str, path: Path, digest: str, artifact: bool = False) -> None:
-        """Which weights a run used: `weights.<role>` (hash, `provenance.weights_hash`) and `weights.<role>.path` as
+        """Which weights a run used: `weights.<role>` (hash, `models.weights.weights_hash`) and `weights.<role>.path` as
         tags; with `artifact`, the directory itself under models/<role>/ (a LoRA adapter: megabytes, and the only
         copy outside this machine's stage cache)."""
         if not self.active:

@@ -153,7 +153,7 @@ def test_run_records_inputs_weights_and_few_training_params(first_run):
     training settings that matter."""
     from src.models.loading import resolve_model_dir
     from src.models.base import ModelSpec
-    from src.provenance import weights_hash
+    from src.models.weights import weights_hash
 
     results, _ = first_run
     client = store(results)

@@ -2,7 +2,8 @@ import subprocess
 
 import pytest
 
-from src.provenance import REPO, git_state, package_versions, weights_hash
+from src.provenance import REPO, git_state, package_versions
+from src.models.weights import weights_hash
 
 
 def test_git_state_of_this_checkout():
@@ -82,7 +83,7 @@ def test_file_digest_is_remembered_by_size_and_mtime(tmp_path):
     import json
     import os
 
-    from src.provenance import file_sha256
+    from src.models.weights import file_sha256
 
     f, memo = tmp_path / "w.safetensors", tmp_path / "memo.json"
     f.write_bytes(b"x" * 10)
@@ -106,7 +107,7 @@ def test_packaged_model_hash_comes_from_its_manifest_without_converting(tmp_path
 
     from src.models.base import ModelSpec
     from src.models.packaged import materialized_dir
-    from src.provenance import model_weights
+    from src.models.weights import model_weights
 
     d = materialized_dir("smollm2_135m", tmp_path)
     d.mkdir(parents=True)
@@ -119,7 +120,7 @@ def test_packaged_model_hash_comes_from_its_manifest_without_converting(tmp_path
 
 def test_train_output_digests_from_a_stage_manifest(tmp_path):
     from src.cache import manifest
-    from src.provenance import train_output_digests
+    from src.models.weights import train_output_digests
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"lora")
