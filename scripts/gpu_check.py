@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from src import launch  # noqa: E402
 from src.launch import LaunchConfig, run_train  # noqa: E402
 from src.models.base import ModelSpec, SamplingConfig  # noqa: E402
-from src.pipeline import ModelPool  # noqa: E402
+from src.runner import ModelPool  # noqa: E402
 from src.records import TrainExample  # noqa: E402
 from src.stages.train import TrainConfig  # noqa: E402
 

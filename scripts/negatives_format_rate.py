@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from src.cache import StageCache
 from src.models.loading import load_generator
-from src.pipeline import Job
+from src.job import Job
 from src.records import Instruction
 from src.stages import generate
 from src.pool import load_pool

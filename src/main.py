@@ -1,6 +1,6 @@
 """Entry point:  python -m src.main [overrides]   /   python -m src.main -m +experiments=paper seed=mixtral,llama
 
-Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see src/pipeline.py).
+Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see src/job.py).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _expected() -> tuple[type[BaseException], ...]:
     from src.cache import CacheError
     from src.config import ConfigError
     from src.data import DataError
-    from src.pipeline import NotRunnableHere
+    from src.job import NotRunnableHere
 
     return ConfigError, DataError, CacheError, NotRunnableHere
 
@@ -123,7 +123,7 @@ def scale_mismatch(cfg: DictConfig, choices: dict[str, str], explicit: set[str],
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from src.pipeline import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
+    from src.job import run_job  # heavy imports after Hydra parsed the command line, so --help is fast
 
     choices, sweep, task_overrides = job_context()
     run_name = " ".join(task_overrides) or "defaults"

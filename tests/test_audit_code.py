@@ -78,7 +78,7 @@ def test_the_audit_stage_reads_the_pool_tests_and_fills_the_four_cells(make_cfg)
     """`stages.audit.run` under audit=execute on the code_prompts pool: pairs from canonical solutions (chosen its
     own, rejected another problem's: clean), one swapped (inverted), one with both right; a pair whose id is not in
     the pool is not audited. Same `audit/*` names as the answer audit."""
-    from src.pipeline import Job
+    from src.job import Job
     from src.stages import audit
 
     job = Job.from_config(make_cfg(*NO_DATASET, "dataset=code_prompts", "audit=execute"))
@@ -107,7 +107,8 @@ def test_plan_adds_the_audit_steps_only_when_asked_and_keys_what_shapes_them(mak
     """Default: no audit on a pool without references, the same key as before the group on GSM8K. execute: an
     audit step on code pools, keyed by the sandbox limits. judge: an audit_judge step keyed by the audit model."""
     from src.cache import make_key
-    from src.pipeline import Job, plan
+    from src.job import Job
+    from src.plan import plan
 
     def steps(*o):
         return {s.stage: s for s in plan(Job.from_config(make_cfg(*NO_DATASET, *o)))}
@@ -131,7 +132,7 @@ def test_plan_adds_the_audit_steps_only_when_asked_and_keys_what_shapes_them(mak
 
 def test_bad_audit_config_fails_with_one_line_naming_the_key(make_cfg):
     from src.config import ConfigError
-    from src.pipeline import Job, preflight
+    from src.job import Job, preflight
 
     with pytest.raises(ConfigError, match=r"audit.judge=true needs audit.model"):
         Job.from_config(make_cfg(*TINY, "audit.judge=true"))

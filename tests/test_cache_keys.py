@@ -1,7 +1,8 @@
 """What invalidates what: stage keys are a function of exactly the config that changes each stage's result."""
 import shutil
 
-from src.pipeline import Job, plan
+from src.job import Job
+from src.plan import plan
 from tests.conftest import DATA_ROOT, TINY
 
 

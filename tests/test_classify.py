@@ -10,7 +10,8 @@ from src.cache import StageCache
 from src.data import DataError
 from src.models.base import ModelSpec
 from src.models.prompts import option_ids
-from src.pipeline import Job, plan
+from src.job import Job
+from src.plan import plan
 from src.stages import select
 from src import classification as classify
 
@@ -103,7 +104,7 @@ def test_second_category_reuses_the_first_ones_classification(make_cfg, tiny):
     second = _job(make_cfg, present)
     s1, s2 = ({s.stage: s for s in plan(j)} for j in (first, second))
     assert s1["classify"].key == s2["classify"].key and s1["select"].key != s2["select"].key
-    assert "cached labels" in __import__("src.pipeline", fromlist=["describe"]).describe(second, plan(second), {}, [])
+    assert "cached labels" in __import__("src.plan", fromlist=["describe"]).describe(second, plan(second), {}, [])
 
     again = Counting(tiny)
     out2, stats2 = _select(second, again)

@@ -6,7 +6,8 @@ import pytest
 
 from src.config import ConfigError
 from src.data import DataError
-from src.pipeline import Job, plan, preflight
+from src.job import Job, preflight
+from src.plan import plan
 from tests.conftest import TINY
 
 

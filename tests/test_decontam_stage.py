@@ -16,7 +16,8 @@ import pytest
 
 from src.cache import StageCache
 from src.rules.decontamination import near_duplicate_groups, normalise
-from src.pipeline import Job, plan
+from src.job import Job
+from src.plan import plan
 from src.stages import decontaminate, select
 from src.stages.evaluate import decontam_benchmarks
 from tests.conftest import DATA_ROOT, TINY, jsonl_rows

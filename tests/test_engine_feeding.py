@@ -12,7 +12,9 @@ from src.costs import estimate
 from src.cache import StageCache
 from src.launch import SHAPES
 from src.models import loading
-from src.pipeline import Job, Runner, plan, run_job
+from src.job import Job, run_job
+from src.runner import Runner
+from src.plan import plan
 from src.records import Instruction
 from src.stages import generate
 from src.stages.generate import NegativesConfig

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from src import pipeline
+from src import runner
 from src.models import gpu_memory
 from src.models.base import ModelSpec
 
@@ -74,7 +74,7 @@ def pool_events(monkeypatch):
 def test_pool_waits_for_the_closed_engines_memory_before_the_next_engine_and_the_trainer(pool_events):
     a = ModelSpec(name="a", backend="vllm", gpu_memory_utilization=0.5)
     b = ModelSpec(name="b", backend="vllm", gpu_memory_utilization=0.8)
-    pool = pipeline.ModelPool(None, capacity=1)
+    pool = runner.ModelPool(None, capacity=1)
     pool.get(a, None)
     pool.get(b, None)  # evicts a: the next engine needs 0.8 free, more than a held
     pool.close()  # before training: the memory b held
@@ -82,7 +82,7 @@ def test_pool_waits_for_the_closed_engines_memory_before_the_next_engine_and_the
 
 
 def test_pool_does_not_wait_after_closing_an_in_process_model(pool_events):
-    pool = pipeline.ModelPool(None, capacity=1)
+    pool = runner.ModelPool(None, capacity=1)
     pool.get(ModelSpec(name="h", backend="hf"), None)
     pool.close()
     assert pool_events == ["load h", "close h", "cublas"]

@@ -6,11 +6,13 @@ import time
 
 import pytest
 
-from src import launch, pipeline
+from src import launch, runner
 from src.config import ConfigError
 from src.launch import SHAPES, LaunchConfig, train_memory
 from src.main import scale_mismatch
-from src.pipeline import Job, Runner, plan, run_job
+from src.job import Job, run_job
+from src.runner import Runner
+from src.plan import plan
 from src.tracking import Tracker
 from tests.conftest import REPO, TINY
 
@@ -25,7 +27,7 @@ def test_engines_are_released_before_training_starts(make_cfg, monkeypatch):
     from src.stages import train
 
     events: list[str] = []
-    pools: list[pipeline.ModelPool] = []
+    pools: list[runner.ModelPool] = []
     real_load, real_train, real_free = loading.load_generator, train.run, launch.free_accelerator_memory
 
     class RecordingEngine:
@@ -51,7 +53,7 @@ def test_engines_are_released_before_training_starts(make_cfg, monkeypatch):
         assert all(not p.loaded for p in pools), "a model is still loaded when training starts"
         return real_train(*a, **k)
 
-    class RecordingPool(pipeline.ModelPool):
+    class RecordingPool(runner.ModelPool):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             pools.append(self)
@@ -59,7 +61,7 @@ def test_engines_are_released_before_training_starts(make_cfg, monkeypatch):
     monkeypatch.setattr(loading, "load_generator", load)
     monkeypatch.setattr(train, "run", run)
     monkeypatch.setattr(launch, "free_accelerator_memory", lambda: (events.append("free"), real_free()))
-    monkeypatch.setattr(pipeline, "ModelPool", RecordingPool)
+    monkeypatch.setattr(runner, "ModelPool", RecordingPool)
 
     job = Job.from_config(make_cfg(*TINY, "eval.rewardbench.enabled=false", "eval.mtbench.enabled=false"))
     Runner(job, Tracker(job.tracking, job.results_dir)).run(plan(job))

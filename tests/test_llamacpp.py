@@ -87,13 +87,14 @@ def test_auto_backend_falls_back_to_hf_with_one_line_when_the_engine_is_missing(
 
 @pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
 def test_auto_backend_uses_the_engine_and_the_plan_says_so(make_cfg):
-    from src.pipeline import Job, describe, plan
+    from src.job import Job
+    from src.plan import describe, plan
 
     job = Job.from_config(make_cfg())
     assert job.seed.backend == "llamacpp" and job.judge.backend == "llamacpp"
     assert "backend llamacpp" in describe(job, plan(job), {}, [])
     # full fine-tuning cannot be worn by the engine: said before anything runs
-    from src.pipeline import preflight
+    from src.job import preflight
 
     full = Job.from_config(make_cfg("train.peft=none"))
     assert any("wears LoRA adapters only" in p and "judge.backend=hf" in p for p in preflight(full))

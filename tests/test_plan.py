@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from src.models import base
-from src.pipeline import Job, plan
+from src.job import Job
+from src.plan import plan
 from tests.conftest import TINY
 
 PINS = Path(__file__).parent / "data" / "plan_keys.json"
@@ -68,7 +69,7 @@ def test_standalone_scorer_keys_a_model_and_a_loop_adapter_as_the_loop_does(make
     from src.config import typed
     from src.cli.evaluate import scorer_keys
     from src.models.base import ModelSpec
-    from src.pipeline import PipelineConfig
+    from src.job import PipelineConfig
     from src.stages.evaluate import EvalConfig
 
     job = Job.from_config(make_cfg(*TINY, "iterations=1"))

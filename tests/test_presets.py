@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.pipeline import Job, plan
+from src.job import Job
+from src.plan import plan
 from tests.conftest import CONF, REPO
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))

@@ -103,7 +103,8 @@ def test_item8_unreadable_cache_rows_name_the_file(tmp_path):
 
 # ------------------------------------------------------------------ 1: a missing adapter is never the base model
 def _run(job):
-    from src.pipeline import Runner, plan
+    from src.runner import Runner
+    from src.plan import plan
     from src.tracking import Tracker
 
     runner = Runner(job, Tracker(job.tracking, job.results_dir))
@@ -115,7 +116,7 @@ def _run(job):
 
 
 def test_item1_deleted_adapter_is_detected_and_retrained(make_cfg, caplog):
-    from src.pipeline import Job
+    from src.job import Job
 
     job = Job.from_config(make_cfg(*TINY, "eval.rewardbench.enabled=false"))
     _run(job)
@@ -135,7 +136,8 @@ def test_item1_deleted_adapter_is_detected_and_retrained(make_cfg, caplog):
 
 def test_item1_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(make_cfg, tmp_path):
     from src.cache import CacheError
-    from src.pipeline import Job, Runner
+    from src.job import Job
+    from src.runner import Runner
     from src.tracking import Tracker
 
     job = Job.from_config(make_cfg(*TINY))
@@ -158,7 +160,7 @@ def test_item1_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(ma
 ])
 def test_item9_bad_config_values_fail_with_the_key(make_cfg, override, message):
     from src.config import ConfigError
-    from src.pipeline import Job
+    from src.job import Job
 
     with pytest.raises(ConfigError, match=message):
         Job.from_config(make_cfg(*TINY, override))
@@ -186,7 +188,7 @@ def _corpus(tmp_path):
 
 def test_item10_malformed_pool_files_name_file_and_line(make_cfg, tmp_path):
     from src.data import DataError
-    from src.pipeline import Job, preflight
+    from src.job import Job, preflight
 
     for path, pattern in _corpus(tmp_path):
         with pytest.raises(DataError, match=pattern):
@@ -195,7 +197,7 @@ def test_item10_malformed_pool_files_name_file_and_line(make_cfg, tmp_path):
 
 def test_item10_preflight_checks_benchmark_files(make_cfg, tmp_path):
     from src.data import DataError
-    from src.pipeline import Job, preflight
+    from src.job import Job, preflight
 
     missing = tmp_path / "nowhere.jsonl.gz"
     with pytest.raises(DataError, match=r"nowhere\.jsonl\.gz: file not found"):
@@ -304,7 +306,7 @@ def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
                 diffs.append(f"{where}.{f.name}: dataclass {d!r}, conf {node[f.name]!r}")
 
     from src.rules.filters import FilterConfig
-    from src.pipeline import PipelineConfig
+    from src.job import PipelineConfig
     from src.stages.evaluate import EvalConfig
     from src.stages.generate import NegativesConfig
     from src.judging import JudgingConfig

@@ -3,7 +3,9 @@ import pytest
 
 from src.cache import StageCache
 from src.models.base import SamplingConfig
-from src.pipeline import Job, Runner, plan
+from src.job import Job
+from src.runner import Runner
+from src.plan import plan
 from src.records import Pair
 from src.stages import judge
 from src.judging import JudgingConfig

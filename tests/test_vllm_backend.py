@@ -185,7 +185,7 @@ def test_small_loop_on_vllm(tmp_path, make_cfg, hf):
     import time
 
     from src.cache import StageCache
-    from src.pipeline import Job
+    from src.job import Job
     from src.records import EvalItem, from_dict
     from src.stages import evaluate
 
@@ -240,7 +240,7 @@ def test_rewardbench_stage_matches_hf(hf, vllm, make_cfg, tmp_path):
     process: the same rendered prompts (same token ids) and the same greedy verdicts up to near-ties. The loop
     (test_small_loop_on_vllm) leaves RewardBench out to keep its LoRA iteration short."""
     from src.cache import StageCache
-    from src.pipeline import Job
+    from src.job import Job
     from src.stages import evaluate
     from src.judging import judge_template
 

@@ -6,7 +6,7 @@ import pytest
 
 from src.config import ConfigError
 from src.models.base import SamplingConfig
-from src.pipeline import Job, check_lengths
+from src.job import Job, check_lengths
 from tests.conftest import TINY
 
 

@@ -9,7 +9,7 @@ import sys
 from hydra import compose, initialize_config_dir
 
 from src.config import CONF_DIR
-from src.pipeline import Job
+from src.job import Job
 from src.stages import decontaminate, evaluate
 
 

@@ -59,7 +59,7 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     from src.config import ConfigError, typed
     from src.models.base import ModelSpec
     from src.models.loading import load_generator, preflight
-    from src.pipeline import PipelineConfig
+    from src.job import PipelineConfig
     from src.records import to_dict
     from src.stages import evaluate
     from src.judging import judge_template, prompt_params

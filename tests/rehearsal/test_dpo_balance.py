@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from src.rules.filters import FilterConfig, apply
-from src.pipeline import Job, filter_rule, plan
+from src.job import Job
+from src.plan import filter_rule, plan
 from src.records import Judgment, Pair
 from src.stages import train
 from src.stages.filter import training_examples

@@ -122,7 +122,7 @@ def test_judge_prompts_fit_in_every_script(tiny, script):
 
 def job_of(overrides):
     from src.config import CONF_DIR
-    from src.pipeline import Job
+    from src.job import Job
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return Job.from_config(compose("config", overrides=overrides))
@@ -148,7 +148,7 @@ def test_paper_dry_run_reports_each_stages_budget_against_its_context():
 def test_paper_iteration_1_judges_prompts_that_llama_can_train_on():
     """Mixtral judges iteration 1 at 64k context, Llama-3-70B trains at 8,192: the judge step's prompt budget is
     the trained model's (8,192 - 4,096 judgment tokens), keyed; iterations 2+ are judged by Llama itself (None)."""
-    from src.pipeline import plan
+    from src.plan import plan
 
     steps = [s for s in plan(job_of(["+experiments=paper"])) if s.stage == "judge"]
     assert [s.config[1] for s in steps] == [8192 - 4096] + [None] * 4

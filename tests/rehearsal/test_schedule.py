@@ -4,7 +4,7 @@ from hydra import compose, initialize_config_dir
 
 from src.config import ConfigError
 from src.config import CONF_DIR
-from src.pipeline import Job
+from src.job import Job
 from src.costs import schedule
 
 
