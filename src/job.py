@@ -33,6 +33,7 @@ from src.stages.evaluate import EvalConfig
 from src.stages.generate import NegativesConfig
 from src.stages.train import TrainConfig
 from src.tracking import Tracker, TrackingConfig
+from src.costs import memory
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
                     "model@audit.model=<preset>", job.seed.name)
     steps = plan(job)
     problems = preflight(job)
-    over = launch.over_budget(launch.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
+    over = memory.over_budget(memory.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
               + "\n" + schedule.describe(job) + "\n" + estimate.describe_budgets(job)

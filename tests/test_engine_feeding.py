@@ -10,7 +10,7 @@ import pytest
 
 from src.costs import estimate
 from src.cache import StageCache
-from src.launch import SHAPES
+from src.costs.memory import SHAPES
 from src.models import loading
 from src.job import Job, run_job
 from src.runner import Runner

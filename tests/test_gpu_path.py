@@ -8,13 +8,15 @@ import pytest
 
 from src import launch, runner
 from src.config import ConfigError
-from src.launch import SHAPES, LaunchConfig, train_memory
+from src.launch import LaunchConfig
+from src.costs.memory import SHAPES, train_memory
 from src.main import scale_mismatch
 from src.job import Job, run_job
 from src.runner import Runner
 from src.plan import plan
 from src.tracking import Tracker
 from tests.conftest import REPO, TINY
+from src.costs import memory
 
 LLAMA70 = SHAPES["meta-llama/Meta-Llama-3-70B-Instruct"]
 
@@ -132,9 +134,9 @@ def test_dry_run_refuses_a_launch_the_gpus_cannot_hold(make_cfg, capsys):
     off = LaunchConfig(num_processes=8, strategy="fsdp", fsdp_offload=True, host_memory_gb=512)
     est = train_memory(LLAMA70, full=True, world_size=8, num_machines=1, strategy="fsdp", offload=True, batch=1, seq=8192,
                        checkpointing=True)
-    assert "host_memory_gb=512" in launch.over_budget(est, off)
+    assert "host_memory_gb=512" in memory.over_budget(est, off)
     off.host_memory_gb = 2000
-    assert launch.over_budget(est, off) is None
+    assert memory.over_budget(est, off) is None
 
 
 CPU_DEFAULT = {"seed": "qwen_coder_0.5b", "judge": "smollm2_135m", "judging": "cpu", "eval": "cpu"}

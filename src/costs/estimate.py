@@ -190,7 +190,7 @@ def gpus_of(spec) -> int:
 
 def estimate(job, upper: bool, data_root: str | None = None) -> dict[str, dict[str, float]] | None:
     """{stage: {"gpu_hours", "wall_hours"}}, or None when a model's size is unknown."""
-    from src.launch import full_finetune, model_shape
+    from src.costs.memory import full_finetune, model_shape
 
     specs = {"seed": job.seed, "judge": job.judge, **({"audit": job.audit.model} if job.audit.judge else {})}
     shapes = {r: model_shape(s) for r, s in specs.items()}
