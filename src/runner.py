@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from src import launch
+from src.benchmarks import HEADLINE_METRIC
 from src.cache import Partial, StageCache
 from src.config import as_dict
 from src.data import resolve
@@ -275,7 +276,7 @@ class Runner:
         )
         self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
         self.tracker.metrics(self._drift(st, rows or []), st.iteration)
-        headline = {"synthetic": "synthetic/accuracy", "rewardbench": "rewardbench/overall", "mtbench": "mtbench/agreement_s1"}[st.stage]
+        headline = HEADLINE_METRIC[st.stage]
         value = meta["stats"].get(headline)
         log.info("%s[iter %d]: %s %s = %s", st.stage, st.iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
         return {f"{k}@iter{st.iteration}": v for k, v in meta["stats"].items()}

@@ -273,7 +273,7 @@ def test_paired_is_honest_where_the_number_or_its_interval_is_undefined():
     import math
 
     from src.benchmarks.rewardbench import SUBSET_SIZES as SUBSET_COUNTS
-    from src.report import _paired_cell, paired
+    from src.report.numbers import _paired_cell, paired
 
     a = {(s, "1"): 1.0 for s in SUBSET_COUNTS}
     b = {(s, "1"): (0.0 if s.startswith("hep") else 1.0) for s in SUBSET_COUNTS}
@@ -319,7 +319,7 @@ def test_runs_logged_under_the_old_names_are_read_under_the_new_ones(tmp_path):
     a new run's numbers are read as logged."""
     import mlflow
 
-    from src.report import _client, load_jobs
+    from src.report.store import _client, load_jobs
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
