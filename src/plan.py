@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from src import judging
 from src.cache import StageCache, check
+from src.config import as_dict
 from src.models.base import ModelSpec
 from src.rules.filters import FilterConfig
 from src.stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
@@ -44,6 +45,8 @@ class Step:
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
     seed: int = 0  # its sampling / selection seed
     previous: str | None = None
+    chunk: int = 0  # prompts per model call and saved chunk (pipeline.chunk_for its model); 0: no model
+    meta_config: dict = field(default_factory=dict)  # what the cache's meta.json records of the config (its key's config part)
     status: str = "todo"  # cached | damaged (fails its check: moved aside and recomputed) | partial | todo
 
 
@@ -65,7 +68,7 @@ def plan(job: Job) -> list[Step]:
     steps: list[Step] = []
     # Benchmark prompts in the pool, found once per (pool, benchmark files); select drops them before classifying.
     dec = decontaminate.key(job.dataset, evaluate.decontam_benchmarks(job.eval), job.data_root)
-    steps.append(Step("decontam", 0, dec, "-", (job.dataset, job.eval)))
+    steps.append(Step("decontam", 0, dec, "-", (job.dataset, evaluate.decontam_benchmarks(job.eval))))
     # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
     cls = select.classify_key(job.dataset, job.data_root, job.seed, rs, dec)
     steps.append(Step("classify", 0, cls, job.seed.name, job.dataset, job.seed, seed=rs))
@@ -113,6 +116,9 @@ def plan(job: Job) -> list[Step]:
         steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
+        s.chunk = job.pipeline.chunk_for(s.spec) if s.spec is not None else 0
+        s.meta_config = meta_config(s, job.data_root)
+    for s in steps:
         path = cache.path(s.stage, s.key)
         if path.exists():  # verified, so a dry run does not promise to reuse what the run will recompute
             s.status = "cached" if check(path) is None else "damaged"
@@ -125,6 +131,25 @@ def plan(job: Job) -> list[Step]:
     next(s for s in steps if s.stage == "classify").status = f"{len(good)} chunk(s) cached" + (
         f", {len(bad)} damaged (moved aside and recomputed)" if bad else "")
     return steps
+
+
+def meta_config(s: Step, data_root: str) -> dict:
+    """The config part of a step's key, as its cache meta.json records it (a reader of the cache sees what made it)."""
+    if s.stage == "decontam":
+        return decontaminate.key_parts(*s.config, data_root)[0]
+    if s.stage == "audit":
+        acfg = s.config[0]
+        return {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {}
+    if s.stage == "audit_judge":
+        return audit.judge_config(s.config)
+    if s.stage == "judge":
+        cfg, budget = s.config
+        return {**as_dict(cfg), **({"prompt_budget": budget} if budget is not None else {})}
+    if s.stage in ("filter", "train"):
+        return as_dict(s.config[0])
+    if s.stage in evaluate.BENCHMARKS:
+        return evaluate.config_part(s.stage, s.config)
+    return as_dict(s.config)
 
 
 def classified_units(cache: StageCache, cls_key: str) -> tuple[list[str], list[str]]:

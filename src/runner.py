@@ -89,7 +89,7 @@ class Runner:
         self.pool = ModelPool(model_cache, capacity=1 if gpu else 2)
         self.hits: dict[str, int] = {}
 
-    def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]], config: Any) -> tuple[list[dict] | None, dict, bool]:
+    def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]]) -> tuple[list[dict] | None, dict, bool]:
         """(rows, meta, cached). `compute` gets the partial directory and returns (rows, stats)."""
         name = f"{step.stage}[iter {step.iteration}]"
 
@@ -98,7 +98,7 @@ class Runner:
                      ", resuming saved chunks" if partial.has_saved() else "")
             return compute(partial)
 
-        meta = {"iteration": step.iteration, "model": step.model, "config": config}
+        meta = {"iteration": step.iteration, "model": step.model, "config": step.meta_config}
         cached = self.cache.compute_once(step.stage, step.key, logged, meta)
         if cached:
             log.info("%s: cached (key %s), reused", name, step.key)
@@ -185,10 +185,8 @@ class Runner:
 
     # One method per stage: what it computes from its step (inputs are read only when it is computed).
     def _decontam(self, st: Step) -> None:
-        dataset, ecfg = st.config
-        benches = evaluate.decontam_benchmarks(ecfg)
-        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, benches, self.job.data_root),
-                                        decontaminate.key_parts(dataset, benches, self.job.data_root)[0])
+        dataset, benches = st.config
+        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, benches, self.job.data_root))
         self._log_stage(st, meta, cached, rows, "decontam/")
 
     def _select(self, st: Step) -> None:
@@ -197,14 +195,13 @@ class Runner:
             return _records(select.run(st.config, self.job.data_root, st.seed, lambda: self._model(st), inputs["classify"],
                                        inputs["contaminated"]))
 
-        rows, meta, cached = self.stage(st, compute, as_dict(st.config))
+        rows, meta, cached = self.stage(st, compute)
         self._log_stage(st, meta, cached, rows, "select/")
 
     def _generate(self, st: Step) -> None:
         rows, meta, cached = self.stage(
             st, lambda p: _records(generate.run(st.config, self._inputs(st)["instructions"], self._model(st), st.seed, p,
-                                                self.job.pipeline.chunk_for(st.spec))),
-            as_dict(st.config),
+                                                st.chunk)),
         )
         self._log_stage(st, meta, cached, rows, "generate/")
         if not any(r["split"] == "train" for r in rows):
@@ -218,21 +215,19 @@ class Runner:
             inputs = self._inputs(st)
             return audit.run(acfg, dataset, self.job.data_root, inputs["instructions"], inputs["pairs"])
 
-        rows, meta, cached = self.stage(st, compute, {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {})
+        rows, meta, cached = self.stage(st, compute)
         self._log_stage(st, {**meta, "stats": audit.logged_stats(meta["stats"])}, cached, rows, "")  # audit/* shares, named already
 
     def _audit_judge(self, st: Step) -> None:
         rows, meta, cached = self.stage(
-            st, lambda p: audit.run_judge(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec)),
-            audit.judge_config(st.config),
+            st, lambda p: audit.run_judge(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, st.chunk),
         )
         self._log_stage(st, meta, cached, rows, "")  # audit/judge/* shares, named already
 
     def _judge(self, st: Step) -> None:
         cfg, budget = st.config
         rows, meta, cached = self.stage(
-            st, lambda p: _records(judge.run(cfg, self._inputs(st)["pairs"], self._model(st), st.seed, p, self.job.pipeline.chunk_for(st.spec), budget)),
-            {**as_dict(cfg), **({"prompt_budget": budget} if budget is not None else {})},
+            st, lambda p: _records(judge.run(cfg, self._inputs(st)["pairs"], self._model(st), st.seed, p, st.chunk, budget)),
         )
         self._log_stage(st, meta, cached, rows, "judge/")
 
@@ -243,7 +238,7 @@ class Runner:
             inputs = self._inputs(st)
             return _records(filter.run(rule, judging, inputs["judgments"], inputs["pairs"], st.seed))
 
-        rows, meta, cached = self.stage(st, compute, as_dict(rule))
+        rows, meta, cached = self.stage(st, compute)
         self._log_stage(st, {**meta, "stats": filter.logged_stats(meta["stats"])}, cached, rows, "filter/")
 
     def _train(self, st: Step) -> None:
@@ -260,7 +255,7 @@ class Runner:
             train.check_output(stats, p.dir, f"train[iter {k}]")
             return None, stats
 
-        _, meta, cached = self.stage(st, do_train, as_dict(tcfg))
+        _, meta, cached = self.stage(st, do_train)
         self._log_stage(st, meta, cached, None, None)
         self._log_trained_weights(k, st, meta)
         tstats = meta["stats"]
@@ -271,8 +266,7 @@ class Runner:
 
     def _benchmark(self, st: Step) -> dict[str, float]:
         rows, meta, cached = self.stage(
-            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, self.job.pipeline.chunk_for(st.spec))),
-            evaluate.config_part(st.stage, st.config),
+            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, st.chunk)),
         )
         self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
         self.tracker.metrics(self._drift(st, rows or []), st.iteration)
