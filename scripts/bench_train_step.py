@@ -1,5 +1,5 @@
 """Benchmark: one LoRA training step of the CPU default's judge on CPU, gradient checkpointing on/off, eager vs SDPA
-attention, side by side in one run (README, Training).
+attention, side by side in one run (docs/training-and-launch.md).
 
     python scripts/bench_train_step.py [--model smollm2_135m] [--tokens 484] [--batch 2] [--steps 4]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check for one H100 (80 GB), no internet, no package index (README: Running on GPUs).
+# The GPU check for one H100 (80 GB), no internet, no package index (docs/gpus-and-vllm.md).
 # Before: scripts/fetch_gpu_wheels.sh here (the wheels travel in .gpu-wheels/). Then, on the GPU machine, from the
 # repository root:  bash scripts/gpu_check.sh        (<= 9 minutes; prints each part's seconds)
 # It exercises the CUDA code paths on the locally built tiny model: the HF backend generating on the GPU, bf16

@@ -187,7 +187,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
               + "\n" + schedule.describe(job) + "\n" + estimate.describe_budgets(job)
               + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
     if over:
-        raise ConfigError(f"train/launch: {over}; choose a launch that fits (README: Running on GPUs)")
+        raise ConfigError(f"train/launch: {over}; choose a launch that fits (docs/gpus-and-vllm.md)")
     if job.pipeline.dry_run:
         return {}
     if problems:

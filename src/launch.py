@@ -34,7 +34,7 @@ STRATEGIES = ("ddp", "fsdp")
 @dataclass
 class LaunchConfig:
     num_processes: int = 1  # processes (= GPUs) per machine
-    num_machines: int = 1  # > 1: run inside a SLURM allocation of that many nodes (see README)
+    num_machines: int = 1  # > 1: run inside a SLURM allocation of that many nodes (docs/gpus-and-vllm.md)
     subprocess: bool = False  # train in a process of its own even with one process (GPU: always do)
     strategy: str = "ddp"  # ddp (each process a whole model) | fsdp (full shard)
     fsdp_offload: bool = False  # FSDP keeps parameters, gradients and optimizer state in CPU memory

@@ -35,7 +35,7 @@ class DatasetConfig:
     classify_prompt: str | None = None
     # Content-free inputs whose mean label distribution is the model's prior, divided out of every
     # classification (contextual calibration, Zhao et al. 2021); [] = no calibration, the default, since with the
-    # committed prompt the prior hurts `reasoning` recall (README, Classification); e.g. ["N/A", "", "[MASK]"].
+    # committed prompt the prior hurts `reasoning` recall (docs/classification.md); e.g. ["N/A", "", "[MASK]"].
     content_free: list[str] = field(default_factory=list)
     sources: list[SourceConfig] = field(default_factory=list)
     limit: int = 12

@@ -39,7 +39,7 @@ def test_every_group_option_is_valid(make_cfg, group):
 
 
 def test_paper_preset_is_the_papers_setup(make_cfg):
-    """+experiments=paper composes to Wang et al. 2024's settings (README: "The paper preset vs the paper")."""
+    """+experiments=paper composes to Wang et al. 2024's settings (docs/paper-preset.md)."""
     job = Job.from_config(make_cfg("+experiments=paper"))
     assert (job.seed.name, job.judge.name) == ("mixtral", "llama")
     assert (job.dataset.name, job.dataset.category) == ("wildchat", "reasoning")

@@ -1,7 +1,7 @@
 """The dry run's GPU-hours estimate of a plan: token counts from the config (and the benchmark files, when local)
 times an assumed throughput per parameter. An estimate, not a measurement: nothing here has been timed on a GPU.
 
-Assumptions (all in this module's constants; README "Running on GPUs" shows the figures):
+Assumptions (all in this module's constants; docs/gpus-and-vllm.md shows the figures):
 - compute: 2 FLOPs per active parameter per token to run a model, 6 to train it (8 with activation checkpointing's
   recomputed forward; LoRA: 4 and 6, no weight gradients for the frozen base); attention's own FLOPs ignored
   (small next to the weights at these lengths);

@@ -1,7 +1,7 @@
 """`Generator` on llama.cpp (llama-cpp-python): the CPU engine. Same contract as `hf.HFGenerator`.
 
 Why: on 2 CPU cores the transformers path is bound by fp32 weights and by prefill; llama.cpp runs the packaged
-quantised GGUF files as they are, and batches sequences that share a prefix (measured: README, CPU engine). It is an optional dependency (`pip install -e .[cpu]` builds it from the sdist); `loading.preflight`
+quantised GGUF files as they are, and batches sequences that share a prefix (measured: docs/cpu-engine.md). It is an optional dependency (`pip install -e .[cpu]` builds it from the sdist); `loading.preflight`
 names it when a spec asks for it and it is missing, and `backend: auto` falls back to HF with one line.
 
 What is shared with the HF backend, so the two agree on everything but arithmetic:

@@ -11,7 +11,7 @@ from pathlib import Path
 from src.benchmarks import HEADLINE_METRIC
 from src.rules.stats import item_scores
 
-# Headline metrics: the judgment text under each benchmark's official rule (README "Benchmarks").
+# Headline metrics: the judgment text under each benchmark's official rule (docs/benchmarks.md).
 HEADLINE = [*HEADLINE_METRIC.values(), "mtbench/agreement_s2"]
 
 # Other readings of the same judgments, shown in their own columns, never as the headline: the constrained-choice

@@ -326,7 +326,7 @@ def gradient_checkpointing(env, on_gpu: bool = True) -> bool:
 
     Off on CPU: there memory is not what binds a LoRA run of these models, and the recompute is more
     compute per step (scripts/bench_train_step.py, SmolLM2-135M, LoRA r=8, 2 x 484 tokens: 9.35 s/step on, 8.02 off
-    with eager attention; README, Training). Recomputed activations are the same values, so this changes no result and no key.
+    with eager attention; docs/training-and-launch.md). Recomputed activations are the same values, so this changes no result and no key.
 
     TRL 1.16 turns it on by default (`trl/trainer/base_config.py`). Under an FSDP launch with activation
     checkpointing (`launch.activation_checkpointing`, which `accelerate launch` passes to every process as

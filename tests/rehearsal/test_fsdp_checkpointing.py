@@ -71,7 +71,7 @@ def test_trainer_arguments_pass_transformers_fsdp_check_for_every_launch(launch_
 
 
 def test_paper_launch_uses_fsdp_activation_checkpointing(tmp_path):
-    """The 70B full fine-tune must checkpoint activations one way or the other (README: ~17 GB per GPU with it)."""
+    """The 70B full fine-tune must checkpoint activations one way or the other (docs/training-and-launch.md, Training memory)."""
     env, _ = _process_env("fsdp_4nodes", tmp_path)
     assert env["ACCELERATE_USE_FSDP"] == "true"
     assert env["FSDP_ACTIVATION_CHECKPOINTING"] == "true"
