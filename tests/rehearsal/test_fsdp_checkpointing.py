@@ -169,7 +169,7 @@ def test_final_save_under_fsdp_writes_a_bf16_model_from_pretrained_loads(tmp_pat
     from src.models.loading import load_for_training
     from src.stages import train
     from tests.conftest import model_cache
-    from tests.test_train import EXAMPLES, SPEC
+    from tests.stages.test_train import EXAMPLES, SPEC
 
     env, _ = _process_env("fsdp_4nodes", tmp_path)
     for k, v in env.items():

@@ -17,6 +17,7 @@ from src.stages import generate
 from src import classification as classify
 from src.stages.generate import NegativesConfig
 from src.judging import fit_prompts, judge_template, token_budget
+from tests.conftest import tiny_generator
 
 # 16,000+ characters in four scripts: tokens per character differ by ~4x between them
 LONG = {
@@ -28,15 +29,7 @@ LONG = {
 SHORT = [Instruction(f"s{k}", f"Why does ice float on water? Case {k}.", "test", "reasoning", "train") for k in range(3)]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-    from tests.conftest import model_cache
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=4, max_model_len=1024), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=4, max_model_len=1024)
 
 
 def test_the_long_instructions_are_long():

@@ -79,7 +79,7 @@ def test_tiny_run_on_gsm8k_logs_audit_and_decontamination_to_mlflow(tmp_path):
     """The real CLI on the tiny random model, MLflow on, pool with references (GSM8K): the audit stage logs its
     shares at iteration 0 and its rows as an artifact; the decontam stage logs its counts (GSM8K train: none)."""
     from tests.conftest import TINY
-    from tests.test_cli_e2e import cli
+    from tests.e2e.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("dataset", "tracking=", "iterations=", "eval.mtbench"))]
     cli(tmp_path, *overrides, "dataset=gsm8k", "dataset.limit=4", "dataset.max_scan=8", "dataset.heldout_fraction=0.25",

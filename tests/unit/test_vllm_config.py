@@ -103,7 +103,7 @@ def test_planted_converted_dir_is_set_aside_and_rebuilt(tmp_path, monkeypatch):
 
 
 def test_planted_assembled_gguf_is_not_trusted(tmp_path, monkeypatch):
-    from tests.test_models import _fake_split_package
+    from tests.stages.test_models import _fake_split_package
     from src.models import packaged
 
     payload = [b"GGUF" + bytes(range(256)) * 50, b"second part" * 99]

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from src.benchmarks import lmeval_bridge  # noqa: E402
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 LIMIT = 8  # docs per task = 4 items x 2 orders
 

@@ -5,6 +5,7 @@ from src.cache import StageCache
 from src.records import Instruction
 from src.stages import generate
 from src.stages.generate import NegativesConfig, clean_modified, parse_single_call
+from tests.conftest import tiny_generator
 
 
 @pytest.mark.parametrize(
@@ -50,15 +51,7 @@ class Recorder:
         return self.inner.count_tokens(prompts)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-    from tests.conftest import model_cache
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=4), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=4)
 
 
 INSTR = [Instruction(f"i{k}", f"Why does ice float on water? Case {k}.", "test", "reasoning", "train") for k in range(3)]

@@ -149,7 +149,7 @@ def test_bad_audit_config_fails_with_one_line_naming_the_key(make_cfg):
 def test_tiny_run_with_audit_execute_on_code_prompts_logs_audit_metrics(tmp_path):
     """The real CLI, tiny random model, MLflow on, `audit=execute` on `dataset=code_prompts`: every pair's chosen and
     rejected response is run against its problem's unit tests in the sandbox; the shares are logged at step 0."""
-    from tests.test_cli_e2e import cli
+    from tests.e2e.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("dataset", "tracking=", "iterations=", "eval.mtbench"))]
     cli(tmp_path, *overrides, "dataset=code_prompts", "dataset.limit=4", "dataset.max_scan=8", "audit=execute",

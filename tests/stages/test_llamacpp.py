@@ -9,9 +9,10 @@ import pytest
 from src.models import base
 from src.models.base import ModelSpec, SamplingConfig
 from src.models.llamacpp import common_prefix, sample_token
+from tests.conftest import DATA_ROOT
 
 HAS_ENGINE = importlib.util.find_spec("llama_cpp") is not None
-REWARDBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "rewardbench" / "filtered.jsonl.gz"
+REWARDBENCH = DATA_ROOT / "rewardbench" / "filtered.jsonl.gz"
 
 
 def hf_top_p_support(logits: np.ndarray, temperature: float, top_p: float) -> set[int]:

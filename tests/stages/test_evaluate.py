@@ -1,21 +1,13 @@
 """Benchmark evaluation on the tiny model: majority vote @k through the evaluate stage, and the standalone CLI."""
 
-import pytest
 
 from src.cache import StageCache
 from src.stages import evaluate
-from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
-from tests.conftest import DATA_ROOT, model_cache, only_run, standalone_eval
+from src.stages.evaluate import EvalConfig, RewardBenchConfig
+from tests.conftest import DATA_ROOT, model_cache, only_run, standalone_eval, tiny_generator
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=8), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=8)
 
 
 def test_rewardbench_majority_vote_at_k(tiny, tmp_path):

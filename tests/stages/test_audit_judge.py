@@ -27,7 +27,7 @@ def test_tiny_run_with_audit_judge_logs_its_votes_to_mlflow(tmp_path):
     (tiny_random here; a different model than the seed is the point of the real thing), k=2 per order: every pair
     gets 2 orders x 2 votes, the shares of its majority are logged at step 0 as audit/judge/*, its rows as an
     artifact; the exact audit does not run (no references), and a rerun reuses the cached votes."""
-    from tests.test_cli_e2e import cli
+    from tests.e2e.test_cli_e2e import cli
 
     overrides = [o for o in TINY if not o.startswith(("tracking=", "iterations=", "eval.mtbench"))]
     args = [*overrides, "audit=judge", "model@audit.model=tiny_random", "audit.k=2", "audit.max_new_tokens=8",

@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_report import _fake_sweep
+from tests.e2e.test_report import _fake_sweep
+from tests.conftest import REPO
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 
 

@@ -3,7 +3,7 @@ the dry run's GPU-hours estimate.
 
 A recording stub stands in for the vLLM engine (vLLM does not run in the main env): it wraps the real tiny-model
 generator and records every generate call; the pipeline picks the chunk from the job's model spec, as it would for
-a real vLLM model. tests/test_vllm_backend.py runs the real engine."""
+a real vLLM model. tests/stages/test_vllm_backend.py runs the real engine."""
 import dataclasses
 
 import pytest
@@ -19,7 +19,7 @@ from src.records import Instruction
 from src.stages import generate
 from src.stages.generate import NegativesConfig
 from src.tracking import Tracker
-from tests.conftest import TINY, model_cache
+from tests.conftest import TINY, tiny_generator
 
 REAL_LOAD, REAL_STAGE = loading.load_generator, Runner.stage
 CHUNKED = ("generate", "judge", "synthetic", "mtbench")
@@ -89,13 +89,7 @@ def test_keys_follow_the_chunk_of_the_backend_that_runs_the_stage(make_cfg):
     assert keys(*vl, "pipeline.chunk_size=3") == base  # the HF chunk does not reach vLLM keys
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-
-    gen = loading.load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=8), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=8)
 
 
 def test_sampled_pairs_do_not_depend_on_the_chunk(tiny, tmp_path):

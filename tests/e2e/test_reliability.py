@@ -11,17 +11,10 @@ from src.cache import StageCache
 from src.records import Pair
 from src.stages import judge
 from src.judging import JudgingConfig
-from tests.conftest import TINY, model_cache
+from tests.conftest import TINY, tiny_generator
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=4), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=4)
 
 
 PAIRS = [Pair(f"p{i}", f"Question {i}: why {'so ' * i}?", f"Because {i}.", f"Unrelated {i}.", f"Question {i}: how?", "train")
@@ -35,7 +28,7 @@ def _judgments(tiny, tmp_path, chunk_size, key, verdict="parse"):
 
 
 @pytest.mark.parametrize("verdict", ["parse", "constrained"])
-def test_item2_judgments_do_not_depend_on_chunk_size(tiny, tmp_path, verdict):
+def test_judgments_do_not_depend_on_chunk_size(tiny, tmp_path, verdict):
     a = _judgments(tiny, tmp_path, 3, "c3", verdict)
     b = _judgments(tiny, tmp_path, 16, "c16", verdict)
     assert len(a) == 7 * 2 * 2
@@ -54,7 +47,7 @@ def _recomputes(cache, calls):
     return not cache.compute_once("judge", "k", lambda p: (calls.append(1) or [{"i": i} for i in range(3)], {"n": 3}), {})
 
 
-def test_item5_data_cut_at_a_line_boundary_is_quarantined_and_recomputed(tmp_path, caplog):
+def test_data_cut_at_a_line_boundary_is_quarantined_and_recomputed(tmp_path, caplog):
     cache, path = _committed(tmp_path)
     lines = (path / "data.jsonl").read_text().splitlines(keepends=True)
     (path / "data.jsonl").write_text("".join(lines[:2]))  # a whole line gone: still valid JSON lines
@@ -67,7 +60,7 @@ def test_item5_data_cut_at_a_line_boundary_is_quarantined_and_recomputed(tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["delete meta", "garble meta", "garble data", "delete data", "extra file"])
-def test_item8_damaged_final_directory_heals_instead_of_crash_looping(tmp_path, damage, caplog):
+def test_damaged_final_directory_heals_instead_of_crash_looping(tmp_path, damage, caplog):
     cache, path = _committed(tmp_path)
     if damage == "delete meta":
         (path / "meta.json").unlink()
@@ -88,7 +81,7 @@ def test_item8_damaged_final_directory_heals_instead_of_crash_looping(tmp_path, 
     assert "meta.json" in caplog.text or "data.jsonl" in caplog.text or "stray.bin" in caplog.text
 
 
-def test_item8_unreadable_cache_rows_name_the_file(tmp_path):
+def test_unreadable_cache_rows_name_the_file(tmp_path):
     from src.cache import CacheError, read_jsonl_rows
 
     f = tmp_path / "data.jsonl"
@@ -115,7 +108,7 @@ def _run(job):
     return runner
 
 
-def test_item1_deleted_adapter_is_detected_and_retrained(make_cfg, caplog):
+def test_deleted_adapter_is_detected_and_retrained(make_cfg, caplog):
     from src.job import Job
 
     job = Job.from_config(make_cfg(*TINY, "eval.rewardbench.enabled=false"))
@@ -134,7 +127,7 @@ def test_item1_deleted_adapter_is_detected_and_retrained(make_cfg, caplog):
     assert f"{train_dir}/adapter" in caplog.text and "moved aside" in caplog.text
 
 
-def test_item1_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(make_cfg, tmp_path):
+def test_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(make_cfg, tmp_path):
     from src.cache import CacheError
     from src.job import Job
     from src.runner import Runner
@@ -158,7 +151,7 @@ def test_item1_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(ma
     ("judging.both_orders=3", r"judging\.both_orders=3: expected true or false"),
     ("judging.top_p=1.5", r"judging\.top_p=1\.5: must be > 0 and <= 1"),
 ])
-def test_item9_bad_config_values_fail_with_the_key(make_cfg, override, message):
+def test_bad_config_values_fail_with_the_key(make_cfg, override, message):
     from src.config import ConfigError
     from src.job import Job
 
@@ -186,7 +179,7 @@ def _corpus(tmp_path):
     return out
 
 
-def test_item10_malformed_pool_files_name_file_and_line(make_cfg, tmp_path):
+def test_malformed_pool_files_name_file_and_line(make_cfg, tmp_path):
     from src.data import DataError
     from src.job import Job, preflight
 
@@ -195,7 +188,7 @@ def test_item10_malformed_pool_files_name_file_and_line(make_cfg, tmp_path):
             preflight(Job.from_config(make_cfg(*TINY, f"dataset.sources=[{{path: {path}}}]")))
 
 
-def test_item10_preflight_checks_benchmark_files(make_cfg, tmp_path):
+def test_preflight_checks_benchmark_files(make_cfg, tmp_path):
     from src.data import DataError
     from src.job import Job, preflight
 
@@ -242,7 +235,7 @@ def _client(results):
     return MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
 
 
-def test_item6_item4_parallel_jobs_on_a_fresh_store_share_one_schema_and_one_sweep_parent(tmp_path):
+def test_parallel_jobs_on_a_fresh_store_share_one_schema_and_one_sweep_parent(tmp_path):
     results = tmp_path / "results"
     assert _concurrently(3, results, (str(tmp_path / "sweep"), "sweep-x")) == [0, 0, 0]
     client = _client(results)
@@ -254,7 +247,7 @@ def test_item6_item4_parallel_jobs_on_a_fresh_store_share_one_schema_and_one_swe
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
 
 
-def test_item7_runs_left_running_by_a_dead_process_are_ended_as_killed(tmp_path):
+def test_runs_left_running_by_a_dead_process_are_ended_as_killed(tmp_path):
     import subprocess
     import sys
 
@@ -280,7 +273,7 @@ def test_item7_runs_left_running_by_a_dead_process_are_ended_as_killed(tmp_path)
     mlflow.set_tracking_uri(None)
 
 
-def test_item9_dataclass_defaults_are_the_default_yaml(make_cfg):
+def test_dataclass_defaults_are_the_default_yaml(make_cfg):
     """One set of defaults: a dataclass built in code (tests, the standalone scorer) means what the CLI runs.
     A dataset's pool and label set are its identity, not defaults, so they are left out."""
     import dataclasses

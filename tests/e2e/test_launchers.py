@@ -13,7 +13,7 @@ from src.launch import LaunchConfig, accelerate_config, launch_command, run_trai
 from src.models.base import ModelSpec
 from src.stages.train import TrainConfig
 from tests.conftest import CONF, DATA_ROOT, REPO, TINY, model_cache
-from tests.test_train import EXAMPLES
+from tests.stages.test_train import EXAMPLES
 
 SPEC = ModelSpec(name="tiny_random", source="tiny_random")
 CFG = TrainConfig(num_epochs=1, per_device_batch_size=2, max_length=512, lora_r=4, learning_rate=5e-3)

@@ -10,8 +10,9 @@ import pytest
 
 from src.benchmarks import mtbench as mt
 from src.benchmarks import rewardbench as rb
+from tests.conftest import DATA_ROOT
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = DATA_ROOT
 RB_FILE = DATA / "rewardbench" / "filtered.jsonl.gz"
 MT_HUMAN = DATA / "mtbench" / "human_judgments.jsonl.gz"
 MT_HUMAN_LABELS = DATA / "mtbench" / "human_judgments_labels.jsonl"

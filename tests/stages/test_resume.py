@@ -2,7 +2,6 @@
 import pytest
 
 from src.cache import StageCache
-from src.models.base import SamplingConfig
 from src.job import Job
 from src.runner import Runner
 from src.plan import plan
@@ -10,7 +9,7 @@ from src.records import Pair
 from src.stages import judge
 from src.judging import JudgingConfig
 from src.tracking import Tracker
-from tests.conftest import TINY, model_cache
+from tests.conftest import TINY, tiny_generator
 
 
 class Crash(Exception):
@@ -41,14 +40,7 @@ class Counting:
         pass
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=4), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=4)
 
 
 PAIRS = [Pair(f"p{i}", f"Question {i}: why?", f"Because {i}.", f"Unrelated {i}.", f"Question {i}: how?", "train") for i in range(6)]

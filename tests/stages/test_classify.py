@@ -15,16 +15,12 @@ from src.plan import plan
 from src.stages import select
 from src import classification as classify
 
-from tests.conftest import TINY, model_cache
+from tests.conftest import TINY, model_cache, tiny_generator
 
 LABELS = ["reasoning", "code", "math", "writing", "persona", "extraction", "knowledge", "other"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.loading import load_generator
-
-    return load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=3), cache_dir=model_cache())
+tiny = tiny_generator(batch_size=3)
 
 
 def test_score_options_is_the_sum_of_the_option_token_logprobs(tiny):

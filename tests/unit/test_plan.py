@@ -10,9 +10,9 @@ import pytest
 from src.models import base
 from src.job import Job
 from src.plan import plan
-from tests.conftest import TINY
+from tests.conftest import TINY, REPO
 
-PINS = Path(__file__).parent / "data" / "plan_keys.json"
+PINS = REPO / "tests" / "data" / "plan_keys.json"
 PINNED = json.loads(PINS.read_text())["cases"]
 
 

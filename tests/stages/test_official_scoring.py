@@ -17,7 +17,7 @@ from src.stages import evaluate
 from src.stages.evaluate import EvalConfig, MTBenchConfig, RewardBenchConfig
 from src.judging import fit_prompts, judge_template, render, token_budget
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
-from tests.conftest import DATA_ROOT, REPO, model_cache, only_run, standalone_eval
+from tests.conftest import DATA_ROOT, REPO, model_cache, only_run, standalone_eval, tiny_generator
 
 # (text, RewardBench process_judgement, FastChat per-order verdict, the paper's rule)
 TEXTS = [
@@ -140,14 +140,7 @@ def test_lm_eval_task_renders_the_loops_prompt():
 
 
 # ------------------------------------------------------------------------------------------ tiny model
-@pytest.fixture(scope="module")
-def tiny():
-    from src.models.base import ModelSpec
-    from src.models.loading import load_generator
-
-    gen = load_generator(ModelSpec(name="tiny_random", source="tiny_random", batch_size=8, max_model_len=1024), cache_dir=model_cache())
-    yield gen
-    gen.close()
+tiny = tiny_generator(batch_size=8, max_model_len=1024)
 
 
 def test_generator_sends_the_system_message(tiny):

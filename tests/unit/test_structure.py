@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 LAYERS = [
     ["src.config", "src.records", "src.cache", "src.data", "src.pool", "src.prompts", "src.provenance", "src.sandbox"],
     ["src.rules", "src.benchmarks"],
@@ -69,7 +69,7 @@ def layer(name: str) -> int:
     for i, prefixes in enumerate(LAYERS):
         if any(name == p or name.startswith(p + ".") for p in prefixes):
             return i
-    raise AssertionError(f"{name} is in no layer of tests/test_structure.py: add it where it belongs")
+    raise AssertionError(f"{name} is in no layer of tests/unit/test_structure.py: add it where it belongs")
 
 
 def graph() -> dict[str, set[str]]:
