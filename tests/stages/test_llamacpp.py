@@ -178,7 +178,9 @@ def test_generation_is_seeded_per_prompt_and_stops_like_hf(engines):
     for r in together:
         for c in r:
             assert c.num_tokens <= 24 and (c.finished or c.num_tokens == 24)
-            assert c.num_tokens == len(lc._encode(c.text)) or not c.text  # the body the text was decoded from
+            # the count is of the generated tokens the text was decoded from; re-encoding a decoded text may merge or
+            # split a token at a boundary (BPE is not idempotent: measured 24 generated -> 25 re-encoded), never more
+            assert abs(c.num_tokens - len(lc._encode(c.text))) <= 2 or not c.text
     # greedy: the first tokens of HF's and llama.cpp's continuations agree on most prompts
     g = SamplingConfig(max_new_tokens=8)
     h = [r[0].text for r in hf.generate(prompts, g)]
