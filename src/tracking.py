@@ -287,8 +287,18 @@ class Tracker:
             return
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", "ste.proc": process_id(), **(tags or {})}):
+        mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", "ste.proc": process_id(), **(tags or {})})
+        status = "FAILED"
+        try:
             yield True
+            status = "FINISHED"
+        except BaseException as e:
+            # SIGTERM (job.Terminated) and Ctrl-C end the child as its parent ends: KILLED, not FAILED (mlflow's own
+            # context manager calls any exception FAILED)
+            status = "FAILED" if isinstance(e, Exception) else "KILLED"
+            raise
+        finally:
+            mlflow.end_run(status=status)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.active:

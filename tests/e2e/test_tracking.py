@@ -1,4 +1,6 @@
 """Tracking at the edge: MLflow store layout, params, and the wandb mirror in offline mode."""
+import pytest
+
 from src.tracking import Tracker, TrackingConfig, flatten
 
 
@@ -75,3 +77,26 @@ def test_model_weights_as_tags_and_an_adapter_as_artifact(tmp_path):
     assert tags["weights.iter1"] == "4567ef00"
     assert [a.path for a in client.list_artifacts(run_id, "models/iter1/adapter")] == ["models/iter1/adapter/adapter_model.safetensors"]
     assert not client.list_artifacts(run_id, "models/judge")  # a base model is recorded, never copied
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (ValueError, "FAILED"), (None, "FINISHED")])
+def test_a_training_child_run_ends_as_its_parent_does(tmp_path, error, status):
+    """Issue 21: after SIGTERM (which unwinds like Ctrl-C) the training child run was FAILED while its parent was
+    KILLED; an interrupted child is KILLED, an error FAILED, a normal end FINISHED."""
+    import mlflow
+
+    t = Tracker(TrackingConfig(), tmp_path)
+    t.start("job", {}, {}, None)
+    parent = t.run_id
+    try:
+        with t.child("train-iter1") as active:
+            assert active
+            child = mlflow.active_run().info.run_id
+            if error is not None:
+                raise error()
+    except (KeyboardInterrupt, ValueError):
+        pass
+    assert mlflow.active_run().info.run_id == parent  # the parent is active again
+    t.end("KILLED" if error is KeyboardInterrupt else "FINISHED")
+    client = mlflow.tracking.MlflowClient()
+    assert client.get_run(child).info.status == status
