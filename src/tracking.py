@@ -52,6 +52,37 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+SERVER_TIMEOUT_S = 10  # the start-up check: a server that answers /health later than this is treated as down
+# Mid-run, every MLflow request through a server: MLflow's defaults (120 s per request, 7 retries with backoff) turn a
+# dead or hung server into 8+ minutes of retries per call; these bound a call to ~1.5 min, then the job fails with
+# every computed stage kept in the cache (the user's own MLFLOW_HTTP_* settings win).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def check_server(uri: str, timeout: float | None = None) -> None:
+    """A tracking server must answer its /health endpoint now, within `timeout`: down, refusing, or accepting
+    connections and never answering, the job stops with one line before anything runs."""
+    import urllib.error
+    import urllib.request
+
+    from src.config import ConfigError
+
+    timeout = SERVER_TIMEOUT_S if timeout is None else timeout
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            if r.status == 200:
+                return
+            why = f"answered HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        why = f"answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        why = "did not answer within %g s" % timeout if isinstance(reason, (TimeoutError, socket.timeout)) else f"is unreachable ({reason})"
+    raise ConfigError(f"tracking server {uri} {why}: start it (mlflow server ...), point tracking.tracking_uri / "
+                      f"MLFLOW_TRACKING_URI at a live one, or log to the local store (unset MLFLOW_TRACKING_URI) or not at all (tracking=none)")
+
+
 def artifact_location(cfg: TrackingConfig, results_dir: Path) -> str | None:
     """Where a new experiment's artifacts go. Through a tracking server: None, so the server's own root
     (`mlflow server --serve-artifacts`: mlflow-artifacts:/, proxied) serves them to every client; a file:// root
@@ -180,6 +211,11 @@ class Tracker:
             return
         import mlflow
 
+        uri = store_uri(self.cfg, self.results_dir)
+        if is_server(uri):
+            for k, v in HTTP_LIMITS.items():
+                os.environ.setdefault(k, v)
+            check_server(uri)
         exp = ensure_experiment(self.cfg, self.results_dir)
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)

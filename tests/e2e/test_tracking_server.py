@@ -94,3 +94,36 @@ def test_artifacts_are_served_through_the_proxy(server, tmp_path):
     (inp,) = run.inputs.dataset_inputs
     assert inp.dataset.name == "pool" and inp.dataset.digest
     assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["select"]
+
+
+def _hung_server():
+    """A socket that accepts connections and never answers (what a wedged server looks like from outside)."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_a_tracking_server_that_never_answers_stops_the_job_at_start_with_one_line(tmp_path, monkeypatch):
+    """Issue 21: a server down or hung at start cost 4 and 7+ minutes of retries ending in a chain of tracebacks.
+    Now the start-up check fails within its timeout with one line naming the URI and what to do."""
+    import time
+
+    import src.tracking as tracking
+    from src.config import ConfigError
+
+    for k, v in tracking.HTTP_LIMITS.items():  # what start sets for mid-run calls, undone after the test
+        monkeypatch.setenv(k, v)
+    srv, uri = _hung_server()
+    try:
+        monkeypatch.setattr(tracking, "SERVER_TIMEOUT_S", 1.0)
+        t0 = time.time()
+        with pytest.raises(ConfigError, match=rf"tracking server {uri} did not answer within 1 s: start it"):
+            tracking.Tracker(tracking.TrackingConfig(tracking_uri=uri), tmp_path).start("job", {}, {}, None)
+        assert time.time() - t0 < 10
+    finally:
+        srv.close()
+    with pytest.raises(ConfigError, match=rf"tracking server {uri} is unreachable"):  # now closed: refused at once
+        tracking.check_server(uri, timeout=1.0)
