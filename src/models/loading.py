@@ -88,11 +88,52 @@ def preflight(spec: ModelSpec) -> None:
             problem = True
             needs.append(f"the local model directory {spec.path}")
             found.append("it does not exist")
+        elif not Path(spec.path).expanduser().is_dir():
+            why = hub_problem(spec.path, spec.revision)
+            if why:
+                problem = True
+                needs.append(f"the hub model {spec.path}")
+                found.append(why)
     if problem:
         msg = f"model {spec.name!r} cannot run here: needs {' and '.join(needs)}; found {', '.join(found)}."
         if hints:
             msg += " Install with: " + "; ".join(hints) + "."
         raise RuntimeError(f"{msg} Or {CPU_ALTERNATIVE}.")
+
+
+_HUB_CHECKED: dict[tuple[str, str | None], str | None] = {}
+
+
+def hub_problem(repo_id: str, revision: str | None, timeout: float = 5.0) -> str | None:
+    """Why a hub model cannot be fetched now, or None: in the local hub cache already, or the hub knows it. Offline
+    (HF_HUB_OFFLINE=1) only the cache counts. A hub that does not answer within `timeout` is not flagged (the
+    download reports it, with its own retries): only what is certain to fail is. Memoised per process."""
+    import os
+
+    if (repo_id, revision) in _HUB_CHECKED:
+        return _HUB_CHECKED[(repo_id, revision)]
+    from huggingface_hub import try_to_load_from_cache
+
+    why = None
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            why = "not in the local hub cache, and the hub is off (HF_HUB_OFFLINE=1): download it where there is a network"
+        else:
+            from huggingface_hub import HfApi
+            from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+            try:
+                HfApi().model_info(repo_id, revision=revision, timeout=timeout)
+            except GatedRepoError:
+                why = "gated on the hub: accept its licence on its page, then huggingface-cli login"
+            except RepositoryNotFoundError:
+                why = "no such model on the hub (a typo, or private: huggingface-cli login)"
+            except RevisionNotFoundError:
+                why = f"no revision {revision!r} of it on the hub"
+            except Exception:  # noqa: BLE001 - unreachable or slow hub: not certain to fail, the download says more
+                why = None
+    _HUB_CHECKED[(repo_id, revision)] = why
+    return why
 
 
 def resolve_model_dir(spec: ModelSpec, cache_dir: str | Path | None = None) -> Path:

@@ -233,3 +233,35 @@ def test_hub_download_fetches_what_loading_needs_and_explains_gated_models(monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(RuntimeError, match="gated: accept its licence on https://huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct.*HF_TOKEN"):
         loading.download("meta-llama/Meta-Llama-3-70B-Instruct")
+
+
+@pytest.mark.parametrize("case", ["offline", "missing", "gated"])
+def test_preflight_names_a_hub_model_that_cannot_be_fetched(monkeypatch, case):
+    """Issue 21: a hub id that does not exist failed only when the stage loaded it. Preflight (before any stage)
+    now says why: offline and not in the hub cache, no such model, or gated. The hub cannot be reached here:
+    model_info is replaced by the errors the hub raises."""
+    import httpx
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from src.models import loading
+    from src.models.base import ModelSpec
+
+    loading._HUB_CHECKED.clear()
+    repo = "someone/no-such-model"
+    response = httpx.Response(404 if case == "missing" else 401, request=httpx.Request("GET", f"https://huggingface.co/api/models/{repo}"))
+    if case == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        expected = "not in the local hub cache, and the hub is off"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        error = RepositoryNotFoundError("404", response=response) if case == "missing" else GatedRepoError("401", response=response)
+
+        def model_info(self, *a, **k):
+            raise error
+
+        monkeypatch.setattr(HfApi, "model_info", model_info)
+        expected = "no such model on the hub" if case == "missing" else "gated on the hub"
+    with pytest.raises(RuntimeError, match=f"needs the hub model {repo}; found {expected}"):
+        loading.preflight(ModelSpec(name="x", source="hf", path=repo, backend="hf"))
+    loading._HUB_CHECKED.clear()
