@@ -122,8 +122,10 @@ def check_lengths(job: Job) -> None:
             raise ConfigError(msg)
 
 
-def preflight(job: Job) -> list[str]:
-    """Problems that would make the job fail after expensive work, found before any weights load."""
+def preflight(job: Job, build: bool = False) -> list[str]:
+    """Problems that would make the job fail after expensive work, found before any weights load. `build`: a real
+    run (not the dry run) may convert a packaged model now to read its architecture (it needs it next anyway)."""
+    from src.models.loading import module_names
     from src.models.loading import preflight as model_preflight
 
     problems = []
@@ -147,6 +149,18 @@ def preflight(job: Job) -> list[str]:
         # llama.cpp wears LoRA adapters (converted to GGUF); full trained weights would fail at iteration 1's evaluation
         problems.append(f"judge={job.judge.name}: backend llamacpp wears LoRA adapters only, and train.peft=none trains "
                         f"full weights; add judge.backend=hf")
+    if job.iterations and job.train.peft == "lora":  # a target PEFT matches nowhere fails at the first train stage
+        cache = Path(job.pipeline.model_cache_dir).expanduser() if job.pipeline.model_cache_dir else None
+        try:
+            names = module_names(job.judge, cache, build)
+        except Exception:  # noqa: BLE001 - the model's own preflight (below) says why it cannot load
+            names = None
+        if names is not None:
+            missing = [t for t in job.train.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "proj" in n or n.endswith(("fc1", "fc2", "w1", "w2", "w3"))})
+                problems.append(f"train.lora_target_modules: {', '.join(map(repr, missing))} matches no module of {job.judge.name} "
+                                f"(its projections: {', '.join(leaves)})")
     roles = (("seed", job.seed), ("judge", job.judge), *((("audit.model", job.audit.model),) if job.audit.judge else ()))
     for role, spec in roles:
         try:
@@ -180,7 +194,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
         log.warning("audit.model is the seed model (%s): the audit judge then grades its own pairs; pick another with "
                     "model@audit.model=<preset>", job.seed.name)
     steps = plan(job)
-    problems = preflight(job)
+    problems = preflight(job, build=not job.pipeline.dry_run)
     over = memory.over_budget(memory.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)

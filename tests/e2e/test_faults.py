@@ -248,6 +248,7 @@ def test_malformed_input_fails_in_dry_run_with_one_line_naming_file_and_line(tmp
     ("eval.max_new_tokens=-5", r"eval\.max_new_tokens=-5: must be >= 1"),
     ("iterations=two", r"iterations='two': expected an integer"),
     ("random_seed=abc", r"random_seed='abc': expected an integer"),
+    ("train.lora_target_modules=[nope]", r"train\.lora_target_modules: 'nope' matches no module of tiny_random \(its projections: .*q_proj"),
 ])
 def test_bad_config_value_fails_with_one_line_before_any_model_loads(tmp_path, override, pattern):
     _one_clear_line(cli(tmp_path / "results", *RUN, override, check=False), pattern)
