@@ -83,6 +83,24 @@ def check_server(uri: str, timeout: float | None = None) -> None:
                       f"MLFLOW_TRACKING_URI at a live one, or log to the local store (unset MLFLOW_TRACKING_URI) or not at all (tracking=none)")
 
 
+def store_error(uri: str, e: BaseException) -> Exception:
+    """One line for a store that cannot be opened or written (a corrupt, read-only or full SQLite file, or an
+    error a server answered), naming the store and what to do; anything else unchanged (it is a bug: traceback)."""
+    from src.config import ConfigError
+
+    cause = e
+    while getattr(cause, "orig", None) is not None:  # sqlalchemy wraps the sqlite3 error
+        cause = cause.orig
+    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if type(cause).__name__ in ("DatabaseError", "OperationalError") or "database" in text.lower():
+        if uri.startswith("sqlite:///"):
+            path = uri[len("sqlite:///"):]
+            return ConfigError(f"MLflow store {path}: {text}. Move it aside (mv {path} {path}.bad) to start a new store, "
+                               f"or free the disk / fix its permissions; the stage cache is kept, a rerun reuses it")
+        return ConfigError(f"MLflow store {uri}: {text}")
+    return e
+
+
 def artifact_location(cfg: TrackingConfig, results_dir: Path) -> str | None:
     """Where a new experiment's artifacts go. Through a tracking server: None, so the server's own root
     (`mlflow server --serve-artifacts`: mlflow-artifacts:/, proxied) serves them to every client; a file:// root
@@ -216,7 +234,10 @@ class Tracker:
             for k, v in HTTP_LIMITS.items():
                 os.environ.setdefault(k, v)
             check_server(uri)
-        exp = ensure_experiment(self.cfg, self.results_dir)
+        try:
+            exp = ensure_experiment(self.cfg, self.results_dir)
+        except Exception as e:  # noqa: BLE001 - a store that cannot be opened: one line, before any run is created
+            raise store_error(uri, e) from None
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)
         parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None

@@ -254,6 +254,25 @@ def test_bad_config_value_fails_with_one_line_before_any_model_loads(tmp_path, o
     _one_clear_line(cli(tmp_path / "results", *RUN, override, check=False), pattern)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "malformed"])
+def test_a_corrupt_mlflow_store_is_one_line_naming_it(tmp_path, damage):
+    """Issue 21: a corrupt SQLite store ended in a traceback. Now: one line naming the file and what to do, before
+    any model loads. `garbage`: not a database at all; `malformed`: a real store with its pages overwritten."""
+    results = tmp_path / "results"
+    results.mkdir()
+    db = results / "mlflow.db"
+    if damage == "garbage":
+        db.write_bytes(b"SQLite format 3\0" + os.urandom(20000))
+    else:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(f"sqlite:///{db}").create_experiment("ste")  # a real store: MLflow's schema, then damaged
+        data = bytearray(db.read_bytes())
+        data[4096:] = os.urandom(len(data) - 4096)  # every page after the first
+        db.write_bytes(bytes(data))
+    _one_clear_line(cli(results, *SMALL, check=False), rf"MLflow store {db}: .*Move it aside")
+
+
 def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(reference, tmp_path):
     results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")  # generate is computed: SIGTERM lands there
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
