@@ -27,6 +27,21 @@ _HERE = Path(__file__).resolve().parent
 CONF_DIR = str(_HERE / "conf" if (_HERE / "conf" / "config.yaml").exists() else _HERE.parent / "conf")
 
 
+def unwritable(path: Path, key: str) -> str | None:
+    """Why `path` cannot serve as an output directory (read-only, a path under a file, a full disk), as one line
+    naming `key`, or None. A probe file is written and removed: permissions alone do not tell (root, ACLs, quotas)."""
+    import os
+
+    probe = path / f".ste-write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return f"{key}={path}: cannot write there ({e.strerror or e}); choose a writable directory ({key}=...)"
+    return None
+
+
 def register_resolvers() -> None:
     """The interpolations conf/ uses beyond OmegaConf's own (conf/hydra/launcher/slurm.yaml sizes each SLURM job
     from the model specs). Registered when this module is imported, before anything composes conf/."""

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from src import judging, launch
-from src.config import ConfigError, _check, as_dict, knob, typed
+from src.config import ConfigError, _check, as_dict, knob, typed, unwritable
 from src.costs import estimate, schedule
 from src.data import check_readable, resolve
 from src.judging import JudgingConfig
@@ -206,7 +206,10 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
         return {}
     if problems:
         raise NotRunnableHere("cannot run this job here: " + "; ".join(problems))
-    job.results_dir.mkdir(parents=True, exist_ok=True)
+    for path, key in ((job.results_dir, "results_dir"), (job.cache_dir, "pipeline.cache_dir")):
+        problem = unwritable(path, key)  # before the run is created: a job that cannot write leaves no FAILED run
+        if problem:
+            raise ConfigError(problem)
     tracker = Tracker(job.tracking, job.results_dir)
     overrides = list(overrides or [])
     # The overrides as a tag: the report labels a sweep's jobs by every override that differs between them.

@@ -5,6 +5,7 @@ Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -155,5 +156,19 @@ def main(cfg: DictConfig) -> None:
             log.info("%s = %.3f", k, v)
 
 
+def results_dir_problem(argv: list[str], env=os.environ) -> str | None:
+    """Hydra writes its run directory under results_dir before a job starts, so an unwritable one is checked here
+    first: one line, not Hydra's traceback."""
+    from src.config import unwritable
+
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("results_dir=")]
+    problem = unwritable(Path(given[-1] if given else env.get("STE_RESULTS_DIR", "results")).expanduser(), "results_dir")
+    return problem and problem + " or STE_RESULTS_DIR"
+
+
 if __name__ == "__main__":
+    problem = results_dir_problem(sys.argv[1:]) if not any(a in ("-h", "--help", "--cfg", "-c") for a in sys.argv[1:]) else None
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(1)
     sys.exit(main())

@@ -273,6 +273,22 @@ def test_a_corrupt_mlflow_store_is_one_line_naming_it(tmp_path, damage):
     _one_clear_line(cli(results, *SMALL, check=False), rf"MLflow store {db}: .*Move it aside")
 
 
+@pytest.mark.parametrize("key", ["results_dir", "pipeline.cache_dir"])
+def test_an_unwritable_output_directory_is_one_line_and_leaves_no_run(tmp_path, key):
+    """Issue 21: a results_dir or cache_dir that cannot be written ended in a traceback, after a FAILED run was
+    created. A path under a regular file stands in for a read-only directory (root may write anywhere else)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    results = tmp_path / "results"
+    target = blocker / "out"
+    args = [*SMALL] + ([f"pipeline.cache_dir={target}"] if key == "pipeline.cache_dir" else [])
+    env = {"STE_RESULTS_DIR": str(target)} if key == "results_dir" else None
+    proc = cli(results, *args, check=False, env_extra=env)
+    _one_clear_line(proc, rf"{key}={target}: cannot write there")
+    store = (target if key == "results_dir" else results) / "mlflow.db"
+    assert not store.exists() or not runs(store.parent)
+
+
 def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(reference, tmp_path):
     results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")  # generate is computed: SIGTERM lands there
     env = {**os.environ, "STE_DATA_ROOT": str(DATA_ROOT), "STE_RESULTS_DIR": str(results)}
