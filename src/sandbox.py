@@ -1,20 +1,20 @@
 """Run an untrusted Python program (model-written code + reference unit tests) in a separate process, best-effort.
 
-NOT a security boundary. It stops the accidents model-written code makes (an infinite loop, a memory hog, a fork
-loop, a stray file write, a network call), not an adversary: the program runs as this user, sees the file system
-and may write outside its directory by absolute path, and a process that leaves its process group survives the
-kill. Run `audit=execute` only where that is acceptable (a throwaway machine or container).
+NOT a security boundary. It stops the accidents and the casual mischief model-written code makes, not a determined
+adversary: the program runs as this user (as root: root), and reads and writes the file system outside the private
+directories below. Run `audit=execute` only where that is acceptable (a throwaway machine or container).
 
-What it does, per program:
-* a fresh temporary directory as cwd, HOME and TMPDIR, removed afterwards (relative writes stay in it);
-* a minimal environment (PATH, LANG, HOME, TMPDIR) and `python -I` (isolated mode: no PYTHON* variables, no
-  user site-packages, no script directory on sys.path);
-* resource limits set in the child before the program starts (RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC,
-  RLIMIT_CORE=0); RLIMIT_NPROC counts every process of the user and is not enforced for root;
-* a wall-clock timeout, after which the whole process group (a new session) is SIGKILLed;
-* no network where a new network namespace can be made (`unshare -rn`, util-linux: a user namespace mapping the
-  user to root, and a network namespace holding only a down loopback); `Result.network_isolated` says whether
-  it was. Where it cannot be made (user namespaces disabled), the program runs with the host's network.
+Per program (docs/decontamination-and-audit.md lists what is and is not isolated, with a test per line):
+* private user, network, PID, IPC and mount namespaces where they can be made (`namespaces`): no network (a down
+  loopback), no outside process visible or signallable, an init (PID 1) whose exit kills every process left, empty
+  private tmpfs over /tmp, /var/tmp, /run and /dev/shm (path-based unix sockets and shared memory there unreachable),
+  and /tmp/work of that tmpfs as cwd, HOME and TMPDIR; else the network namespace alone (`unshare -rn`), else none
+  (`Result.network_isolated` / `Result.namespaces` say which);
+* a minimal environment (PATH, LANG, HOME, TMPDIR) and `python -I` (no PYTHON* variables, no user site-packages);
+* resource limits set in the program's process before it starts (RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC,
+  RLIMIT_CORE=0): per process, not summed over several (no cgroup), and RLIMIT_NPROC does not bind root;
+* a wall-clock timeout, after which the whole process group (a new session) is SIGKILLed (with the namespaces: its
+  init too, and with it everything in the namespace).
 
 The limits are applied by a small launcher (`python -I -c LAUNCHER`) that sets them and execs the program:
 no `preexec_fn`, which is unsafe in a process holding threads (torch's).
@@ -61,24 +61,71 @@ class Result:
     seconds: float
     network_isolated: bool
     stderr_tail: str = ""
+    namespaces: bool = False  # also private PID, IPC and mount namespaces (no outside process, no /tmp or /run sockets)
 
 
-# Sets the limits, then replaces itself with the program (argv: limits JSON, program file).
+# Sets the limits, then replaces itself with the program (argv: limits JSON, program file). Inside the private
+# namespaces (`lim["private"]`), it first mounts an empty tmpfs over the directories where path-based unix sockets and
+# shared memory live, and runs the program from a copy in the private /tmp (the outside work directory is hidden).
 LAUNCHER = """
-import json, os, resource, sys
+import json, os, resource, subprocess, sys
 lim = json.loads(sys.argv[1])
+program = sys.argv[2]
+if lim["private"]:
+    source = open(program, "rb").read()
+    for d in lim["private"]:
+        if os.path.isdir(d):
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", d], check=True)
+    os.makedirs("/tmp/work")
+    os.chdir("/tmp/work")
+    os.environ.update(HOME="/tmp/work", TMPDIR="/tmp/work")
+    open("program.py", "wb").write(source)
+    program = "program.py"
 def cap(which, value):
     soft, hard = resource.getrlimit(which)
     value = value if hard == resource.RLIM_INFINITY else min(value, hard)
     resource.setrlimit(which, (value, value))
+if lim["private"]:
+    # This process is PID 1 of the namespace: it runs the program as its child, reaps what is orphaned, and exits
+    # with the program's status (128 + the signal that ended it), so unshare reports it; when it exits, the kernel
+    # kills whatever else is left in the namespace.
+    pid = os.fork()
+    if pid:
+        while True:
+            done, status = os.wait()
+            if done == pid:
+                os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 cap(resource.RLIMIT_CPU, lim["cpu_s"])
 cap(resource.RLIMIT_AS, lim["memory_mb"] << 20)
 cap(resource.RLIMIT_FSIZE, lim["fsize_mb"] << 20)
 cap(resource.RLIMIT_CORE, 0)
 if hasattr(resource, "RLIMIT_NPROC"):
     cap(resource.RLIMIT_NPROC, lim["nproc"])
-os.execv(sys.executable, [sys.executable, "-I", sys.argv[2]])
+os.execv(sys.executable, [sys.executable, "-I", program])
 """
+
+# Where processes meet outside the network: path-based unix sockets and POSIX shared memory. Each gets an empty
+# private tmpfs inside the sandbox's mount namespace (sockets elsewhere on the file system stay reachable).
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
+# A user namespace (this user mapped to root inside), its own network (a down loopback), PID (the program is PID 1's
+# child: it sees and can signal no outside process; when PID 1 dies the kernel kills every process in it, setsid
+# or not), IPC (no SysV IPC with the outside) and mount (the private tmpfs above, its own /proc) namespaces;
+# --kill-child: PID 1 dies with unshare, so killing unshare's process group at the timeout ends them all.
+NAMESPACES = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--ipc"]
+
+
+@functools.lru_cache(maxsize=None)
+def namespaces() -> list[str] | None:
+    """The command prefix that runs a program in private user, network, PID, IPC and mount namespaces, or None
+    where they cannot be made here (then `network_namespace` alone is tried)."""
+    exe = shutil.which("unshare")
+    if exe is None or shutil.which("mount") is None:
+        return None
+    try:
+        ok = subprocess.run([exe, *NAMESPACES, "mount", "-t", "tmpfs", "tmpfs", "/tmp"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return [exe, *NAMESPACES] if ok else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,12 +154,13 @@ def _user_processes() -> int:
 
 
 def run(program: str, cfg: SandboxConfig) -> Result:
-    """Run `program` (Python source) under `cfg`'s limits; the result says how it ended."""
-    prefix = network_namespace() if cfg.network != "host" else None
+    """Run `program` (Python source) under `cfg`'s limits; the result says how it ended and what was isolated."""
+    private = namespaces() if cfg.network != "host" else None
+    prefix = private or (network_namespace() if cfg.network != "host" else None)
     if prefix is None and cfg.network == "require":
         raise RuntimeError("sandbox.network=require: no network namespace can be made here (`unshare -rn` failed)")
     limits = {"cpu_s": cfg.cpu_s, "memory_mb": cfg.memory_mb, "fsize_mb": cfg.fsize_mb,
-              "nproc": _user_processes() + cfg.nproc}
+              "nproc": _user_processes() + cfg.nproc, "private": list(PRIVATE_DIRS) if private else []}
     work = tempfile.mkdtemp(prefix="ste-sandbox-")
     t0 = time.monotonic()
     try:
@@ -137,7 +185,9 @@ def run(program: str, cfg: SandboxConfig) -> Result:
             tail = f.read().decode("utf-8", "replace")[-TAIL:]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Result(_status(rc, timed_out), rc, round(time.monotonic() - t0, 3), prefix is not None, tail)
+    if private is not None and rc is not None and rc > 128:  # unshare --fork exits 128 + the signal that ended its child
+        rc = -(rc - 128)
+    return Result(_status(rc, timed_out), rc, round(time.monotonic() - t0, 3), prefix is not None, tail, private is not None)
 
 
 def _kill_group(pgid: int) -> None:

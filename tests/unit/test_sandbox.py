@@ -6,8 +6,11 @@ import threading
 import time
 
 import pytest
+from pathlib import Path
 
 from src.sandbox import SandboxConfig, network_namespace, run
+from src import sandbox
+from tests.conftest import REPO
 
 FAST = SandboxConfig(timeout_s=5, cpu_s=5, memory_mb=512)
 
@@ -19,9 +22,14 @@ def test_a_correct_program_passes_and_a_wrong_one_fails():
     assert wrong.status == "failed" and wrong.returncode == 1 and "AssertionError" in wrong.stderr_tail
 
 
-def test_an_infinite_loop_times_out_and_its_children_are_killed(tmp_path):
-    """The wall clock ends it, and the whole process group goes: a child it forked does not outlive it."""
-    marker = tmp_path / "child-alive"
+def test_an_infinite_loop_times_out_and_its_children_are_killed():
+    """The wall clock ends it, and the whole process group goes: a child it forked does not outlive it. The marker
+    lives outside /tmp (inside the sandbox /tmp is a private tmpfs)."""
+    import shutil
+    import tempfile
+
+    outside = tempfile.mkdtemp(prefix=".sandbox-test-", dir=REPO)
+    marker = Path(outside) / "child-alive"
     child = f"import time\nwhile True:\n    open({str(marker)!r}, 'w').write(str(time.time()))\n    time.sleep(0.1)\n"
     program = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}])\nwhile True:\n    pass\n"
     t0 = time.monotonic()
@@ -33,6 +41,7 @@ def test_an_infinite_loop_times_out_and_its_children_are_killed(tmp_path):
     before = marker.read_text()
     time.sleep(0.5)
     assert marker.read_text() == before  # ... and was killed with its parent's group
+    shutil.rmtree(outside)
 
 
 def test_the_cpu_limit_stops_a_busy_program_before_the_wall_clock():
@@ -59,7 +68,8 @@ def test_files_written_stay_in_the_throwaway_directory(tmp_path):
     r = run(program, FAST)
     assert r.status == "passed"
     where, home, tmp, env = r.stderr_tail.split("|")
-    assert where == home == tmp and where != cwd and os.path.basename(where).startswith("ste-sandbox-")
+    # in the private namespaces the program's directory is /tmp/work of its own tmpfs, else a fresh ste-sandbox-* dir
+    assert where == home == tmp and where != cwd and (where == "/tmp/work" if r.namespaces else os.path.basename(where).startswith("ste-sandbox-"))
     assert not os.path.exists(where)  # removed with everything written in it
     assert not os.path.exists(os.path.join(cwd, "out.txt"))
     assert eval(env) == ["HOME", "LANG", "PATH", "TMPDIR"]  # minimal environment
@@ -94,6 +104,65 @@ def test_network_require_fails_loudly_where_no_namespace_can_be_made(monkeypatch
     import src.sandbox as sandbox
 
     monkeypatch.setattr(sandbox, "network_namespace", lambda: None)
+    monkeypatch.setattr(sandbox, "namespaces", lambda: None)
     with pytest.raises(RuntimeError, match="network=require"):
         run("pass\n", SandboxConfig(network="require"))
     assert not run("pass\n", FAST).network_isolated  # isolate: runs, and says it was not isolated
+
+
+needs_namespaces = pytest.mark.skipif(sandbox.namespaces() is None, reason="no user/PID/mount namespaces here (unshare)")
+
+
+@needs_namespaces
+def test_the_program_cannot_signal_a_process_outside(tmp_path):
+    """Issue 21: a sandboxed program killed an outside `sleep` (as root: any process). In its own PID namespace it
+    sees no outside process: the kill fails and the sleep lives."""
+    import subprocess
+
+    outside = subprocess.Popen(["sleep", "300"])
+    try:
+        r = sandbox.run(f"import os, signal\nos.kill({outside.pid}, signal.SIGKILL)\n", FAST)
+        assert r.status == "failed" and "ProcessLookupError" in r.stderr_tail and r.namespaces
+        assert outside.poll() is None
+    finally:
+        outside.kill()
+        outside.wait()
+
+
+@needs_namespaces
+def test_the_program_cannot_reach_a_unix_socket_in_tmp():
+    """Issue 21: a program connected to a path-based unix socket listening outside and sent data. /tmp, /var/tmp,
+    /run and /dev/shm are empty private tmpfs inside: the socket's path does not exist there."""
+    import socket
+    import tempfile
+
+    path = tempfile.mktemp(prefix="ste-sandbox-test-", suffix=".sock", dir="/tmp")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(0.5)
+    try:
+        r = sandbox.run(f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\ns.sendall(b'hi')\n", FAST)
+        assert r.status == "failed" and ("FileNotFoundError" in r.stderr_tail or "ConnectionRefused" in r.stderr_tail)
+        with pytest.raises(OSError):  # nothing connected
+            listener.accept()
+    finally:
+        listener.close()
+        os.unlink(path)
+
+
+@needs_namespaces
+def test_a_setsid_grandchild_does_not_outlive_the_run():
+    """Issue 21: a `setsid` grandchild kept running after run() returned. When the namespace's PID 1 ends, the
+    kernel kills every process in it, whatever its session."""
+    import subprocess
+    import time
+
+    marker = "98765.4321"
+    program = (f"import os, subprocess\nsubprocess.Popen(['setsid', 'sleep', '{marker}'], start_new_session=True)\n"
+               "import time; time.sleep(0.3)\n")
+    r = sandbox.run(program, FAST)
+    assert r.status == "passed"
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout.split()
+    assert left == [], left
