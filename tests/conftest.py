@@ -145,3 +145,19 @@ def _no_inherited_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def humaneval_by_docstring(humaneval: list[dict], rewardbench: list[dict]) -> set[str]:
+    """HumanEval task ids whose docstring appears verbatim (as normalised words) in a RewardBench hep-python prompt:
+    a check of decontamination independent of its rules (159 of the 164)."""
+    import re
+
+    from src.rules.decontamination import normalise
+
+    hep = [normalise(r["prompt"]) for r in rewardbench if r["subset"] == "hep-python"]
+
+    def docstring(prompt):
+        m = re.search(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', prompt, re.S)
+        return normalise(m.group(1) or m.group(2)) if m else ""
+
+    return {r["task_id"] for r in humaneval if any(docstring(r["prompt"]) in h for h in hep)}

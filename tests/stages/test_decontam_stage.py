@@ -20,7 +20,7 @@ from src.job import Job
 from src.plan import plan
 from src.stages import decontaminate, select
 from src.stages.evaluate import decontam_benchmarks
-from tests.conftest import DATA_ROOT, TINY, jsonl_rows
+from tests.conftest import DATA_ROOT, TINY, jsonl_rows, humaneval_by_docstring
 
 MODELS = ["seed=tiny_random", "judge=tiny_random"]  # plans only: no model is loaded
 
@@ -62,13 +62,7 @@ def test_code_prompts_drop_the_humaneval_problems_that_are_hep_python_prompts(jo
     j = job("dataset=code_prompts")
     rows, stats = decontaminate.run(j.dataset, decontam_benchmarks(j.eval), j.data_root)
     humaneval = jsonl_rows(DATA_ROOT / "code/HumanEval.jsonl.gz")
-    hep = [normalise(r["prompt"]) for r in rewardbench if r["subset"] == "hep-python"]
-
-    def docstring(prompt):
-        m = re.search(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', prompt, re.S)
-        return normalise(m.group(1) or m.group(2)) if m else ""
-
-    by_docstring = {r["task_id"] for r in humaneval if any(docstring(r["prompt"]) in h for h in hep)}
+    by_docstring = humaneval_by_docstring(humaneval, rewardbench)
     assert len(by_docstring) == 159
     dropped = {r["instruction_id"] for r in rows if r["subset"] == "hep-python"}
     # the 159 and the 5 others (a helper before the task, or a task statement shorter than one 13-gram): all 164

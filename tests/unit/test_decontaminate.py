@@ -1,12 +1,11 @@
 """Decontamination on the real pools and benchmarks: it finds exactly the overlaps an outside review counted."""
 from __future__ import annotations
 
-import re
 
 import pytest
 
-from tests.conftest import DATA_ROOT, jsonl_rows
-from src.rules.decontamination import _ASKED, BenchmarkPrompt, Index, counts, normalise
+from tests.conftest import DATA_ROOT, jsonl_rows, humaneval_by_docstring
+from src.rules.decontamination import _ASKED, BenchmarkPrompt, Index, counts
 
 
 
@@ -52,13 +51,7 @@ def test_humaneval_problems_that_are_hep_python_prompts(index, data_root, reward
     dropped = {m.instruction_id for m in found if m.subset == "hep-python"}
 
     # Independent check: HumanEval problems whose docstring appears verbatim (as words) in a hep-python prompt.
-    hep = [normalise(r["prompt"]) for r in rewardbench if r["subset"] == "hep-python"]
-
-    def docstring(prompt):
-        m = re.search(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', prompt, re.S)
-        return normalise(m.group(1) or m.group(2)) if m else ""
-
-    by_docstring = {r["task_id"] for r in humaneval if any(docstring(r["prompt"]) in h for h in hep)}
+    by_docstring = humaneval_by_docstring(humaneval, rewardbench)
     assert len(by_docstring) == 159
     assert by_docstring <= dropped
     # ... and the other five are hep-python prompts too (each asks for the same function): 10, 32 and 64 define a
