@@ -231,35 +231,39 @@ def load_for_training(spec: ModelSpec, cache_dir: str | Path | None = None):
 
 
 def module_names(spec: ModelSpec, cache_dir: str | Path | None = None, build: bool = False) -> set[str] | None:
-    """The module names of `spec`'s architecture (what LoRA's target_modules match by suffix), from its config alone
-    on the meta device (no weights). None where no config is at hand without building: a hub model not in the
-    cache, or (build=False, the dry run) a packaged model not yet converted."""
+    """The names of `spec`'s modules that hold weights (what LoRA's target_modules match by suffix), read from its
+    safetensors headers or index alone: no torch, no weights loaded (a dry run stays light). None where no saved
+    model is at hand without building: a hub model not in the cache, or (build=False, the dry run) a packaged model
+    not yet converted."""
     import json
+    import struct
 
-    config_dir = None
+    model_dir = None
     if spec.source == "hf" and spec.path:
         local = Path(spec.path).expanduser()
         if local.is_dir():
-            config_dir = local
+            model_dir = local
         else:
             from huggingface_hub import try_to_load_from_cache
 
             hit = try_to_load_from_cache(spec.path, "config.json", revision=spec.revision)
-            config_dir = Path(hit).parent if isinstance(hit, str) else None
+            model_dir = Path(hit).parent if isinstance(hit, str) else None
     elif spec.source == "packaged":
         from src.models.packaged import materialize, materialized_dir
 
         d = materialized_dir(spec.package or spec.name, cache_dir)
-        config_dir = materialize(spec.package or spec.name, cache_dir) if build else (d if (d / "config.json").exists() else None)
+        model_dir = materialize(spec.package or spec.name, cache_dir) if build else (d if (d / "config.json").exists() else None)
     elif spec.source == "tiny_random":
-        config_dir = resolve_model_dir(spec, cache_dir)
-    if config_dir is None or not (config_dir / "config.json").exists():
+        model_dir = resolve_model_dir(spec, cache_dir)
+    if model_dir is None:
         return None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    json.loads((config_dir / "config.json").read_text())  # a garbled config fails here, naming nothing else
-    config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name for name, _ in model.named_modules() if name}
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        tensors = list(json.loads(index.read_text())["weight_map"])
+    else:
+        tensors = []
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with open(f, "rb") as fh:  # safetensors: an 8-byte little-endian header length, then a JSON header
+                (n,) = struct.unpack("<Q", fh.read(8))
+                tensors += [k for k in json.loads(fh.read(n)) if k != "__metadata__"]
+    return {t.rsplit(".", 1)[0] for t in tensors if "." in t} or None
