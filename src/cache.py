@@ -38,12 +38,16 @@ class CacheError(RuntimeError):
 
 def fault_point(stage: str, point: str) -> None:
     """Fault injection for the test suite: STE_FAULT_KILL=<stage>:<point> SIGKILLs this process there
-    (STE_FAULT_RAISE=... raises instead)
+    (STE_FAULT_RAISE=... raises an unexpected error instead, STE_FAULT_ENOSPC=... a full disk)
     (points: `chunk`, after a chunk is saved; `commit`, when the output is complete but not yet published)."""
     if os.environ.get("STE_FAULT_KILL") == f"{stage}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("STE_FAULT_RAISE") == f"{stage}:{point}":  # an unexpected error, for the error-report test
         raise RuntimeError(f"injected fault at {stage}:{point}")
+    if os.environ.get("STE_FAULT_ENOSPC") == f"{stage}:{point}":  # the disk filling up, for the disk-full test
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {stage}:{point}>")
 
 
 def make_key(stage: str, version: int, config: Any, inputs: dict[str, Any] | None = None, **extra: Any) -> str:

@@ -4,6 +4,7 @@ Composes conf/ with Hydra and runs one self-taught-evaluator job per config (see
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -18,6 +19,9 @@ from omegaconf import DictConfig
 from src.config import CONF_DIR
 
 log = logging.getLogger("src.main")
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, a file over the size limit, over quota
 
 
 class JobError(CompactHydraException):
@@ -147,6 +151,13 @@ def main(cfg: DictConfig) -> None:
     except _expected() as e:
         # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.
         raise JobError(f"job {run_name!r} failed: {e}") from None
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            log.error("job failed: %s (%s: %s)", run_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        raise JobError(f"job {run_name!r} failed: the disk is full{where} ({e.strerror}): free space, or point results_dir / "
+                       f"pipeline.cache_dir at a larger disk; finished stages and saved chunks are kept, a rerun resumes") from None
     except Exception as e:
         # Unexpected: one line of context here; Hydra prints the traceback (once) and sets the exit status.
         log.error("job failed: %s (%s: %s)", run_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")

@@ -309,6 +309,21 @@ def test_sigterm_ends_the_run_as_killed_and_the_rerun_resumes(reference, tmp_pat
     assert "generate" in {k.split("/")[0] for k in resumed} and all(ref[k] == v for k, v in resumed.items() if k in ref)
 
 
+def test_a_full_disk_mid_stage_is_one_line_and_the_rerun_resumes(reference, tmp_path):
+    """Issue 21: ENOSPC (or EFBIG, EDQUOT) in the middle of a stage: one line saying the disk is full and what to
+    do, no traceback; what was saved stays, and the rerun finishes with the reference's outputs."""
+    results = seeded(reference, tmp_path / "results", "decontam", "classify", "select", "mtbench")
+    proc = cli(results, *RUN, check=False, env_extra={"STE_FAULT_ENOSPC": "generate:chunk"})
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert "the disk is full writing <injected at generate:chunk> (No space left on device): free space" in err, err[-3000:]
+    assert list((results / "cache" / "generate").glob("*.partial/chunks/*.jsonl"))  # the saved chunk is kept
+    cli(results, *RUN)
+    resumed, ref = outputs(results / "cache"), reference[1]
+    gen = [k for k in resumed if k.startswith("generate/")]
+    assert gen and all(resumed[k] == ref[k] for k in gen) and resumed == ref
+
+
 def test_unexpected_error_prints_its_traceback_once(tmp_path):
     proc = cli(tmp_path / "results", *RUN, "tracking=none", check=False, env_extra={"STE_FAULT_RAISE": "generate:chunk"})
     err = proc.stdout + proc.stderr
