@@ -185,6 +185,7 @@ class Partial:
         if rows is not None:
             meta = {**meta, "rows": write_jsonl(self.dir / "data.jsonl", rows)}
         shutil.rmtree(self.chunk_dir, ignore_errors=True)  # merged into the output's own files
+        (self.dir / "chunks.jsonl.unverified").unlink(missing_ok=True)  # an earlier version's, set aside by `saved`
         meta = {**meta, "files": manifest(self.dir)}
         (self.dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         fault_point(self.stage, "commit")

@@ -127,3 +127,17 @@ def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatc
     runner.pool.close()
     assert runner.hits == {"decontam_0": 1, "select_0": 1, "generate_0": 1, "synthetic_0": 1, "rewardbench_0": 1, "mtbench_0": 1,
                            "judge_1": 1, "filter_1": 1, "train_1": 0, "synthetic_1": 0, "rewardbench_1": 0, "mtbench_1": 0}
+
+
+def test_chunks_saved_by_an_earlier_version_are_not_trusted(tmp_path, caplog):
+    """Before chunks were verified, a stage appended them to one chunks.jsonl: such a file is set aside (its rows
+    are computed again, with a warning) and not published with the output."""
+    cache = StageCache(tmp_path)
+    p = cache.partial("judge", "old")
+    (p.dir / "chunks.jsonl").write_text('{"pair_id": "p0", "order": "chosen_first"}\n')
+    with caplog.at_level("WARNING"):
+        assert p.done() == []
+    assert "without checksums" in caplog.text
+    p.save(0, [{"a": 1}])
+    final = p.commit([{"a": 1}], {"stage": "judge"})
+    assert sorted(f.name for f in final.iterdir()) == ["data.jsonl", "meta.json"]
