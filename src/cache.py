@@ -117,26 +117,24 @@ class Partial:
         return sorted(self.chunk_dir.glob("[0-9]*-*.jsonl")) if self.chunk_dir.exists() else []
 
     @staticmethod
-    def _problem(path: Path) -> str | None:
-        """Why a saved chunk cannot be trusted, or None."""
+    def _read(path: Path) -> tuple[list[dict] | None, str | None]:
+        """(rows, None) of a saved chunk that passes its check, else (None, why): one read of its bytes."""
         index, _, sha = path.stem.partition("-")
         try:
             data = path.read_bytes()
         except OSError as e:
-            return f"unreadable ({e})"
+            return None, f"unreadable ({e})"
         got = hashlib.sha256(data).hexdigest()[:16]
         if not index.isdigit() or got != sha:
-            return f"its SHA-256 {got} does not match its name"
+            return None, f"its SHA-256 {got} does not match its name"
         try:
-            for line in data.decode("utf-8").splitlines():
-                json.loads(line)
+            return [json.loads(line) for line in data.decode("utf-8").splitlines()], None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return f"unreadable rows ({e})"
-        return None
+            return None, f"unreadable rows ({e})"
 
     def problems(self) -> list[str]:
         """Saved chunks that fail their check (nothing is moved: the dry run reports them)."""
-        return [f"{f}: {why}" for f in self._files() for why in [self._problem(f)] if why]
+        return [f"{f}: {why}" for f in self._files() for why in [self._read(f)[1]] if why]
 
     def saved(self) -> dict[int, list[dict]]:
         """{chunk index: rows} of every verified chunk an earlier attempt (or another worker) saved."""
@@ -146,13 +144,13 @@ class Partial:
             log.warning("cache: %s was saved by an earlier version without checksums; its chunks are computed again", legacy)
         out: dict[int, list[dict]] = {}
         for f in self._files():
-            why = self._problem(f)
+            rows, why = self._read(f)
             if why is not None:
                 aside = f.with_name(f.name + f".bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
                 os.replace(f, aside)
                 log.warning("cache: saved chunk %s is damaged (%s); moved aside to %s, it will be computed again", f, why, aside.name)
                 continue
-            out.setdefault(int(f.stem.partition("-")[0]), [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()])
+            out.setdefault(int(f.stem.partition("-")[0]), rows)
         return out
 
     def done(self) -> list[dict]:

@@ -45,8 +45,6 @@ def unwritable(path: Path, key: str) -> str | None:
 def register_resolvers() -> None:
     """The interpolations conf/ uses beyond OmegaConf's own (conf/hydra/launcher/slurm.yaml sizes each SLURM job
     from the model specs). Registered when this module is imported, before anything composes conf/."""
-    from omegaconf import OmegaConf
-
     OmegaConf.register_new_resolver("ste_max", lambda *xs: max(int(x) for x in xs), replace=True)
     OmegaConf.register_new_resolver("ste_mul", lambda a, b: int(a) * int(b), replace=True)
 

@@ -60,8 +60,8 @@ def training_budget(cfg: JudgingConfig, judging: ModelSpec, trained: ModelSpec, 
     is already as tight. The paper's iteration 1 is judged by Mixtral (64k context) and trains Llama-3-70B (8k):
     without it, the long prompts Mixtral accepts would be dropped by training. Counted with the judging model's
     tokenizer (the one at hand); Llama-3's 128k vocabulary needs fewer tokens for the same text than Mixtral's 32k."""
-    own = judging.max_model_len - cfg.max_new_tokens - _margin(cfg.verdict)
-    cap = min(trained.max_model_len, train_max_length) - cfg.max_new_tokens - _margin(cfg.verdict)
+    own = judging.max_model_len - cfg.max_new_tokens - verdict_margin(cfg.verdict)
+    cap = min(trained.max_model_len, train_max_length) - cfg.max_new_tokens - verdict_margin(cfg.verdict)
     return cap if cap < own else None
 
 
@@ -84,14 +84,15 @@ def is_clipped(instruction: str, a: str, b: str, max_chars: int) -> bool:
     return len(instruction) > 2 * max_chars or len(a) > max_chars or len(b) > max_chars
 
 
-def _margin(verdict_mode: str) -> int:
+def verdict_margin(verdict_mode: str) -> int:
+    """Prompt tokens kept free in constrained mode: the re-encoded judgment, the verdict prefix and the option read after it."""
     return 32 if verdict_mode == "constrained" else 0
 
 
 def token_budget(model: Generator, max_new_tokens: int, verdict_mode: str) -> int:
     """Prompt tokens allowed: the model's context minus the generation, minus (constrained mode) room for the
     re-encoded judgment, the verdict prefix and the option scored after it."""
-    return model.spec.max_model_len - max_new_tokens - _margin(verdict_mode)
+    return model.spec.max_model_len - max_new_tokens - verdict_margin(verdict_mode)
 
 
 def fit_prompts(template: Template, parts: list[tuple[str, str, str]], max_chars: int, model: Generator, budget: int) -> list[tuple[Prompt, int | None]]:

@@ -151,14 +151,11 @@ def main(cfg: DictConfig) -> None:
     except _expected() as e:
         # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.
         raise JobError(f"job {run_name!r} failed: {e}") from None
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            log.error("job failed: %s (%s: %s)", run_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            raise
-        where = f" writing {e.filename}" if e.filename else ""
-        raise JobError(f"job {run_name!r} failed: the disk is full{where} ({e.strerror}): free space, or point results_dir / "
-                       f"pipeline.cache_dir at a larger disk; finished stages and saved chunks are kept, a rerun resumes") from None
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # the machine's state, not a bug: one line
+            where = f" writing {e.filename}" if e.filename else ""
+            raise JobError(f"job {run_name!r} failed: the disk is full{where} ({e.strerror}): free space, or point results_dir / "
+                           f"pipeline.cache_dir at a larger disk; finished stages and saved chunks are kept, a rerun resumes") from None
         # Unexpected: one line of context here; Hydra prints the traceback (once) and sets the exit status.
         log.error("job failed: %s (%s: %s)", run_name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         raise

@@ -117,7 +117,7 @@ def plan(job: Job) -> list[Step]:
         prev_train = trn
     for s in steps:
         s.chunk = job.pipeline.chunk_for(s.spec) if s.spec is not None else 0
-        s.meta_config = meta_config(s, job.data_root)
+        s.meta_config = meta_config(s)
     for s in steps:
         path = cache.path(s.stage, s.key)
         if path.exists():  # verified, so a dry run does not promise to reuse what the run will recompute
@@ -133,10 +133,10 @@ def plan(job: Job) -> list[Step]:
     return steps
 
 
-def meta_config(s: Step, data_root: str) -> dict:
+def meta_config(s: Step) -> dict:
     """The config part of a step's key, as its cache meta.json records it (a reader of the cache sees what made it)."""
     if s.stage == "decontam":
-        return decontaminate.key_parts(*s.config, data_root)[0]
+        return decontaminate.config_part(*s.config)  # no second hash of the pool files
     if s.stage == "audit":
         acfg = s.config[0]
         return {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {}

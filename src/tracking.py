@@ -237,7 +237,10 @@ class Tracker:
         try:
             exp = ensure_experiment(self.cfg, self.results_dir)
         except Exception as e:  # noqa: BLE001 - a store that cannot be opened: one line, before any run is created
-            raise store_error(uri, e) from None
+            err = store_error(uri, e)
+            if err is e:
+                raise  # not a store problem: the error as it is, with its context
+            raise err from None
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)
         parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None

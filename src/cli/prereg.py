@@ -18,14 +18,13 @@ from src.rules.stats import bootstrap_ci, paired_test
 
 def pair_scores(rows: Iterable[Mapping], reading: str = "official") -> dict[str, float]:
     """Per held-out pair, the mean over its orders of 1 (the verdict names the chosen response), 0 (the other) or
-    0.5 (no verdict). `official`: the verdict the text states; `constrained`: that, else the next-token choice."""
-    per: dict[str, list[float]] = {}
-    for r in rows:
-        v = r["verdict"]
-        if v is None and reading == "constrained":
-            v = (r.get("extra") or {}).get("constrained")
-        per.setdefault(r["item_id"], []).append(0.5 if v is None else float(v == r["chosen_label"]))
-    return {k: sum(v) / len(v) for k, v in per.items()}
+    0.5 (no verdict): `rules.stats.item_scores`. `official`: the verdict the text states; `constrained`: that,
+    else the next-token choice."""
+    from src.rules.stats import item_scores
+
+    if reading == "constrained":
+        rows = [{**r, "verdict": r["verdict"] if r["verdict"] is not None else (r.get("extra") or {}).get("constrained")} for r in rows]
+    return item_scores(list(rows))
 
 
 def stated(rows: Iterable[Mapping]) -> dict[str, float]:

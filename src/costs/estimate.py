@@ -275,13 +275,12 @@ def token_budgets(job) -> list[dict]:
     first = job.seed if job.pipeline.first_judge == "seed" else job.judge
     # a judge prompt shows the instruction (to 2 x max_response_chars) and both responses (each to max_response_chars)
     jtpl = _template_tokens(judging.judge_template(jg.prompt, "judging.prompt"))
-    margin = 32 if jg.verdict == "constrained" else 0  # judging.token_budget: room to read the verdict after the judgment
     for spec in ([first] + ([job.judge] if job.judge != first else [])) if job.iterations else []:
         cap = judging.training_budget(jg, spec, job.judge, job.train.max_length)
         row("judge", spec, min(2 * jg.max_response_chars, d.max_chars) + 2 * min(jg.max_response_chars, 4 * neg.answer_max_new_tokens),
-            jtpl, jg.max_new_tokens + margin, cut if cap is None else cut + f" (to {cap:,}: what {job.judge.name} trains on)", cap)
+            jtpl, jg.max_new_tokens + judging.verdict_margin(jg.verdict), cut if cap is None else cut + f" (to {cap:,}: what {job.judge.name} trains on)", cap)
     etpl = _template_tokens(judging.judge_template(ev.prompt, "eval.prompt"))
-    row("evaluate", job.judge, 4 * ev.max_response_chars, etpl, ev.max_new_tokens + (32 if ev.verdict == "constrained" else 0), cut)
+    row("evaluate", job.judge, 4 * ev.max_response_chars, etpl, ev.max_new_tokens + judging.verdict_margin(ev.verdict), cut)
     if job.audit.judge:
         au = job.audit
         row("audit judge", au.model, min(2 * au.max_response_chars, d.max_chars) + 2 * min(au.max_response_chars, 4 * neg.answer_max_new_tokens),

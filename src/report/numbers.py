@@ -8,6 +8,7 @@ from typing import Any
 
 from src.report.store import CONSTRAINED, HEADLINE, ITEM_BENCHMARKS, ITEM_METRICS, JobResult, MAJ, VOTE_K, VOTE_K_CURVES
 from src.rules.stats import bootstrap_ci, paired_ratio_test, paired_stratified_test, paired_test, ratio_bootstrap, stratified_bootstrap
+from src.benchmarks.rewardbench import WEIGHTS_DEFAULT
 
 
 def _official_overall(weights: str):
@@ -21,7 +22,7 @@ def _setup(metric: str) -> str | None:
     return metric.rsplit("_", 1)[1] if metric.startswith("mtbench/agreement_") else None
 
 
-def interval(metric: str, items: dict, weights: str = "v0.1.3") -> tuple[float, float] | None:
+def interval(metric: str, items: dict, weights: str = WEIGHTS_DEFAULT) -> tuple[float, float] | None:
     """95% interval of a reported number (or of a benchmark's headline, given the benchmark's name): the official
     RewardBench overall (items resampled within their subsets, the official weighting recomputed), MT-Bench
     agreement pooled over comparisons (keys resampled within their turn), or the plain mean (synthetic accuracy).
@@ -45,7 +46,7 @@ def interval(metric: str, items: dict, weights: str = "v0.1.3") -> tuple[float, 
     return lo, hi
 
 
-def paired(metric: str, a: dict, b: dict, weights: str = "v0.1.3") -> dict[str, float] | None:
+def paired(metric: str, a: dict, b: dict, weights: str = WEIGHTS_DEFAULT) -> dict[str, float] | None:
     """The paired comparison of run b against run a on one reported number (or a benchmark's headline); None where
     the number is undefined for either run (an MT-Bench agreement with no decisive verdict). Where a RewardBench
     subset holds one item the interval cannot vary (as in `interval`): it is NaN, the swap test's p-value stays."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from src.benchmarks import HEADLINE_METRIC
 from src.rules.stats import item_scores
+from src.benchmarks.rewardbench import WEIGHTS_DEFAULT
 
 # Headline metrics: the judgment text under each benchmark's official rule (docs/benchmarks.md).
 HEADLINE = [*HEADLINE_METRIC.values(), "mtbench/agreement_s2"]
@@ -73,7 +74,7 @@ class JobResult:
     overrides: dict[str, str] | None = None  # the job's command-line overrides (tag ste.overrides), when logged
     # the reward-bench version whose section weights its overall was logged with (param eval.rewardbench.weights;
     # runs from before the param existed were scored with v0.1.2's): intervals recompute that overall
-    rb_weights: str = "v0.1.3"
+    rb_weights: str = WEIGHTS_DEFAULT
 
     @property
     def final_iteration(self) -> int | None:

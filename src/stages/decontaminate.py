@@ -30,15 +30,19 @@ VERSION = 3  # 2: the signature rule (a Python function defined as a benchmark p
 Benchmarks = dict[str, tuple[str, str | None]]  # name -> (source, revision) of each benchmark the run evaluates on
 
 
-def key_parts(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> tuple[dict, dict]:
-    """(config, inputs) of the stage's cache key: how pool rows are read (`dataset.sources`, the only part of the
-    dataset group this stage reads), the rule, and the identity (content hash, or hub id@revision) of the pool and
-    of each benchmark file."""
+def config_part(dataset: DatasetConfig, benches: Benchmarks) -> dict:
+    """The config part of the stage's key (what its cache meta records): how pool rows are read (`dataset.sources`,
+    the only part of the dataset group this stage reads), the rule, and which benchmark files."""
     read = [{k: v for k, v in as_dict(s).items() if k != "reference_field"} for s in dataset.sources]
-    config = {"sources": read, "ngram": NGRAM, "benchmarks": {b: {"source": s, "revision": r} for b, (s, r) in benches.items()}}
+    return {"sources": read, "ngram": NGRAM, "benchmarks": {b: {"source": s, "revision": r} for b, (s, r) in benches.items()}}
+
+
+def key_parts(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> tuple[dict, dict]:
+    """(config, inputs) of the stage's cache key: `config_part`, and the identity (content hash, or hub id@revision)
+    of the pool and of each benchmark file."""
     inputs = {"pool": source_fingerprints(dataset, data_root),
               "benchmarks": {b: source_fingerprint(s, r, data_root) for b, (s, r) in benches.items()}}
-    return config, inputs
+    return config_part(dataset, benches), inputs
 
 
 def key(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> str:

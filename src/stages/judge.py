@@ -35,7 +35,9 @@ def run(cfg: JudgingConfig, pairs: list[Pair], model: Generator, seed: int, part
     template = judge_template(cfg.prompt, "judging.prompt")
     work = [(p, o) for p in pairs if p.split == "train" for o in orders_for(p.id, cfg.both_orders, seed)]
     sampling = lambda seeds: SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.n, seeds=seeds)  # noqa: E731
-    budget = min(token_budget(model, cfg.max_new_tokens, cfg.verdict), prompt_budget or 1 << 62)
+    budget = token_budget(model, cfg.max_new_tokens, cfg.verdict)
+    if prompt_budget is not None:
+        budget = min(budget, prompt_budget)
 
     def process(chunk: list[tuple[Pair, str]]) -> list[dict]:
         fitted = fit_prompts(template, [pair_parts(p, o) for p, o in chunk], cfg.max_response_chars, model, budget)
