@@ -149,6 +149,11 @@ class LlamaCppGenerator:
         _logger.set_verbose(bool(spec.extra.get("verbose", False)))  # llama.cpp's own log: errors only by default
         L.llama_backend_init()
         mp = L.llama_model_default_params()
+        # No extra buffer types (weight repacking, AMX) unless a model asks: a build made where the CPU lists AMX
+        # uses AMX tiles (`ldtilecfg`), and in a VM that lists AMX without enabling it every decode segfaults
+        # (seen on these machines: llama.cpp built natively elsewhere, the whole process killed). Plain CPU
+        # buffers run on any x86-64 this build runs on.
+        mp.use_extra_bufts = bool(spec.extra.get("extra_bufts", False))
         self._model = L.llama_model_load_from_file(str(self.gguf_path).encode(), mp)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {self.gguf_path}")
