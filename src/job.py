@@ -217,7 +217,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     name = run_name(job, choices, overrides)
     tracker.start(name, {**job_params(cfg, choices), **judging.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
     status = "FAILED"
-    runner = Runner(job, tracker)
+    runner = Runner.for_job(job, tracker)
     previous = _end_on_sigterm()
     try:
         tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")  # the job config (Hydra's own is not in it)

@@ -3,51 +3,31 @@
     decontam -> select -> generate [-> audit] [-> audit_judge] -> evaluate(iteration 0) -> [judge -> filter -> train -> evaluate] x iterations
 
 `plan(job)` is the one place that decides: each step's key (computed by its stage module's `key()`), its typed
-config, the model that runs it, the train outputs it wears and starts from, and the outputs it reads. The Runner
-(src/runner.py) executes the steps as planned. Keys are a function of the config alone (plus data-file hashes),
+config (declared in its stage module), the model that runs it, the train outputs it wears and starts from, and the
+outputs it reads. The Runner (src/runner.py) executes the steps as planned, through `STAGES`: what every stage
+module declares (src/step.py). Keys are a function of the config alone (plus data-file hashes),
 so `pipeline.dry_run=true` shows what a run would reuse before loading anything (`describe`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from src import judging
 from src.cache import StageCache, check
-from src.config import as_dict
-from src.models.base import ModelSpec
 from src.rules.filters import FilterConfig
 from src.stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from src.step import Stage, Step
+
+# Every stage, as its module declares it: how the Runner computes, logs and reads it.
+STAGES: dict[str, Stage] = {**decontaminate.STAGES, **select.STAGES, **generate.STAGES, **audit.STAGES, **evaluate.STAGES,
+                            **judge.STAGES, **filter.STAGES, **train.STAGES}
 
 if TYPE_CHECKING:  # a plan is made of a job; importing it would circle (src.job runs plans)
     from src.job import Job
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Step:
-    """One stage of the plan with everything that runs it: the Runner executes steps as planned and decides nothing.
-    `inputs` names the outputs the stage reads as name -> (stage, key); `adapter` is the train key whose output the
-    model wears, `init` (train) the one training starts from; `previous` (benchmarks) is the same benchmark's key one
-    iteration earlier, for verdict flips."""
-
-    stage: str
-    iteration: int
-    key: str
-    model: str  # what the log and the plan call the model: its name, + "+iter<k>" for the weights it wears
-    config: Any = None  # the stage's typed config, its key's source; judge: (judging, prompt budget), filter: (filter, judging), train: (train, launch)
-    spec: ModelSpec | None = None  # the model that runs it; None: no model (filter)
-    adapter: str | None = None
-    init: str | None = None
-    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)
-    seed: int = 0  # its sampling / selection seed
-    previous: str | None = None
-    chunk: int = 0  # prompts per model call and saved chunk (pipeline.chunk_for its model); 0: no model
-    meta_config: dict = field(default_factory=dict)  # what the cache's meta.json records of the config (its key's config part)
-    status: str = "todo"  # cached | damaged (fails its check: moved aside and recomputed) | partial | todo
 
 
 def filter_rule(job: Job) -> FilterConfig:
@@ -68,7 +48,7 @@ def plan(job: Job) -> list[Step]:
     steps: list[Step] = []
     # Benchmark prompts in the pool, found once per (pool, benchmark files); select drops them before classifying.
     dec = decontaminate.key(job.dataset, evaluate.decontam_benchmarks(job.eval), job.data_root)
-    steps.append(Step("decontam", 0, dec, "-", (job.dataset, evaluate.decontam_benchmarks(job.eval))))
+    steps.append(Step("decontam", 0, dec, "-", decontaminate.DecontamStep(job.dataset, evaluate.decontam_benchmarks(job.eval))))
     # One classification per (pool, model, prompt, label set), shared by every category: units classify/<cls>-*.
     cls = select.classify_key(job.dataset, job.data_root, job.seed, rs, dec)
     steps.append(Step("classify", 0, cls, job.seed.name, job.dataset, job.seed, seed=rs))
@@ -79,7 +59,7 @@ def plan(job: Job) -> list[Step]:
     steps.append(Step("generate", 0, gen, job.seed.name, job.negatives, job.seed, inputs={"instructions": ("select", sel)}, seed=rs))
     pairs = {"pairs": ("generate", gen)}
     if audit.planned(job.audit, job.dataset):  # label-noise audit of the pairs against references (answers, unit tests)
-        steps.append(Step("audit", 0, audit.key(job.audit, gen), "-", (job.audit, job.dataset), inputs={"instructions": ("select", sel), **pairs}))
+        steps.append(Step("audit", 0, audit.key(job.audit, gen), "-", audit.AuditStep(job.audit, job.dataset), inputs={"instructions": ("select", sel), **pairs}))
     if job.audit.judge:  # ... and its estimate by an audit judge model
         steps.append(Step("audit_judge", 0, audit.judge_key(job.audit, gen, rs), job.audit.model.name, job.audit, job.audit.model, inputs=pairs, seed=rs))
 
@@ -106,13 +86,13 @@ def plan(job: Job) -> list[Step]:
             jname = job.judge.name + (f"+iter{k - 1}" if prev_train else "")
         budget = judging.training_budget(job.judging, jspec, job.judge, job.train.max_length)
         jud = judge.key(job.judging, gen, jspec, jadapter, k, rs, budget)
-        steps.append(Step("judge", k, jud, jname, (job.judging, budget), jspec, jadapter, inputs=pairs, seed=rs + k))
+        steps.append(Step("judge", k, jud, jname, judge.JudgeStep(job.judging, budget), jspec, jadapter, inputs=pairs, seed=rs + k))
         rule = filter_rule(job)
         fil = filter.key(rule, job.judging, jud, gen, k, rs)
-        steps.append(Step("filter", k, fil, "-", (rule, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
+        steps.append(Step("filter", k, fil, "-", filter.FilterStep(rule, job.judging), inputs={"judgments": ("judge", jud), **pairs}, seed=rs + k))
         init = prev_train if job.train.init_from == "previous" else None
         trn = train.key(job.train, fil, init, job.judge, k, rs, job.launch.world_size)
-        steps.append(Step("train", k, trn, job.judge.name, (job.train, job.launch), job.judge, init=init, inputs={"examples": ("filter", fil)}, seed=rs + k))
+        steps.append(Step("train", k, trn, job.judge.name, train.TrainStep(job.train, job.launch), job.judge, init=init, inputs={"examples": ("filter", fil)}, seed=rs + k))
         steps.extend(eval_steps(k, trn))
         prev_train = trn
     for s in steps:
@@ -135,21 +115,7 @@ def plan(job: Job) -> list[Step]:
 
 def meta_config(s: Step) -> dict:
     """The config part of a step's key, as its cache meta.json records it (a reader of the cache sees what made it)."""
-    if s.stage == "decontam":
-        return decontaminate.config_part(*s.config)  # no second hash of the pool files
-    if s.stage == "audit":
-        acfg = s.config[0]
-        return {"execute": True, "sandbox": as_dict(acfg.sandbox)} if acfg.execute else {}
-    if s.stage == "audit_judge":
-        return audit.judge_config(s.config)
-    if s.stage == "judge":
-        cfg, budget = s.config
-        return {**as_dict(cfg), **({"prompt_budget": budget} if budget is not None else {})}
-    if s.stage in ("filter", "train"):
-        return as_dict(s.config[0])
-    if s.stage in evaluate.BENCHMARKS:
-        return evaluate.config_part(s.stage, s.config)
-    return as_dict(s.config)
+    return STAGES[s.stage].config_part(s.config)
 
 
 def classified_units(cache: StageCache, cls_key: str) -> tuple[list[str], list[str]]:

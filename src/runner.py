@@ -1,5 +1,5 @@
 """The Runner: executes a plan's steps in order and decides nothing. Each step is computed once under its key
-(or read from the cache), its outputs, metrics and artifacts logged; models are loaded through a pool that keeps
+(or read from the cache) by its stage's declared `execute`, its outputs, metrics and artifacts logged; models are loaded through a pool that keeps
 at most what fits (2 on CPU, 1 engine on GPUs) and hands GPU memory back between engines and before training.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from src.config import as_dict
 from src.data import resolve
 from src.models import gpu_memory
 from src.models.base import Generator, ModelSpec
-from src.plan import Step
-from src.records import Instruction, Judgment, Pair, TrainExample, from_dict, to_dict
-from src.stages import audit, decontaminate, evaluate, filter, generate, judge, select, train  # `filter` the stage (the builtin is not used here)
+from src.plan import STAGES
+from src.stages import train
+from src.step import Context, Stage, Step
 from src.tracking import Tracker, input_rows
 
 if TYPE_CHECKING:  # the Runner is given a job; importing it would circle (src.job runs the Runner)
@@ -73,21 +73,25 @@ class ModelPool:
             gpu_memory.wait_until_gpus_free(max(need))
 
 
-# The record type of each stage output that another stage reads.
-RECORDS = {"select": Instruction, "generate": Pair, "judge": Judgment, "filter": TrainExample}
-
-
 class Runner:
-    """Executes a plan step by step: each is loaded from the cache or computed under a lock and committed, with
-    the model, weights and inputs its step names."""
+    """Executes a plan step by step: each is loaded from the cache or computed under a lock and committed, by its
+    stage module's `execute` (`plan.STAGES`), with the model, weights and inputs its step names; then logged the same
+    way for every stage. The Runner never branches on which stage it runs.
 
-    def __init__(self, job: Job, tracker: Tracker):
-        self.job, self.tracker = job, tracker
-        self.cache = StageCache(job.cache_dir)
-        model_cache = Path(job.pipeline.model_cache_dir).expanduser() if job.pipeline.model_cache_dir else None
-        gpu = "vllm" in (job.seed.backend, job.judge.backend)
-        self.pool = ModelPool(model_cache, capacity=1 if gpu else 2)
+    `models`: the run's base models by role (their weights are logged as provenance; a vLLM one makes the model
+    pool hold one engine at a time)."""
+
+    def __init__(self, tracker: Tracker, cache_dir: Path, data_root: str, models: dict[str, ModelSpec], model_cache_dir: Path | None = None):
+        self.tracker, self.data_root, self.models = tracker, data_root, models
+        self.cache = StageCache(cache_dir)
+        gpu = any(m.backend == "vllm" for m in models.values())
+        self.pool = ModelPool(model_cache_dir, capacity=1 if gpu else 2)
         self.hits: dict[str, int] = {}
+
+    @classmethod
+    def for_job(cls, job: Job, tracker: Tracker) -> Runner:
+        model_cache = Path(job.pipeline.model_cache_dir).expanduser() if job.pipeline.model_cache_dir else None
+        return cls(tracker, job.cache_dir, job.data_root, {"seed": job.seed, "judge": job.judge}, model_cache)
 
     def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]]) -> tuple[list[dict] | None, dict, bool]:
         """(rows, meta, cached). `compute` gets the partial directory and returns (rows, stats)."""
@@ -107,169 +111,95 @@ class Runner:
         path = self.cache.path(step.stage, step.key) / "data.jsonl"
         return (self.cache.rows(step.stage, step.key) if path.exists() else None), meta, cached
 
-    def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None, stats_prefix: str | None) -> None:
-        """A stage's data as an artifact and a table; its time, cache hit and (under `stats_prefix`) its numeric
-        stats as metrics at step = iteration."""
+    def run(self, steps: list[Step]) -> dict[str, float]:
+        """Every step in plan order; returns each benchmark's stats as `<metric>@iter<k>`."""
+        final: dict[str, float] = {}
+        self._log_base_weights()
+        for st in steps:
+            declared = STAGES[st.stage]
+            if declared.execute is None:
+                continue  # computed by another stage (classify: by select as it scans the pool)
+            rows, meta, cached = self.stage(st, lambda p, st=st: declared.execute(st, self._context(st, p)))
+            self._log_stage(st, meta, cached, rows, declared)
+            if declared.weights:
+                self._log_trained_weights(st, meta)
+            if declared.benchmark:
+                final.update(self._log_benchmark(st, rows or [], meta))
+        self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
+        last = max((s.iteration for s in steps), default=0)
+        self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, last)
+        return final
+
+    def _context(self, st: Step, partial: Partial) -> Context:
+        return Context(self.cache, partial, self.data_root, inputs=lambda: self._inputs(st), model=lambda: self._model(st),
+                       train=lambda *args: self._train(st, *args))
+
+    def _inputs(self, st: Step) -> dict[str, Any]:
+        """The outputs a step reads, by the (stage, key) its plan names, as each stage declares they are read."""
+        return {name: STAGES[stage].read(self.cache, key, st) for name, (stage, key) in st.inputs.items()}
+
+    def _model(self, st: Step) -> Generator:
+        return self.pool.get(st.spec, Path(st.adapter_dir) if st.adapter_dir else self._adapter(st.adapter))
+
+    def _adapter(self, train_key: str | None) -> Path | None:
+        return train.weights(self.cache, train_key)
+
+    def _train(self, st: Step, lcfg, tcfg, examples: list, init: Path | None, out_dir: Path) -> dict:
+        """The launcher, on an empty GPU: the generation engines (vLLM holds 90% of it) are closed first; the
+        training is a child run of the job's."""
+        self.pool.close()
+        with self.tracker.child(f"train-iter{st.iteration}", {"ste.iteration": str(st.iteration), "ste.train_key": st.key}) as active:
+            return launch.run_train(lcfg, tcfg, examples, st.spec, self.pool.cache_dir, init, out_dir, st.seed, report_to_mlflow=active)
+
+    def _log_stage(self, step: Step, meta: dict, cached: bool, rows: list[dict] | None, declared: Stage) -> None:
+        """A stage's data as an artifact and a table; its time, cache hit and the stats it declares as metrics at
+        step = iteration."""
         prefix = f"{step.stage}_iter{step.iteration}"
         data = self.cache.path(step.stage, step.key) / "data.jsonl"
         if rows is not None:
             self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
-        if rows and step.iteration == 0 and step.stage in ("select", *evaluate.BENCHMARKS):  # the run's inputs
+        if rows and step.iteration == 0 and (step.stage == "select" or declared.benchmark):  # the run's inputs
             self.tracker.dataset(input_rows(rows), step.stage, self._input_source(step), "training" if step.stage == "select" else "evaluation")
         metrics = {f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}
-        if stats_prefix is not None:
-            metrics.update({f"{stats_prefix}{k}": v for k, v in meta["stats"].items() if isinstance(v, (int, float))})
+        metrics.update({k: v for k, v in declared.logged(meta["stats"]).items() if isinstance(v, (int, float))})
         self.tracker.metrics(metrics, step.iteration)
 
     def _input_source(self, step: Step) -> str:
         """Where a logged input slice came from: the pool's files, a benchmark's file (or hub id), the pairs' cache."""
         if step.stage == "select":
-            return ", ".join(str(resolve(s.path, self.job.data_root)) if s.path else f"{s.hf_id}@{s.revision or 'main'}"
-                             for s in self.job.dataset.sources)
-        if step.stage == "synthetic":
+            return ", ".join(str(resolve(s.path, self.data_root)) if s.path else f"{s.hf_id}@{s.revision or 'main'}"
+                             for s in step.config.sources)
+        if "pairs" in step.inputs:
             return str(self.cache.path(*step.inputs["pairs"]))  # the held-out pairs' generate output
-        source = getattr(self.job.eval, step.stage).source
-        local = resolve(source, self.job.data_root)
+        source = getattr(step.config, step.stage).source
+        local = resolve(source, self.data_root)
         return str(local) if local.exists() else source
 
     def _log_base_weights(self) -> None:
-        """Provenance: the seed's and the judge's weights (directory + hash) as tags of the run."""
+        """Provenance: the base models' weights (directory + hash) as tags of the run."""
         from src.models.weights import model_weights
 
         if self.tracker.active:
-            for role, spec in (("seed", self.job.seed), ("judge", self.job.judge)):
+            for role, spec in self.models.items():
                 try:
                     self.tracker.model(role, *model_weights(spec, self.pool.cache_dir))
                 except (OSError, RuntimeError) as e:  # e.g. a hub model not downloaded, offline, in a fully cached run
                     log.warning("provenance: no weights hash for %s=%s: %s", role, spec.name, e)
                     self.tracker.tags({f"weights.{role}": f"unknown: {str(e)[:200]}"})
 
-    def _log_trained_weights(self, k: int, step: Step, meta: dict) -> None:
+    def _log_trained_weights(self, step: Step, meta: dict) -> None:
         """Provenance: what iteration k trained (hash from the train stage's verified manifest); a LoRA adapter is
         also logged as an artifact, full weights by path and hash only."""
         from src.models.weights import train_output_digests, weights_hash
 
         path = self._adapter(step.key) if self.tracker.active else None
         if path is not None:
-            self.tracker.model(f"iter{k}", path, weights_hash(path, train_output_digests(meta, path.name)), artifact=path.name == "adapter")
+            self.tracker.model(f"iter{step.iteration}", path, weights_hash(path, train_output_digests(meta, path.name)), artifact=path.name == "adapter")
 
-    def run(self, steps: list[Step]) -> dict[str, float]:
-        """Every step in plan order; returns each benchmark's stats as `<metric>@iter<k>`."""
-        final: dict[str, float] = {}
-        self._log_base_weights()
-        for st in steps:
-            if st.stage == "classify":
-                continue  # its units are computed by select as it scans the pool (select's input, by key)
-            if st.stage in evaluate.BENCHMARKS:
-                final.update(self._benchmark(st))
-            else:
-                getattr(self, f"_{st.stage}")(st)
-        self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
-        self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, self.job.iterations)
-        return final
-
-    def _inputs(self, st: Step) -> dict[str, Any]:
-        """The outputs a step reads, by the (stage, key) its plan names: records, or for select the classification
-        units (read and extended by key as it scans)."""
-        return {name: select.cached_units(self.cache, key, st.model) if stage == "classify"
-                else {r["instruction_id"] for r in self.cache.rows(stage, key)} if stage == "decontam"
-                else [from_dict(RECORDS[stage], r) for r in self.cache.rows(stage, key)]
-                for name, (stage, key) in st.inputs.items()}
-
-    def _model(self, st: Step) -> Generator:
-        return self.pool.get(st.spec, self._adapter(st.adapter))
-
-    def _adapter(self, train_key: str | None) -> Path | None:
-        return train.weights(self.cache, train_key)
-
-    # One method per stage: what it computes from its step (inputs are read only when it is computed).
-    def _decontam(self, st: Step) -> None:
-        dataset, benches = st.config
-        rows, meta, cached = self.stage(st, lambda p: decontaminate.run(dataset, benches, self.job.data_root))
-        self._log_stage(st, meta, cached, rows, "decontam/")
-
-    def _select(self, st: Step) -> None:
-        def compute(p: Partial):
-            inputs = self._inputs(st)
-            return _records(select.run(st.config, self.job.data_root, st.seed, lambda: self._model(st), inputs["classify"],
-                                       inputs["contaminated"]))
-
-        rows, meta, cached = self.stage(st, compute)
-        self._log_stage(st, meta, cached, rows, "select/")
-
-    def _generate(self, st: Step) -> None:
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(generate.run(st.config, self._inputs(st)["instructions"], self._model(st), st.seed, p,
-                                                st.chunk)),
-        )
-        self._log_stage(st, meta, cached, rows, "generate/")
-        if not any(r["split"] == "train" for r in rows):
-            raise RuntimeError(f"generate: no training pairs out of {len(self._inputs(st)['instructions'])} instructions "
-                               f"(dropped: {meta['stats'].get('dropped')})")
-
-    def _audit(self, st: Step) -> None:
-        acfg, dataset = st.config
-
-        def compute(p: Partial):
-            inputs = self._inputs(st)
-            return audit.run(acfg, dataset, self.job.data_root, inputs["instructions"], inputs["pairs"])
-
-        rows, meta, cached = self.stage(st, compute)
-        self._log_stage(st, {**meta, "stats": audit.logged_stats(meta["stats"])}, cached, rows, "")  # audit/* shares, named already
-
-    def _audit_judge(self, st: Step) -> None:
-        rows, meta, cached = self.stage(
-            st, lambda p: audit.run_judge(st.config, self._inputs(st)["pairs"], self._model(st), st.seed, p, st.chunk),
-        )
-        self._log_stage(st, meta, cached, rows, "")  # audit/judge/* shares, named already
-
-    def _judge(self, st: Step) -> None:
-        cfg, budget = st.config
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(judge.run(cfg, self._inputs(st)["pairs"], self._model(st), st.seed, p, st.chunk, budget)),
-        )
-        self._log_stage(st, meta, cached, rows, "judge/")
-
-    def _filter(self, st: Step) -> None:
-        rule, judging = st.config
-
-        def compute(p: Partial):
-            inputs = self._inputs(st)
-            return _records(filter.run(rule, judging, inputs["judgments"], inputs["pairs"], st.seed))
-
-        rows, meta, cached = self.stage(st, compute)
-        self._log_stage(st, {**meta, "stats": filter.logged_stats(meta["stats"])}, cached, rows, "filter/")
-
-    def _train(self, st: Step) -> None:
-        tcfg, lcfg = st.config
-        k = st.iteration
-
-        def do_train(p: Partial):
-            examples = self._inputs(st)["examples"]
-            init = self._adapter(st.init)
-            # Training starts on an empty GPU: the generation engines (vLLM holds 90% of it) are closed first.
-            self.pool.close()
-            with self.tracker.child(f"train-iter{k}", {"ste.iteration": str(k), "ste.train_key": st.key}) as active:
-                stats = launch.run_train(lcfg, tcfg, examples, st.spec, self.pool.cache_dir, init, p.dir, st.seed, report_to_mlflow=active)
-            train.check_output(stats, p.dir, f"train[iter {k}]")
-            return None, stats
-
-        _, meta, cached = self.stage(st, do_train)
-        self._log_stage(st, meta, cached, None, None)
-        self._log_trained_weights(k, st, meta)
-        tstats = meta["stats"]
-        self.tracker.metrics(
-            {"train/loss": tstats.get("train_loss"), "train/first_loss": tstats.get("first_loss"), "train/last_loss": tstats.get("last_loss"),
-             "train/steps": tstats.get("steps"), "train/examples": tstats.get("examples"), "train/trained": float(bool(tstats.get("trained"))),
-             "train/dropped_too_long": tstats.get("dropped_too_long"), "train/dropped_unbalanced": tstats.get("dropped_unbalanced")}, k)
-
-    def _benchmark(self, st: Step) -> dict[str, float]:
-        rows, meta, cached = self.stage(
-            st, lambda p: _records(evaluate.run(st.stage, st.config, self._inputs(st).get("pairs", []), self.job.data_root, self._model(st), p, st.chunk)),
-        )
-        self._log_stage(st, meta, cached, rows, "")  # benchmark metrics are named already (rewardbench/...)
-        self.tracker.metrics(self._drift(st, rows or []), st.iteration)
+    def _log_benchmark(self, st: Step, rows: list[dict], meta: dict) -> dict[str, float]:
+        """A benchmark's drift metrics and headline line; its stats as `<metric>@iter<k>`."""
+        self.tracker.metrics(self._drift(st, rows), st.iteration)
         headline = HEADLINE_METRIC[st.stage]
         value = meta["stats"].get(headline)
         log.info("%s[iter %d]: %s %s = %s", st.stage, st.iteration, st.model, headline, f"{value:.3f}" if value is not None else "n/a")
@@ -296,8 +226,3 @@ class Runner:
             out[f"{st.stage}/position/flips_to_correct"] = f["flips_to_correct"]
             out[f"{st.stage}/position/flips_to_wrong"] = f["flips_to_wrong"]
         return out
-
-
-def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:
-    records, stats = result
-    return [to_dict(r) for r in records], stats

@@ -2,8 +2,8 @@
 
     python -m src.cli.evaluate model=smollm2_135m [adapter=DIR] [eval.rewardbench.per_subset=null]
 
-Same scoring, prompts and cache as the loop's evaluate stage (a model already scored by a run is not
-re-judged), logged as an MLflow run tagged ste.kind=eval.
+A benchmark-only plan (`scorer_plan`) run by the loop's Runner: the same scoring, prompts, cache and logging as
+the loop's evaluate steps (a model already scored by a run is not re-judged), as an MLflow run tagged ste.kind=eval.
 """
 from __future__ import annotations
 
@@ -54,13 +54,31 @@ def scorer_keys(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_s
             for b in ("rewardbench", "mtbench") if evaluate.BENCHMARKS[b].enabled(ecfg)}
 
 
+def scorer_plan(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_size: int) -> list:
+    """The standalone scorer's plan: one benchmark step per enabled benchmark (synthetic excluded: it needs a run's
+    pairs), keyed by `scorer_keys`, run by the loop's Runner. An adapter that is this cache's own train output is
+    worn by its train key (as the loop does); any other adapter directory by its path."""
+    from src.plan import meta_config
+    from src.step import Step
+
+    a = adapter_key(adapter, cache)
+    own = adapter is not None and a == adapter.parent.name
+    name = spec.name + (f"+{adapter.name}" if adapter else "")
+    steps = [Step(b, 0, key, name, ecfg, spec, adapter=a if own else None, adapter_dir=None if own or adapter is None else str(adapter),
+                  chunk=chunk_size)
+             for b, key in scorer_keys(spec, ecfg, data_root, adapter, cache, chunk_size).items()]
+    for s in steps:
+        s.meta_config = meta_config(s)
+    return steps
+
+
 def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     from src.cache import StageCache
     from src.config import ConfigError, typed
     from src.models.base import ModelSpec
-    from src.models.loading import load_generator, preflight
+    from src.models.loading import preflight
     from src.job import PipelineConfig
-    from src.records import to_dict
+    from src.runner import Runner
     from src.stages import evaluate
     from src.judging import judge_template, prompt_params
     from src.tracking import Tracker, TrackingConfig, flatten
@@ -72,42 +90,27 @@ def evaluate_model(cfg: DictConfig) -> dict[str, float]:
     adapter = Path(str(cfg.adapter)).expanduser().resolve() if cfg.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"adapter={adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    cache = StageCache(Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache")
-    keys = scorer_keys(spec, ecfg, str(cfg.data_root), adapter, cache, pcfg.chunk_for(spec))
-    if not keys:
+    cache_dir = Path(pcfg.cache_dir).expanduser().resolve() if pcfg.cache_dir else results / "cache"
+    steps = scorer_plan(spec, ecfg, str(cfg.data_root), adapter, StageCache(cache_dir), pcfg.chunk_for(spec))
+    if not steps:
         raise ConfigError("eval.rewardbench.enabled and eval.mtbench.enabled are both false: nothing to evaluate")
     preflight(spec)
     judge_template(ecfg.prompt, "eval.prompt")  # a bad prompt file fails before the model loads
     tracker = Tracker(typed(TrackingConfig, cfg.tracking, "tracking"), results)
-    name = spec.name + (f"+{adapter.name}" if adapter else "")
+    name = steps[0].model
     tracker.start(f"eval {name}", {"model.name": spec.name, "adapter": str(adapter), **flatten({"eval": dict(cfg.eval)}),
                                    **prompt_params(eval=ecfg.prompt)},
                   {"ste.kind": "eval", "choice.model": spec.name}, None)
-    model = None
-    out: dict[str, float] = {}
+    model_cache = Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None
+    runner = Runner(tracker, cache_dir, str(cfg.data_root), {"judge": spec}, model_cache)
     status = "FAILED"
     try:
-        for b, key in keys.items():
-
-            def compute(partial, b=b):
-                nonlocal model
-                if model is None:  # loaded only when some benchmark is not cached yet
-                    model = load_generator(spec, adapter=str(adapter) if adapter else None,
-                                           cache_dir=Path(pcfg.model_cache_dir).expanduser() if pcfg.model_cache_dir else None)
-                items, stats = evaluate.run(b, ecfg, [], str(cfg.data_root), model, partial, pcfg.chunk_for(spec))
-                return [to_dict(it) for it in items], stats
-
-            if cache.compute_once(b, key, compute, {"model": name, "config": evaluate.config_part(b, ecfg)}):
-                log.info("%s: cached (key %s)", b, key)
-            stats = cache.meta(b, key)["stats"]
-            tracker.metrics(stats, 0)
-            tracker.artifact(cache.path(b, key) / "data.jsonl", f"data/{b}")
-            out.update(stats)
+        final = runner.run(steps)  # the model loads only if some benchmark is not cached yet
         status = "FINISHED"
     finally:
-        if model is not None:
-            model.close()
+        runner.pool.close()
         tracker.end(status)
+    out = {k.removesuffix("@iter0"): v for k, v in final.items()}
     for k in ("rewardbench/overall", "rewardbench/chat", "rewardbench/chat_hard", "rewardbench/safety", "rewardbench/reasoning",
               "mtbench/agreement_s1", "mtbench/agreement_s2"):
         if k in out:

@@ -23,6 +23,7 @@ from src.prompts import text_fingerprint
 from src.records import ORDERS, Instruction, Pair
 from src.judging import fit_prompts, judge_prompts, judge_template, item_seed, pair_parts, token_budget
 from src.pool import DatasetConfig, source_rows
+from src.step import Context, Stage, Step
 
 log = logging.getLogger(__name__)
 VERSION = 2  # of the `audit` output by reference answers; 2: \text{} answers kept, \frac12, percent, "a x b = c", "#### 18 eggs", empty references match nothing
@@ -175,3 +176,31 @@ def run_judge(cfg: AuditConfig, pairs: list[Pair], model: Generator, seed: int, 
         stats["audit/judge/text_parse_fail"] = sum(r["text_parse_fail"] for r in rows) / stats["audit/judge/votes"]
         stats["audit/judge/tokens"] = float(sum(r["tokens"] for r in rows))
     return rows, stats
+
+
+@dataclass(frozen=True)
+class AuditStep:
+    """The audit step's config: the `audit` group and the pool whose references (answers, unit tests) it reads."""
+
+    audit: AuditConfig
+    dataset: DatasetConfig
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    inputs = ctx.inputs()
+    return run(step.config.audit, step.config.dataset, ctx.data_root, inputs["instructions"], inputs["pairs"])
+
+
+def execute_judge(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    return run_judge(step.config, ctx.inputs()["pairs"], ctx.model(), step.seed, ctx.partial, step.chunk)
+
+
+def audit_config_part(c: AuditStep) -> dict:
+    """What the audit's meta records of its config: the sandbox where programs run, nothing otherwise (its key)."""
+    return {"execute": True, "sandbox": as_dict(c.audit.sandbox)} if c.audit.execute else {}
+
+
+STAGES = {
+    "audit": Stage(execute, config_part=audit_config_part, logged=logged_stats),  # audit/* shares, named already
+    "audit_judge": Stage(execute_judge, config_part=judge_config),  # audit/judge/* shares, named already
+}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from src.cache import make_key
 from src.config import as_dict
@@ -22,6 +23,7 @@ from src.benchmarks import mtbench, rewardbench
 from src.rules.decontamination import NGRAM, BenchmarkPrompt, Index, Match, counts
 from src.data import benchmark_source, source_fingerprint
 from src.pool import DatasetConfig, source_fingerprints, source_rows
+from src.step import Context, Stage, Step, prefixed
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: the signature rule (a Python function defined as a benchmark prompt asks for it); 3: typed signatures only (generic ones fall to the 13-gram rule)
@@ -88,3 +90,19 @@ def run(dataset: DatasetConfig, benches: Benchmarks, data_root: str) -> tuple[li
              "+".join(benches) or "no benchmark", len(prompts), time.time() - t0,
              {k: v for k, v in stats.items() if "/" in k})
     return rows, stats
+
+
+@dataclass(frozen=True)
+class DecontamStep:
+    """The step's config: the pool (`dataset`) and the benchmarks the run evaluates on."""
+
+    dataset: DatasetConfig
+    benchmarks: Benchmarks
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    return run(step.config.dataset, step.config.benchmarks, ctx.data_root)
+
+
+STAGES = {"decontam": Stage(execute, config_part=lambda c: config_part(c.dataset, c.benchmarks), logged=prefixed("decontam/"),
+                            read=lambda cache, key, reader: {r["instruction_id"] for r in cache.rows("decontam", key)})}

@@ -13,6 +13,7 @@ next-token choice where the text names none, under `<benchmark>/constrained/*`: 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +30,7 @@ from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from src.judging import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
 from src.data import benchmark_source, source_fingerprint
+from src.step import Context, Stage, Step, as_rows
 
 log = logging.getLogger(__name__)
 # 2: item verdicts are the official text reading (the constrained one moved to extra["constrained"]); the paper's
@@ -355,3 +357,12 @@ def decontam_benchmarks(cfg: EvalConfig) -> dict[str, tuple[str, str | None]]:
     if cfg.mtbench.enabled:
         out["mtbench"] = (cfg.mtbench.source, cfg.mtbench.revision)
     return out
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    pairs = ctx.inputs().get("pairs", [])
+    return as_rows(run(step.stage, step.config, pairs, ctx.data_root, ctx.model(), ctx.partial, step.chunk))
+
+
+# benchmark metrics are named already (rewardbench/...)
+STAGES = {name: Stage(execute, config_part=functools.partial(config_part, name), benchmark=True) for name in BENCHMARKS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 
 from src.rules import filters
 from src.cache import make_key
@@ -18,6 +19,7 @@ from src.prompts import text_fingerprint
 from src.records import Judgment, Pair, TrainExample
 from src.rules.verdicts import parse_verdict
 from src.judging import JudgingConfig, judge_template, pair_prompt
+from src.step import Context, Stage, Step, as_rows, prefixed, records
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: examples carry an incorrect judgment of the same pair and order (for DPO); 3: or a verdict-less one (RAM)
@@ -85,3 +87,21 @@ def logged_stats(stats: dict) -> dict:
     if "examples_per_judgment" in stats:
         return stats
     return {("examples_per_judgment" if k == "keep_rate" else k): v for k, v in stats.items()}
+
+
+@dataclass(frozen=True)
+class FilterStep:
+    """The step's config: the rule (`plan.filter_rule`: the `filter` group, its balance off under train=dpo) and the
+    `judging` prompt the kept judgments are rendered with."""
+
+    rule: FilterConfig
+    judging: JudgingConfig
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    inputs = ctx.inputs()
+    return as_rows(run(step.config.rule, step.config.judging, inputs["judgments"], inputs["pairs"], step.seed))
+
+
+STAGES = {"filter": Stage(execute, config_part=lambda c: as_dict(c.rule), logged=lambda s: prefixed("filter/")(logged_stats(s)),
+                          read=records("filter", TrainExample))}

@@ -19,6 +19,7 @@ from src.models.base import Completion, Generator, ModelSpec, SamplingConfig, fi
 from src.prompts import load_template, text_fingerprint
 from src.records import Instruction, Pair, from_dict, to_dict
 from src.judging import item_seed
+from src.step import Context, Stage, Step, as_rows, prefixed, records
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: format_break drop reason, truncation counts, drop_truncated
@@ -219,3 +220,15 @@ def run(cfg: NegativesConfig, instructions: list[Instruction], model: Generator,
     log.info("generate: negatives=%s made %d pairs from %d instructions, dropped %s; cut off at the token limit: %d chosen, %d rejected",
              cfg.method, len(pairs), len(instructions), stats["dropped"] or "none", stats["truncated/chosen"], stats["truncated/rejected"])
     return pairs, stats
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    """The pairs, or an error before anything is committed when none of them is for training."""
+    instructions = ctx.inputs()["instructions"]
+    pairs, stats = run(step.config, instructions, ctx.model(), step.seed, ctx.partial, step.chunk)
+    if not any(p.split == "train" for p in pairs):
+        raise RuntimeError(f"generate: no training pairs out of {len(instructions)} instructions (dropped: {stats.get('dropped')})")
+    return as_rows((pairs, stats))
+
+
+STAGES = {"generate": Stage(execute, logged=prefixed("generate/"), read=records("generate", Pair))}

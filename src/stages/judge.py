@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from src.cache import Partial, make_key, run_chunked
 from src.config import as_dict
@@ -10,6 +11,7 @@ from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.prompts import text_fingerprint
 from src.records import Judgment, Pair, from_dict, to_dict
 from src.judging import fit_prompts, is_clipped, item_seed, judge_prompts, judge_template, JudgingConfig, orders_for, pair_parts, token_budget
+from src.step import Context, Stage, Step, as_rows, prefixed, records
 
 log = logging.getLogger(__name__)
 VERSION = 3  # 2: sampling seeded per pair and order (was per chunk); 3: the paper's eval_plan prompt by default, one-pass
@@ -73,3 +75,24 @@ def judgment_stats(judgments: list[Judgment]) -> dict:
         "correct_rate": sum(j.correct for j in judgments) / n,
         "tokens": sum(j.tokens for j in judgments),
     }
+
+
+@dataclass(frozen=True)
+class JudgeStep:
+    """The step's config: `judging`, and the trained model's prompt budget where it is tighter than the judging
+    model's own (`judging.training_budget`; None otherwise)."""
+
+    judging: JudgingConfig
+    prompt_budget: int | None = None
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    c = step.config
+    return as_rows(run(c.judging, ctx.inputs()["pairs"], ctx.model(), step.seed, ctx.partial, step.chunk, c.prompt_budget))
+
+
+def config_part(c: JudgeStep) -> dict:
+    return {**as_dict(c.judging), **({"prompt_budget": c.prompt_budget} if c.prompt_budget is not None else {})}
+
+
+STAGES = {"judge": Stage(execute, config_part=config_part, logged=prefixed("judge/"), read=records("judge", Judgment))}

@@ -21,6 +21,7 @@ from src.prompts import text_fingerprint
 from src.records import Instruction
 from src import classification as classify
 from src.pool import classify_template, DatasetConfig, load_pool, references, source_fingerprints
+from src.step import Context, Stage, Step, as_rows, prefixed, records
 
 log = logging.getLogger(__name__)
 VERSION = 3  # v3: benchmark matches dropped (dataset.decontaminate), held-out split per near-duplicate group, references
@@ -201,3 +202,15 @@ def _prior(model: Generator, template, cfg: DatasetConfig) -> tuple[list[dict], 
     if p is None:
         return [], {}
     return [{"log_prior": p}], {f"prior/{c}": round(math.exp(x), 4) for c, x in zip(cfg.categories, p)}
+
+
+def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
+    inputs = ctx.inputs()
+    return as_rows(run(step.config, ctx.data_root, step.seed, ctx.model, inputs["classify"], inputs["contaminated"]))
+
+
+STAGES = {
+    # classify's units are computed by select as it scans the pool (select reads them by key, and extends them)
+    "classify": Stage(None, read=lambda cache, key, reader: cached_units(cache, key, reader.model)),
+    "select": Stage(execute, logged=prefixed("select/"), read=records("select", Instruction)),
+}

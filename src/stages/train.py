@@ -19,11 +19,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from src.cache import CacheError, StageCache, make_key
 from src.config import ConfigError, as_dict, knob
 from src.models.base import ModelSpec, model_id
 from src.records import TrainExample
+from src.step import Context, Stage, Step
 
 log = logging.getLogger(__name__)
 VERSION = 2  # 2: peft=none (full weights), DPO A/B rebalance, train_loss = mean over all steps after resume
@@ -460,3 +462,29 @@ def _length(tokenizer, e: TrainExample) -> int:
     messages = [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": longest}]
     ids = tokenizer.apply_chat_template(messages, tokenize=True)
     return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The step's config: the `train` group and the `launch` group (processes and nodes it trains on)."""
+
+    train: TrainConfig
+    launch: Any  # src.launch.LaunchConfig (the launcher sits above the stages; its config is only carried here)
+
+
+def execute(step: Step, ctx: Context) -> tuple[None, dict]:
+    """Train through the launcher (`ctx.train`: the generation engines closed first) from the weights `step.init`
+    names, into the partial output; checked before it is committed."""
+    examples = ctx.inputs()["examples"]
+    stats = ctx.train(step.config.launch, step.config.train, examples, weights(ctx.cache, step.init), ctx.partial.dir)
+    check_output(stats, ctx.partial.dir, f"train[iter {step.iteration}]")
+    return None, stats
+
+
+def logged_stats(stats: dict) -> dict:
+    return {"train/loss": stats.get("train_loss"), "train/first_loss": stats.get("first_loss"), "train/last_loss": stats.get("last_loss"),
+            "train/steps": stats.get("steps"), "train/examples": stats.get("examples"), "train/trained": float(bool(stats.get("trained"))),
+            "train/dropped_too_long": stats.get("dropped_too_long"), "train/dropped_unbalanced": stats.get("dropped_unbalanced")}
+
+
+STAGES = {"train": Stage(execute, config_part=lambda c: as_dict(c.train), logged=logged_stats, weights=True)}

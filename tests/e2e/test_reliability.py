@@ -100,7 +100,7 @@ def _run(job):
     from src.plan import plan
     from src.tracking import Tracker
 
-    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    runner = Runner.for_job(job, Tracker(job.tracking, job.results_dir))
     try:
         runner.run(plan(job))
     finally:
@@ -134,7 +134,7 @@ def test_no_training_data_is_recorded_and_a_recorded_adapter_must_exist(make_cfg
     from src.tracking import Tracker
 
     job = Job.from_config(make_cfg(*TINY))
-    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    runner = Runner.for_job(job, Tracker(job.tracking, job.results_dir))
     runner.cache.compute_once("train", "none", lambda p: (None, {"trained": False, "produced": "none"}), {})
     assert runner._adapter("none") is None  # explicitly recorded: the untrained model
     runner.cache.compute_once("train", "bad", lambda p: (None, {"trained": True, "produced": "adapter"}), {})

@@ -48,7 +48,7 @@ def test_balancing_once_after_the_drop_keeps_more_dpo_examples_than_balancing_tw
 def test_the_plan_gives_the_dpo_filter_no_balance_and_leaves_sft_as_it_was(make_cfg):
     def rule_of(*o):
         steps = plan(Job.from_config(make_cfg(*TINY, "filter.balance=true", *o)))
-        return next(s.config[0] for s in steps if s.stage == "filter")
+        return next(s.config.rule for s in steps if s.stage == "filter")
 
     assert rule_of("train=dpo").balance is False
     assert rule_of().balance is True

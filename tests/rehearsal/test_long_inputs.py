@@ -144,7 +144,7 @@ def test_paper_iteration_1_judges_prompts_that_llama_can_train_on():
     from src.plan import plan
 
     steps = [s for s in plan(job_of(["+experiments=paper"])) if s.stage == "judge"]
-    assert [s.config[1] for s in steps] == [8192 - 4096] + [None] * 4
+    assert [s.config.prompt_budget for s in steps] == [8192 - 4096] + [None] * 4
     assert steps[0].spec.name == "mixtral" and all(s.spec.name == "llama" for s in steps[1:])
 
 

@@ -53,7 +53,7 @@ def _run_recording(make_cfg, monkeypatch, *overrides):
     monkeypatch.setattr(Runner, "stage", stage)
     job = Job.from_config(make_cfg(*TINY, "iterations=1", "eval.rewardbench.enabled=false", *overrides))
     steps = plan(job)
-    Runner(job, Tracker(job.tracking, job.results_dir)).run(steps)
+    Runner.for_job(job, Tracker(job.tracking, job.results_dir)).run(steps)
     return calls, steps
 
 

@@ -26,6 +26,8 @@ def test_standalone_evaluate_cli_logs_an_eval_run(tmp_path):
     _, run = only_run(tmp_path, "eval")
     assert run.info.status == "FINISHED"
     assert {"rewardbench/overall", "rewardbench/chat_hard", "mtbench/agreement_s1"} <= set(run.data.metrics)
-    # A second call is served from the cache.
+    # A second call is served from the cache, by the loop's Runner, without loading the model.
     again = standalone_eval(tmp_path, args)
-    assert "rewardbench: cached" in again.stdout + again.stderr and "mtbench: cached" in again.stdout + again.stderr
+    out = again.stdout + again.stderr
+    assert "rewardbench[iter 0]: cached" in out and "mtbench[iter 0]: cached" in out
+    assert "model: loaded" not in out

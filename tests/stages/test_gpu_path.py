@@ -66,7 +66,7 @@ def test_engines_are_released_before_training_starts(make_cfg, monkeypatch):
     monkeypatch.setattr(runner, "ModelPool", RecordingPool)
 
     job = Job.from_config(make_cfg(*TINY, "eval.rewardbench.enabled=false", "eval.mtbench.enabled=false"))
-    Runner(job, Tracker(job.tracking, job.results_dir)).run(plan(job))
+    Runner.for_job(job, Tracker(job.tracking, job.results_dir)).run(plan(job))
     t = events.index("train")
     before = events[:t]
     loads = [e.split(" ", 1)[1] for e in before if e.startswith("load")]

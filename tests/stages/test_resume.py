@@ -113,7 +113,7 @@ def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatc
         raise Crash("killed during training")
 
     monkeypatch.setattr(train, "run", killed)
-    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    runner = Runner.for_job(job, Tracker(job.tracking, job.results_dir))
     with pytest.raises(Crash):
         runner.run(plan(job))
     runner.pool.close()
@@ -122,7 +122,7 @@ def test_pipeline_killed_in_training_reuses_finished_stages(make_cfg, monkeypatc
     assert status[("train", 1)] != "cached"
 
     monkeypatch.setattr(train, "run", real_train)
-    runner = Runner(job, Tracker(job.tracking, job.results_dir))
+    runner = Runner.for_job(job, Tracker(job.tracking, job.results_dir))
     runner.run(plan(job))
     runner.pool.close()
     assert runner.hits == {"decontam_0": 1, "select_0": 1, "generate_0": 1, "synthetic_0": 1, "rewardbench_0": 1, "mtbench_0": 1,

@@ -6,7 +6,7 @@ which never run. A new module joins a layer here; an import against the arrows f
     driver         src.job -> src.plan, src.runner
     costs, launch  src.costs.*, src.launch
     stages         src.stages.* (none imports another)
-    libraries      src.judging, src.classification, src.tracking
+    libraries      src.judging, src.classification, src.tracking, src.step (the plan / Runner / stage contract)
     models         src.models.*
     rules          src.rules.*, src.benchmarks.* (pure)
     foundation     src.config, src.records, src.cache, src.data, src.pool, src.prompts, src.provenance, src.sandbox
@@ -21,7 +21,7 @@ LAYERS = [
     ["src.config", "src.records", "src.cache", "src.data", "src.pool", "src.prompts", "src.provenance", "src.sandbox"],
     ["src.rules", "src.benchmarks"],
     ["src.models"],
-    ["src.judging", "src.classification", "src.tracking"],
+    ["src.judging", "src.classification", "src.tracking", "src.step"],
     ["src.stages"],
     ["src.costs", "src.launch"],
     ["src.plan", "src.runner", "src.job"],
