@@ -33,8 +33,9 @@ def _expected() -> tuple[type[BaseException], ...]:
     from src.config import ConfigError
     from src.data import DataError
     from src.job import NotRunnableHere
+    from src.tracking import TrackingLost
 
-    return ConfigError, DataError, CacheError, NotRunnableHere
+    return ConfigError, DataError, CacheError, NotRunnableHere, TrackingLost
 
 
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:
@@ -149,7 +150,8 @@ def main(cfg: DictConfig) -> None:
             raise ConfigError(mismatch)
         result = run_job(cfg, choices, sweep, task_overrides)
     except _expected() as e:
-        # Bad config, bad data, a damaged cache the user must act on, no GPU: one line, no traceback.
+        # Bad config, bad data, a damaged cache the user must act on, no GPU, a tracking server lost mid-run: one
+        # line, no traceback.
         raise JobError(f"job {run_name!r} failed: {e}") from None
     except Exception as e:
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # the machine's state, not a bug: one line

@@ -8,14 +8,21 @@ state (the SQLite schema, the experiment, a sweep's parent run) happens under on
 so exactly one process creates each and the others find it. A job run records its host, pid and process start
 time; a RUNNING run whose process is gone (kill -9, out-of-memory kill) is ended as KILLED when the next job
 starts on that store.
+
+A tracking server that stops answering mid-run (dead, or hung past the bounded HTTP retries) stops the job with one
+line (`TrackingLost`); every stage computed so far is already in the cache, and the run is noted in
+`<results_dir>/unfinished-runs/<run id>.json`, which the next job names at its start (and clears once that run is
+ended on the server).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,28 +66,71 @@ SERVER_TIMEOUT_S = 10  # the start-up check: a server that answers /health later
 HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-def check_server(uri: str, timeout: float | None = None) -> None:
-    """A tracking server must answer its /health endpoint now, within `timeout`: down, refusing, or accepting
-    connections and never answering, the job stops with one line before anything runs."""
+def server_problem(uri: str, timeout: float) -> str | None:
+    """Why the tracking server at `uri` is not usable now (its /health endpoint within `timeout`), or None."""
     import urllib.error
     import urllib.request
 
-    from src.config import ConfigError
-
-    timeout = SERVER_TIMEOUT_S if timeout is None else timeout
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             if r.status == 200:
-                return
-            why = f"answered HTTP {r.status}"
+                return None
+            return f"answered HTTP {r.status}"
     except urllib.error.HTTPError as e:
-        why = f"answered HTTP {e.code}"
+        return f"answered HTTP {e.code}"
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         reason = getattr(e, "reason", e)
-        why = "did not answer within %g s" % timeout if isinstance(reason, (TimeoutError, socket.timeout)) else f"is unreachable ({reason})"
-    raise ConfigError(f"tracking server {uri} {why}: start it (mlflow server ...), point tracking.tracking_uri / "
-                      f"MLFLOW_TRACKING_URI at a live one, or log to the local store (unset MLFLOW_TRACKING_URI) or not at all (tracking=none)")
+        return "did not answer within %g s" % timeout if isinstance(reason, (TimeoutError, socket.timeout)) else f"is unreachable ({reason})"
+
+
+def check_server(uri: str, timeout: float | None = None) -> None:
+    """A tracking server must answer its /health endpoint now, within `timeout`: down, refusing, or accepting
+    connections and never answering, the job stops with one line before anything runs."""
+    from src.config import ConfigError
+
+    timeout = SERVER_TIMEOUT_S if timeout is None else timeout
+    why = server_problem(uri, timeout)
+    if why is not None:
+        raise ConfigError(f"tracking server {uri} {why}: start it (mlflow server ...), point tracking.tracking_uri / "
+                          f"MLFLOW_TRACKING_URI at a live one, or log to the local store (unset MLFLOW_TRACKING_URI) or not at all (tracking=none)")
+
+
+class TrackingLost(Exception):
+    """The tracking server stopped answering mid-run: the job stops (one line), its computed stages kept. Not an
+    OSError or RuntimeError, so that no handler meant for a file or a model swallows it."""
+
+
+UNFINISHED = "unfinished-runs"  # under results_dir: one <run id>.json per run a lost server left unfinished
+LOST_PROBE_S = 5.0  # after a failed call through a server: is it the server (no /health within this) or the call?
+
+
+def unfinished_runs(results_dir: Path) -> list[tuple[Path, dict]]:
+    """The runs earlier jobs left unfinished when their tracking server stopped answering (marker file, its note)."""
+    found = []
+    for f in sorted((Path(results_dir) / UNFINISHED).glob("*.json")):
+        try:
+            found.append((f, json.loads(f.read_text())))
+        except (OSError, ValueError):
+            found.append((f, {"run_id": f.stem, "tracking_uri": "?", "cut_at": "?", "reason": "its note is unreadable"}))
+    return found
+
+
+def _tracked(method):
+    """A Tracker call that talks to the store: when it fails through a server that no longer answers, the job stops
+    with `TrackingLost` (one line) instead of the call's own error, and nothing more is sent there."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified by asking the server, re-raised as is unless it is gone
+            lost = self._lost(e)
+            if lost is e:
+                raise
+            raise lost from None
+
+    return call
 
 
 def store_error(uri: str, e: BaseException) -> Exception:
@@ -218,14 +268,68 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, results_dir: Path):
         self.cfg, self.results_dir = cfg, Path(results_dir)
         self.run_id: str | None = None
+        self.lost: str | None = None  # why the tracking server stopped answering mid-run: nothing more is sent there
         self._wandb = None
 
     @property
     def active(self) -> bool:
-        return self.cfg.enabled and self.run_id is not None
+        return self.cfg.enabled and self.run_id is not None and self.lost is None
+
+    def _lost(self, e: Exception) -> Exception:
+        """`TrackingLost` when `e` came from a tracking server that no longer answers (asked directly, within
+        LOST_PROBE_S), else `e` itself (a bug or a store error: as it is). Notes the run in results_dir for the next
+        job, and takes it off MLflow's active-run stack, so neither this job's end nor MLflow's exit hook calls the
+        dead server again (each call would cost its retries)."""
+        uri = store_uri(self.cfg, self.results_dir)
+        if isinstance(e, TrackingLost) or self.run_id is None or not is_server(uri):
+            return e
+        why = server_problem(uri, LOST_PROBE_S)
+        if why is None:
+            return e
+        self.lost = why
+        note = {"run_id": self.run_id, "tracking_uri": uri, "cut_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "reason": f"the server {why}", "error": (str(e).splitlines() or [type(e).__name__])[0][:300],
+                "process": process_id()}
+        marker = self.results_dir / UNFINISHED / f"{self.run_id}.json"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps(note, indent=1) + "\n")
+            noted = f"noted in {marker} for the next job"
+        except OSError as err:
+            noted = f"could not be noted in {marker} ({err.strerror})"
+        with contextlib.suppress(Exception):  # mlflow's private stack; if it moved, exit costs one bounded retry
+            from mlflow.tracking import fluent
+
+            fluent._active_run_stack.get().clear()
+        return TrackingLost(
+            f"tracking server {uri} stopped answering mid-run ({why}): every stage computed so far is in the cache "
+            f"and a rerun reuses it; MLflow run {self.run_id} is left unfinished ({noted}); start the server again "
+            f"and rerun, or rerun with tracking=none")
+
+    def _unfinished(self, uri: str | None) -> None:
+        """Name the runs earlier jobs left unfinished when their server stopped answering; on that server (now
+        answering: this job got past its start) a run no longer RUNNING (the stale-run sweep ends it) is cleared."""
+        for marker, note in unfinished_runs(self.results_dir):
+            if uri is not None and note.get("tracking_uri") == uri:
+                from mlflow.tracking import MlflowClient
+
+                try:
+                    status = MlflowClient().get_run(note["run_id"]).info.status
+                except Exception:  # noqa: BLE001 - not on this server (a new store): the note stays
+                    status = "RUNNING"
+                if status != "RUNNING":
+                    marker.unlink(missing_ok=True)
+                    log.info("tracking: run %s, cut off at %s when its server stopped answering, is now ended (%s)",
+                             note["run_id"], note.get("cut_at"), status)
+                    continue
+            log.warning("tracking: an earlier job's MLflow run %s on %s was cut off at %s (%s) and may still say "
+                        "RUNNING there; the stages it computed are in the cache. A job tracking to that server ends it; "
+                        "or delete %s", note.get("run_id"), note.get("tracking_uri"), note.get("cut_at"),
+                        note.get("reason"), marker)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], sweep: tuple[str, str] | None) -> None:
         if not self.cfg.enabled:
+            self._unfinished(None)
             return
         import mlflow
 
@@ -243,6 +347,7 @@ class Tracker:
             raise err from None
         mlflow.set_experiment(experiment_id=exp)  # nested runs (training) land in the active experiment
         end_stale_runs(exp)
+        self._unfinished(uri)
         parent = sweep_parent(exp, *sweep, self.results_dir) if sweep else None
         from src.provenance import git_state, package_versions
 
@@ -267,6 +372,7 @@ class Tracker:
             self._wandb.define_metric("*", step_metric="iteration")
         log.info("tracking: MLflow run %s in %s", self.run_id, store_uri(self.cfg, self.results_dir))
 
+    @_tracked
     def metrics(self, values: dict[str, float | int | None], step: int) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and v != v)}
         if not clean:
@@ -278,24 +384,28 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.log({**clean, "iteration": step})
 
+    @_tracked
     def tags(self, values: dict[str, str]) -> None:
         if self.active:
             import mlflow
 
             mlflow.set_tags(values)
 
+    @_tracked
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
             import mlflow
 
             mlflow.log_artifact(str(path), artifact_path)
 
+    @_tracked
     def text(self, text: str, artifact_file: str) -> None:
         if self.active:
             import mlflow
 
             mlflow.log_text(text, artifact_file)
 
+    @_tracked
     def table(self, rows: list[dict], artifact_file: str) -> None:
         """A sample of a stage's rows as an MLflow table (the full data is the jsonl artifact)."""
         if not self.active or not rows or self.cfg.sample_rows <= 0:
@@ -306,6 +416,7 @@ class Tracker:
         sample = [{k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows[: self.cfg.sample_rows]]
         mlflow.log_table(pd.DataFrame(sample), artifact_file=artifact_file)
 
+    @_tracked
     def dataset(self, rows: list[dict], name: str, source: str, context: str) -> None:
         """An input of the run (the instruction pool it selected, a benchmark slice) as an MLflow dataset: the
         UI's "Datasets used" column, with a digest that changes when the rows do."""
@@ -327,6 +438,7 @@ class Tracker:
                 raise
             mlflow.log_input(data, context=context)
 
+    @_tracked
     def model(self, role: str, path: Path, digest: str, artifact: bool = False) -> None:
         """Which weights a run used: `weights.<role>` (hash, `models.weights.weights_hash`) and `weights.<role>.path` as
         tags; with `artifact`, the directory itself under models/<role>/ (a LoRA adapter: megabytes, and the only
@@ -347,7 +459,7 @@ class Tracker:
             return
         import mlflow
 
-        mlflow.start_run(run_name=name, nested=True, tags={"ste.kind": "train", "ste.proc": process_id(), **(tags or {})})
+        self._call(mlflow.start_run, run_name=name, nested=True, tags={"ste.kind": "train", "ste.proc": process_id(), **(tags or {})})
         status = "FAILED"
         try:
             yield True
@@ -356,16 +468,27 @@ class Tracker:
             # SIGTERM (job.Terminated) and Ctrl-C end the child as its parent ends: KILLED, not FAILED (mlflow's own
             # context manager calls any exception FAILED)
             status = "FAILED" if isinstance(e, Exception) else "KILLED"
+            lost = self._lost(e) if isinstance(e, Exception) else e  # TRL's MLflowCallback logs to the server too
+            if lost is not e:
+                raise lost from None
             raise
         finally:
-            mlflow.end_run(status=status)
+            if self.lost is None:
+                self._call(mlflow.end_run, status=status)
+
+    @_tracked
+    def _call(self, fn, *args, **kwargs):
+        """An MLflow call outside the logging methods (a child run's start and end, the run's end)."""
+        return fn(*args, **kwargs)
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.active:
-            import mlflow
+        try:
+            if self.active:  # not after the server was lost: the end would only cost its retries
+                import mlflow
 
-            mlflow.end_run(status=status)
-        if self._wandb is not None:
-            self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
-            self._wandb = None
-        self.run_id = None
+                self._call(mlflow.end_run, status=status)
+        finally:
+            if self._wandb is not None:
+                self._wandb.finish(exit_code=0 if status == "FINISHED" else 1)
+                self._wandb = None
+            self.run_id = None

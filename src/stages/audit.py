@@ -123,16 +123,18 @@ def run(cfg: AuditConfig, dataset: DatasetConfig, data_root: str, instructions: 
     if not rows and not tests:
         raise ValueError(f"audit=execute: none of the {len(pairs)} pairs of dataset={dataset.name} has a reference answer "
                          "(dataset.sources[].reference_field) or unit tests (HumanEval test/entry_point, MBPP test_list)")
-    isolated = []
+    isolated, capped = [], []
     for p in todo:
         if p.id not in tests:
             continue
         ran = {role: sandbox.run(rules.code_program(tests[p.id], getattr(p, role)), cfg.sandbox) for role in ("chosen", "rejected")}
         isolated += [r.network_isolated for r in ran.values()]
+        capped += [r.cgroup != "none" for r in ran.values()]
         rows.append({"pair_id": p.id, "split": p.split, "reference": "unit tests",
                      **{f"{role}_{k}": v for role, r in ran.items() for k, v in
                         (("status", r.status), ("seconds", r.seconds), ("stderr", r.stderr_tail[-500:]))},
                      "network_isolated": all(r.network_isolated for r in ran.values()),
+                     "cgroup": ran["chosen"].cgroup if ran["chosen"].cgroup == ran["rejected"].cgroup else "none",
                      "outcome": rules.cell(ran["chosen"].status == "passed", ran["rejected"].status == "passed")})
     stats = {**stats, **rules.audit_stats(r["outcome"] for r in rows)}
     executed = [r for r in rows if r["reference"] == "unit tests"]
@@ -141,8 +143,9 @@ def run(cfg: AuditConfig, dataset: DatasetConfig, data_root: str, instructions: 
         statuses = [r[f"{role}_status"] for r in executed for role in ("chosen", "rejected")]
         stats.update({f"audit/exec/{s}": statuses.count(s) / len(statuses) for s in sandbox.STATUSES})
         stats["audit/exec/network_isolated"] = float(all(isolated))
-    log.info("audit: %d pairs by answer, %d by unit tests (network namespace: %s)", len(rows) - len(executed), len(executed),
-             "yes" if isolated and all(isolated) else "no" if isolated else "n/a")
+        stats["audit/exec/cgroup"] = float(all(capped))  # memory and tasks capped over all of a program's processes
+    log.info("audit: %d pairs by answer, %d by unit tests (network namespace: %s; cgroup totals: %s)", len(rows) - len(executed),
+             len(executed), *("yes" if xs and all(xs) else "no" if xs else "n/a" for xs in (isolated, capped)))
     return rows, stats
 
 
