@@ -33,8 +33,9 @@ def _expected() -> tuple[type[BaseException], ...]:
     from src.config import ConfigError
     from src.data import DataError
     from src.job import NotRunnableHere
+    from src.shards import ShardsFailed
 
-    return ConfigError, DataError, CacheError, NotRunnableHere
+    return ConfigError, DataError, CacheError, NotRunnableHere, ShardsFailed
 
 
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:

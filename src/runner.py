@@ -88,6 +88,9 @@ class Runner:
         gpu = "vllm" in (job.seed.backend, job.judge.backend)
         self.pool = ModelPool(model_cache, capacity=1 if gpu else 2)
         self.hits: dict[str, int] = {}
+        # Set by src/job.py (pipeline.workers > 1 or executor=slurm) and in a shard worker (src/shards.py): called
+        # before a stage is computed, it has workers compute the stage's missing shards.
+        self.sharding = None
 
     def stage(self, step: Step, compute: Callable[[Partial], tuple[list[dict] | None, dict]]) -> tuple[list[dict] | None, dict, bool]:
         """(rows, meta, cached). `compute` gets the partial directory and returns (rows, stats)."""
@@ -99,6 +102,8 @@ class Runner:
             return compute(partial)
 
         meta = {"iteration": step.iteration, "model": step.model, "config": step.meta_config}
+        if self.sharding is not None:
+            self.sharding.before(step, compute)
         cached = self.cache.compute_once(step.stage, step.key, logged, meta)
         if cached:
             log.info("%s: cached (key %s), reused", name, step.key)
@@ -161,13 +166,17 @@ class Runner:
         for st in steps:
             if st.stage == "classify":
                 continue  # its units are computed by select as it scans the pool (select's input, by key)
-            if st.stage in evaluate.BENCHMARKS:
-                final.update(self._benchmark(st))
-            else:
-                getattr(self, f"_{st.stage}")(st)
+            final.update(self.one(st))
         self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
         self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, self.job.iterations)
         return final
+
+    def one(self, st: Step) -> dict[str, float]:
+        """One step (its stage's method); a benchmark returns its stats."""
+        if st.stage in evaluate.BENCHMARKS:
+            return self._benchmark(st)
+        getattr(self, f"_{st.stage}")(st)
+        return {}
 
     def _inputs(self, st: Step) -> dict[str, Any]:
         """The outputs a step reads, by the (stage, key) its plan names: records, or for select the classification
@@ -178,7 +187,16 @@ class Runner:
                 for name, (stage, key) in st.inputs.items()}
 
     def _model(self, st: Step) -> Generator:
-        return self.pool.get(st.spec, self._adapter(st.adapter))
+        """The step's model, loaded on first use (`_LazyModel`): a stage whose chunks are all saved (by shard
+        workers, or an earlier attempt) never loads it."""
+        adapter: list[Path | None] = []
+
+        def load() -> Generator:
+            if not adapter:
+                adapter.append(self._adapter(st.adapter))
+            return self.pool.get(st.spec, adapter[0])
+
+        return _LazyModel(st.spec, load)  # type: ignore[return-value]
 
     def _adapter(self, train_key: str | None) -> Path | None:
         return train.weights(self.cache, train_key)
@@ -296,6 +314,17 @@ class Runner:
             out[f"{st.stage}/position/flips_to_correct"] = f["flips_to_correct"]
             out[f"{st.stage}/position/flips_to_wrong"] = f["flips_to_wrong"]
         return out
+
+
+class _LazyModel:
+    """A step's model, loaded on first attribute use (through the pool, which keeps it across stages): `spec`, all a
+    stage reads before its first chunk, needs no load."""
+
+    def __init__(self, spec: ModelSpec, load: Callable[[], Generator]):
+        self.spec, self._load = spec, load
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._load(), name)
 
 
 def _records(result: tuple[list, dict]) -> tuple[list[dict], dict]:
