@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,9 @@ def preflight(job: Job, build: bool = False) -> list[str]:
             check_readable(resolve(source, job.data_root))
     if job.audit.execute:  # opt-in code execution on a pool with neither unit tests nor references: say so now
         audit.check_auditable(job.dataset, job.data_root)
+    if job.pipeline.executor == "slurm" and not shutil.which("sbatch"):  # the arrays are submitted from this machine
+        problems.append("pipeline.executor=slurm: no sbatch on PATH; start the job where SLURM's commands are (a login "
+                        "or compute node), or use pipeline.executor=local")
     if job.iterations:  # a multi-node launch needs the nodes and srun now, not at the first train stage
         problems += launch.allocation_problems(job.launch, os.environ)
     if job.iterations and job.train.peft == "none" and job.judge.backend == "llamacpp":

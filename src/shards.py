@@ -157,6 +157,8 @@ class Driver:
 
 def _why(job) -> str | None:
     """A failed worker's reason, one line (None for a worker that ended well)."""
+    if not job.paths.result_pickle.exists():  # killed, or a lost node: submitit would wait for it (15 s or more)
+        return f"{job.job_id}: ended without a result (state {job.state}; killed, out of memory, or a lost node)"
     try:
         exc = job.exception()
     except Exception as e:  # noqa: BLE001 - a task that left no result at all (killed, lost node)
