@@ -230,7 +230,7 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
               + "\n" + schedule.describe(job) + "\n" + estimate.describe_budgets(job)
-              + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
+              + "\n" + estimate.describe(job, str(job.data_root)) + "\n" + estimate.describe_shards(job, str(job.data_root)), flush=True)
     if over:
         raise ConfigError(f"train/launch: {over}; choose a launch that fits (docs/gpus-and-vllm.md)")
     if job.pipeline.dry_run:
