@@ -36,10 +36,25 @@ class CacheError(RuntimeError):
     """A cached output is damaged; the message names the file."""
 
 
+class ChunkPlan(Exception):
+    """Raised by `run_chunked` on a probing partial (`Partial.probe`) before it computes anything: how many chunks
+    the stage has, which are saved and verified, and how many items it has (src/shards.py sizes its work by it)."""
+
+    def __init__(self, total: int, saved: set[int], items: int):
+        super().__init__(f"{total} chunks, {len(saved)} saved")
+        self.total, self.saved, self.items = total, saved, items
+
+
+class ChunksDone(Exception):
+    """Raised by `run_chunked` on a partial restricted to some chunks (`Partial.only`, a shard worker) once those are
+    saved: the stage's own post-processing needs every chunk, and the worker never commits."""
+
+
 def fault_point(stage: str, point: str) -> None:
     """Fault injection for the test suite: STE_FAULT_KILL=<stage>:<point> SIGKILLs this process there
     (STE_FAULT_RAISE=... raises an unexpected error instead, STE_FAULT_ENOSPC=... a full disk)
-    (points: `chunk`, after a chunk is saved; `commit`, when the output is complete but not yet published)."""
+    (points: `chunk`, after a chunk is saved, and `chunk<index>` after chunk <index> is saved, which kills only the
+    shard worker saving it; `commit`, when the output is complete but not yet published)."""
     if os.environ.get("STE_FAULT_KILL") == f"{stage}:{point}":
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("STE_FAULT_RAISE") == f"{stage}:{point}":  # an unexpected error, for the error-report test
@@ -112,6 +127,10 @@ class Partial:
         self.dir = final.with_name(final.name + ".partial")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.chunk_dir = self.dir / "chunks"
+        # Set by src/shards.py: `only` restricts `run_chunked` to these chunk indices (a shard worker), `probe` makes
+        # it report the stage's chunks (ChunkPlan) and compute nothing (the driver sizing the work).
+        self.only: frozenset[int] | None = None
+        self.probe = False
 
     def _files(self) -> list[Path]:
         return sorted(self.chunk_dir.glob("[0-9]*-*.jsonl")) if self.chunk_dir.exists() else []
@@ -160,6 +179,10 @@ class Partial:
     def has_saved(self) -> bool:
         return bool(self._files())
 
+    def saved_indices(self) -> set[int]:
+        """Indices of the chunk files present, by name only (progress counts; `saved` verifies)."""
+        return {int(f.name.partition("-")[0]) for f in self._files()}
+
     def save(self, index: int, rows: list[dict]) -> Path:
         """Chunk `index`, whole or not at all (temporary name, fsync, rename, fsync of the directory)."""
         data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
@@ -177,20 +200,48 @@ class Partial:
         finally:
             os.close(fd)
         fault_point(self.stage, "chunk")
+        fault_point(self.stage, f"chunk{index}")
         return path
 
     def commit(self, rows: Iterable[dict] | None, meta: dict) -> Path:
+        """Publish the partial directory as the output. Two processes may commit the same key at once (a
+        re-submitted driver on another node, where flock does not reach): files are replaced whole, never rewritten
+        in place, and a directory rename onto a non-empty one fails; so the first rename wins, and the other finds a
+        valid output there and discards its own, never moving a good output aside."""
         if rows is not None:
-            meta = {**meta, "rows": write_jsonl(self.dir / "data.jsonl", rows)}
+            meta = {**meta, "rows": _write_whole(self.dir / "data.jsonl", lambda p: write_jsonl(p, rows))}
         shutil.rmtree(self.chunk_dir, ignore_errors=True)  # merged into the output's own files
         (self.dir / "chunks.jsonl.unverified").unlink(missing_ok=True)  # an earlier version's, set aside by `saved`
         meta = {**meta, "files": manifest(self.dir)}
-        (self.dir / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        _write_whole(self.dir / META, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str)))
         fault_point(self.stage, "commit")
+        if self.final.exists() and self._committed_by_another():
+            return self.final
         if self.final.exists():  # a damaged output that nobody quarantined: never merge into it
             quarantine(self.final, "replaced by a fresh computation")
-        os.replace(self.dir, self.final)
+        try:
+            os.rename(self.dir, self.final)
+        except OSError:
+            if self.final.exists() and self._committed_by_another():
+                return self.final
+            raise
         return self.final
+
+    def _committed_by_another(self) -> bool:
+        """The output appeared while this process computed it: keep it (when valid) and drop this copy."""
+        if check(self.final) is not None:
+            return False
+        shutil.rmtree(self.dir, ignore_errors=True)
+        log.info("cache: %s was committed by another process meanwhile; its output is kept and this copy discarded", self.final)
+        return True
+
+
+def _write_whole(path: Path, write: Callable[[Path], Any]) -> Any:
+    """`write(tmp)` then rename over `path`: a reader (or a second committer) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.uname().nodename}-{os.getpid()}.tmp")
+    out = write(tmp)
+    os.replace(tmp, path)
+    return out
 
 
 def quarantine(path: Path, reason: str) -> Path:
@@ -249,7 +300,10 @@ def run_chunked(
     """Rows for every item, in chunk order: chunk c is `process(items[c*chunk_size:(c+1)*chunk_size])`, saved as
     it completes. Chunks an earlier (killed) attempt saved and that pass their check are reused, so the others are
     computed at the same boundaries as in an unbroken run, whichever chunks are missing. A saved chunk whose rows
-    name items outside it (saved under other item orders or sizes) is computed again."""
+    name items outside it (saved under other item orders or sizes) is computed again.
+
+    A shard worker's partial (`only`) computes just those chunks and raises ChunksDone; a probing one raises
+    ChunkPlan before computing anything (src/shards.py)."""
     from tqdm import tqdm
 
     chunks = [list(items[start : start + chunk_size]) for start in range(0, len(items), chunk_size)]
@@ -259,13 +313,19 @@ def run_chunked(
             saved[c] = rows
         else:
             log.warning("cache: saved chunk %d of %s holds other items than chunk %d of this run; computed again", c, partial.dir, c)
-    with tqdm(total=len(items), initial=sum(len(chunks[c]) for c in saved), desc=desc, unit=unit) as bar:
+    if partial.probe:
+        raise ChunkPlan(len(chunks), set(saved), len(items))
+    only = partial.only
+    scope = [c for c in range(len(chunks)) if only is None or c in only]
+    with tqdm(total=sum(len(chunks[c]) for c in scope), initial=sum(len(chunks[c]) for c in scope if c in saved), desc=desc, unit=unit) as bar:
         for c, chunk in enumerate(chunks):
-            if c in saved:
+            if c in saved or (only is not None and c not in only):
                 continue
             saved[c] = process(chunk)
             partial.save(c, saved[c])
             bar.update(len(chunk))
+    if only is not None:
+        raise ChunksDone()
     return [r for c in range(len(chunks)) for r in saved[c]]
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from src.plan import describe, plan
 from src.pool import DatasetConfig
 from src.rules.filters import FilterConfig
 from src.runner import Runner
+from src import shards
+from src.shards import EXECUTORS, SlurmConfig
 from src.stages import audit, evaluate, select
 from src.stages.audit import AuditConfig
 from src.stages.evaluate import EvalConfig
@@ -46,6 +49,11 @@ class PipelineConfig:
     model_cache_dir: str | None = None
     chunk_size: int = knob(16, "prompts per saved chunk", min=1)
     vllm_chunk_size: int = knob(1024, "prompts per saved chunk on the vLLM backend (one engine call)", min=1)
+    # Workers (src/shards.py, docs/slurm-cluster.md). None of these is in any key: a worker count never changes an output.
+    executor: str = "local"  # local: worker processes on this machine | slurm: one SLURM job array per stage
+    workers: int = knob(1, "workers computing a generation stage's shards at once (local, 1: in the job's own process)", min=1, max=4096)
+    shard_size: int | None = knob(None, "prompts per shard, a multiple of the stage's chunk (null: one chunk)", min=1)
+    slurm: SlurmConfig = dataclasses.field(default_factory=SlurmConfig)
 
     def chunk_for(self, spec: ModelSpec) -> int:
         """Prompts per stage call (one saved chunk) with this model. The HF backend batches inside a chunk, so a
@@ -54,9 +62,27 @@ class PipelineConfig:
         It is part of the stage keys that depend on it (generate, evaluate): batched arithmetic is not bit-invariant."""
         return self.vllm_chunk_size if spec.backend == "vllm" else self.chunk_size
 
+    def chunks_per_shard(self, spec: ModelSpec) -> int:
+        """Chunks in one shard of a stage run by `spec`: shards are whole chunks, so a shard's output is the one an
+        unsharded run saves for those chunks (chunk boundaries are in generate's and evaluate's keys)."""
+        chunk = self.chunk_for(spec)
+        if self.shard_size is None:
+            return 1
+        if self.shard_size % chunk:
+            raise ConfigError(f"pipeline.shard_size={self.shard_size}: must be a multiple of the chunk of {spec.name} "
+                              f"({chunk}, pipeline.{'vllm_' if spec.backend == 'vllm' else ''}chunk_size)")
+        return self.shard_size // chunk
+
+    @property
+    def sharded(self) -> bool:
+        """Generation stages go to workers: on SLURM always (the job holds no GPU), locally from 2 workers."""
+        return self.executor == "slurm" or self.workers > 1
+
     def validate(self, where: str) -> None:
         if self.first_judge not in ("seed", "judge"):
             raise ConfigError(f"{where}.first_judge={self.first_judge!r}: use seed or judge")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"{where}.executor={self.executor!r}: use {' or '.join(EXECUTORS)}")
 
 
 @dataclass
@@ -143,6 +169,9 @@ def preflight(job: Job, build: bool = False) -> list[str]:
             check_readable(resolve(source, job.data_root))
     if job.audit.execute:  # opt-in code execution on a pool with neither unit tests nor references: say so now
         audit.check_auditable(job.dataset, job.data_root)
+    if job.pipeline.executor == "slurm" and not shutil.which("sbatch"):  # the arrays are submitted from this machine
+        problems.append("pipeline.executor=slurm: no sbatch on PATH; start the job where SLURM's commands are (a login "
+                        "or compute node), or use pipeline.executor=local")
     if job.iterations:  # a multi-node launch needs the nodes and srun now, not at the first train stage
         problems += launch.allocation_problems(job.launch, os.environ)
     if job.iterations and job.train.peft == "none" and job.judge.backend == "llamacpp":
@@ -193,13 +222,15 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     if job.audit.judge and as_dict(job.audit.model) == as_dict(job.seed):
         log.warning("audit.model is the seed model (%s): the audit judge then grades its own pairs; pick another with "
                     "model@audit.model=<preset>", job.seed.name)
+    for spec in (job.seed, job.judge, *((job.audit.model,) if job.audit.judge else ())):
+        job.pipeline.chunks_per_shard(spec)  # a shard_size that cuts a chunk: one line now
     steps = plan(job)
     problems = preflight(job, build=not job.pipeline.dry_run)
     over = memory.over_budget(memory.train_estimate(job.launch, job.train, job.judge), job.launch) if job.iterations else None
     if job.pipeline.dry_run:
         print(describe(job, steps, choices, problems) + "\n" + launch.describe(job.launch, job.train, job.judge, job.seed)
               + "\n" + schedule.describe(job) + "\n" + estimate.describe_budgets(job)
-              + "\n" + estimate.describe(job, str(job.data_root)), flush=True)
+              + "\n" + estimate.describe(job, str(job.data_root)) + "\n" + estimate.describe_shards(job, str(job.data_root)), flush=True)
     if over:
         raise ConfigError(f"train/launch: {over}; choose a launch that fits (docs/gpus-and-vllm.md)")
     if job.pipeline.dry_run:
@@ -218,6 +249,8 @@ def run_job(cfg: DictConfig, choices: dict[str, str], sweep: tuple[str, str] | N
     tracker.start(name, {**job_params(cfg, choices), **judging.prompt_params(judging=job.judging.prompt, eval=job.eval.prompt)}, tags, sweep)
     status = "FAILED"
     runner = Runner.for_job(job, tracker)
+    if job.pipeline.sharded:  # generation stages' shards go to workers; this process only merges and commits
+        runner.sharding = shards.Driver(job, runner.cache, runner.pool.close)
     previous = _end_on_sigterm()
     try:
         tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")  # the job config (Hydra's own is not in it)

@@ -33,9 +33,10 @@ def _expected() -> tuple[type[BaseException], ...]:
     from src.config import ConfigError
     from src.data import DataError
     from src.job import NotRunnableHere
+    from src.shards import ShardsFailed
     from src.tracking import TrackingLost
 
-    return ConfigError, DataError, CacheError, NotRunnableHere, TrackingLost
+    return ConfigError, DataError, CacheError, NotRunnableHere, TrackingLost, ShardsFailed
 
 
 def job_context() -> tuple[dict[str, str], tuple[str, str] | None, list[str]]:

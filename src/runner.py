@@ -87,6 +87,9 @@ class Runner:
         gpu = any(m.backend == "vllm" for m in models.values())
         self.pool = ModelPool(model_cache_dir, capacity=1 if gpu else 2)
         self.hits: dict[str, int] = {}
+        # Set by src/job.py (pipeline.workers > 1 or executor=slurm) and in a shard worker (src/shards.py): called
+        # before a stage is computed, it has workers compute the stage's missing shards.
+        self.sharding = None
 
     @classmethod
     def for_job(cls, job: Job, tracker: Tracker) -> Runner:
@@ -103,6 +106,8 @@ class Runner:
             return compute(partial)
 
         meta = {"iteration": step.iteration, "model": step.model, "config": step.meta_config}
+        if self.sharding is not None:
+            self.sharding.before(step, compute)
         cached = self.cache.compute_once(step.stage, step.key, logged, meta)
         if cached:
             log.info("%s: cached (key %s), reused", name, step.key)
@@ -116,19 +121,23 @@ class Runner:
         final: dict[str, float] = {}
         self._log_base_weights()
         for st in steps:
-            declared = STAGES[st.stage]
-            if declared.execute is None:
-                continue  # computed by another stage (classify: by select as it scans the pool)
-            rows, meta, cached = self.stage(st, lambda p, st=st: declared.execute(st, self._context(st, p)))
-            self._log_stage(st, meta, cached, rows, declared)
-            if declared.weights:
-                self._log_trained_weights(st, meta)
-            if declared.benchmark:
-                final.update(self._log_benchmark(st, rows or [], meta))
+            final.update(self.one(st))
         self.tracker.tags({"ste.cache_hits": ",".join(f"{k}={v}" for k, v in self.hits.items())})
         last = max((s.iteration for s in steps), default=0)
         self.tracker.metrics({"cache/hits": float(sum(self.hits.values())), "cache/stages": float(len(self.hits))}, last)
         return final
+
+    def one(self, st: Step) -> dict[str, float]:
+        """One step, computed (or read from the cache) and logged; a benchmark returns its stats as
+        `<metric>@iter<k>`. A shard worker (src/shards.py) runs just this."""
+        declared = STAGES[st.stage]
+        if declared.execute is None:
+            return {}  # computed by another stage (classify: by select as it scans the pool)
+        rows, meta, cached = self.stage(st, lambda p: declared.execute(st, self._context(st, p)))
+        self._log_stage(st, meta, cached, rows, declared)
+        if declared.weights:
+            self._log_trained_weights(st, meta)
+        return self._log_benchmark(st, rows or [], meta) if declared.benchmark else {}
 
     def _context(self, st: Step, partial: Partial) -> Context:
         return Context(self.cache, partial, self.data_root, inputs=lambda: self._inputs(st), model=lambda: self._model(st),
@@ -139,7 +148,16 @@ class Runner:
         return {name: STAGES[stage].read(self.cache, key, st) for name, (stage, key) in st.inputs.items()}
 
     def _model(self, st: Step) -> Generator:
-        return self.pool.get(st.spec, Path(st.adapter_dir) if st.adapter_dir else self._adapter(st.adapter))
+        """The step's model, loaded on first use (`_LazyModel`): a stage whose chunks are all saved (by shard
+        workers, or an earlier attempt) never loads it."""
+        adapter: list[Path | None] = []
+
+        def load() -> Generator:
+            if not adapter:
+                adapter.append(Path(st.adapter_dir) if st.adapter_dir else self._adapter(st.adapter))
+            return self.pool.get(st.spec, adapter[0])
+
+        return _LazyModel(st.spec, load)  # type: ignore[return-value]
 
     def _adapter(self, train_key: str | None) -> Path | None:
         return train.weights(self.cache, train_key)
@@ -226,3 +244,14 @@ class Runner:
             out[f"{st.stage}/position/flips_to_correct"] = f["flips_to_correct"]
             out[f"{st.stage}/position/flips_to_wrong"] = f["flips_to_wrong"]
         return out
+
+
+class _LazyModel:
+    """A step's model, loaded on first attribute use (through the pool, which keeps it across stages): `spec`, all a
+    stage reads before its first chunk, needs no load."""
+
+    def __init__(self, spec: ModelSpec, load: Callable[[], Generator]):
+        self.spec, self._load = spec, load
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._load(), name)

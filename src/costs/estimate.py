@@ -125,6 +125,34 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
     train_work = Work(train=examples * min(judge_prompt + judgment, job.train.max_length) * job.train.num_epochs)
 
     # evaluate, once per iteration and for the untrained judge: the benchmarks' own prompts when local
+    evaluation = Work()
+    for _, w in benchmark_work(job, upper, data_root).values():
+        evaluation += w
+
+    iters = job.iterations
+    first = "seed" if job.pipeline.first_judge == "seed" else "judge"
+    out = {"classify": ("seed", classify), "generate": ("seed", gen),
+           "evaluate": ("judge", Work(evaluation.prefill * (iters + 1), evaluation.decode * (iters + 1)))}
+    if iters:
+        out["judge (iteration 1)"] = (first, judge_work)
+        if iters > 1:
+            out["judge (iterations 2+)"] = ("judge", Work(judge_work.prefill * (iters - 1), judge_work.decode * (iters - 1)))
+        out["train"] = ("judge", Work(train=train_work.train * iters))
+    au = job.audit
+    if au.judge:  # every pair (train and held out) in both orders, k samples sharing one prefill, on the audit model
+        aprompt = min(_template_tokens(jtpl) + instr + 2 * min(answer, _tok(au.max_response_chars)), au.model.max_model_len - au.max_new_tokens)
+        out["audit judge"] = ("audit", Work(n * 2 * aprompt, n * 2 * au.k * _gen(au.max_new_tokens, TYPICAL["judgment"], upper)))
+    return out
+
+
+def benchmark_work(job, upper: bool, data_root: str | None = None) -> dict[str, tuple[float, Work]]:
+    """{benchmark: (judgments, Work)} of one evaluation of the judge: the benchmarks' own prompts when local."""
+    from src import judging
+    from src.stages import evaluate, generate
+
+    d, neg, ev = job.dataset, job.negatives, job.eval
+    instr = min(TYPICAL["instruction"], _tok(d.max_chars))
+    answer = _gen(neg.answer_max_new_tokens, TYPICAL["answer"], upper)
     etpl = judging.judge_template(ev.prompt, "eval.prompt")
     ejudgment = _gen(ev.max_new_tokens, TYPICAL["judgment"], upper)
     budget = job.judge.max_model_len - ev.max_new_tokens
@@ -134,12 +162,12 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
         x, a, b = parts
         return min(_template_tokens(etpl) + _tok(min(len(x), 2 * c) + min(len(a), c) + min(len(b), c)), budget)
 
-    evaluation = Work()
+    out = {}
     if ev.synthetic:
-        held = n * d.heldout_fraction * 2
+        held = d.limit * d.heldout_fraction * 2
         k = ev.synthetic_maj_k  # greedy, then (k > 1) k samples in a second call that prefills the prompt again
-        evaluation += Work(held * min(_template_tokens(etpl) + instr + 2 * min(answer, _tok(c)), budget) * (2 if k > 1 else 1),
-                           held * ejudgment * (1 + (k if k > 1 else 0)))
+        out["synthetic"] = (held, Work(held * min(_template_tokens(etpl) + instr + 2 * min(answer, _tok(c)), budget) * (2 if k > 1 else 1),
+                                       held * ejudgment * (1 + (k if k > 1 else 0))))
     for name, enabled, items_of in (("rewardbench", ev.rewardbench.enabled, evaluate.rewardbench_items),
                                     ("mtbench", ev.mtbench.enabled, evaluate.mtbench_items)):
         if not enabled:
@@ -156,22 +184,65 @@ def stage_work(job, upper: bool, data_root: str | None = None) -> dict[str, tupl
             count, prefill = len(items), sum(prompt_tokens(it.parts) for it in items)
         k = ev.rewardbench.maj_k if name == "rewardbench" else 1
         # greedy, then (maj_k > 1) k samples in a second call that prefills the prompt again
-        evaluation += Work(prefill * (2 if k > 1 else 1), count * ejudgment * (1 + (k if k > 1 else 0)))
-
-    iters = job.iterations
-    first = "seed" if job.pipeline.first_judge == "seed" else "judge"
-    out = {"classify": ("seed", classify), "generate": ("seed", gen),
-           "evaluate": ("judge", Work(evaluation.prefill * (iters + 1), evaluation.decode * (iters + 1)))}
-    if iters:
-        out["judge (iteration 1)"] = (first, judge_work)
-        if iters > 1:
-            out["judge (iterations 2+)"] = ("judge", Work(judge_work.prefill * (iters - 1), judge_work.decode * (iters - 1)))
-        out["train"] = ("judge", Work(train=train_work.train * iters))
-    au = job.audit
-    if au.judge:  # every pair (train and held out) in both orders, k samples sharing one prefill, on the audit model
-        aprompt = min(_template_tokens(jtpl) + instr + 2 * min(answer, _tok(au.max_response_chars)), au.model.max_model_len - au.max_new_tokens)
-        out["audit judge"] = ("audit", Work(n * 2 * aprompt, n * 2 * au.k * _gen(au.max_new_tokens, TYPICAL["judgment"], upper)))
+        out[name] = (count, Work(prefill * (2 if k > 1 else 1), count * ejudgment * (1 + (k if k > 1 else 0))))
     return out
+
+
+def shard_rows(job, data_root: str | None = None) -> list[dict] | None:
+    """The dry run's per-stage shard budget for the configured executor and worker count (src/shards.py): per
+    generation stage, how often it runs, its items and shards, the tokens it generates, its GPU-hours (all runs)
+    and its wall-clock with `pipeline.workers` shards at once (each task on its model's GPUs; the model load per
+    task not counted). None when a model's size is unknown."""
+    from src.costs.memory import model_shape
+
+    pipe, d = job.pipeline, job.dataset
+    train_items = d.limit * (1 - d.heldout_fraction) * (2 if job.judging.both_orders else 1)
+    first = job.seed if pipe.first_judge == "seed" else job.judge
+    work = stage_work(job, False, data_root)
+    runs = [("generate", job.seed, 1, d.limit, work["generate"][1])]
+    if job.audit.judge:
+        runs.append(("audit_judge", job.audit.model, 1, d.limit * 2, work["audit judge"][1]))
+    if job.iterations:
+        jw = work["judge (iteration 1)"][1]
+        runs.append(("judge (iter 1)", first, 1, train_items, jw))
+        if job.iterations > 1:
+            runs.append(("judge (iter 2+)", job.judge, job.iterations - 1, train_items, jw))
+    for name, (count, w) in benchmark_work(job, False, data_root).items():
+        runs.append((name, job.judge, job.iterations + 1, count, w))
+    workers = pipe.workers if pipe.sharded else 1
+    rows = []
+    for stage, spec, n, items, w in runs:
+        shard = pipe.chunk_for(spec) * pipe.chunks_per_shard(spec)
+        shards = max(1, -(-int(round(items)) // shard))
+        row = {"stage": stage, "runs": n, "items": items, "shards": shards, "tokens": w.decode * n, "gpu_hours": None, "wall_hours": None}
+        if on_gpu(spec):
+            shape = model_shape(spec)
+            if shape is None:
+                return None
+            h = gpu_hours(w, (shape.active_b or shape.params_b) * 1e9)  # one run
+            per_shard = h / shards / gpus_of(spec)
+            row.update(gpu_hours=h * n, wall_hours=n * per_shard * -(-shards // workers))
+        rows.append(row)
+    return rows
+
+
+def describe_shards(job, data_root: str | None = None) -> str:
+    rows = shard_rows(job, data_root)
+    pipe = job.pipeline
+    head = (f"  shards (estimate: throughput as in the gpu-hours line; generation stages only; pipeline.executor={pipe.executor} pipeline.workers={pipe.workers}, "
+            f"pipeline.shard_size={pipe.shard_size or 'one chunk'}):")
+    if rows is None:
+        return head + " unknown model size (not estimated)"
+    lines = [head, f"    {'stage':<16} {'runs':>4} {'items/run':>10} {'shards/run':>10} {'gen tokens':>11} {'GPU-h':>8} {'wall-clock':>11}"]
+    for r in rows:
+        gh = "cpu" if r["gpu_hours"] is None else f"{r['gpu_hours']:,.1f}"
+        wall = "-" if r["wall_hours"] is None else f"{r['wall_hours']:,.2f} h"
+        lines.append(f"    {r['stage']:<16} {r['runs']:>4} {r['items']:>10,.0f} {r['shards']:>10,} {r['tokens'] / 1e6:>10,.1f}M {gh:>8} {wall:>11}")
+    gpu = [r for r in rows if r["gpu_hours"] is not None]
+    if gpu:
+        lines.append(f"    {'total':<16} {'':>4} {'':>10} {'':>10} {sum(r['tokens'] for r in rows) / 1e6:>10,.1f}M "
+                     f"{sum(r['gpu_hours'] for r in gpu):>8,.1f} {sum(r['wall_hours'] for r in gpu):>9,.2f} h")
+    return "\n".join(lines)
 
 
 def _local(source: str, data_root: str) -> bool:

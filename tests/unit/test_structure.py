@@ -3,7 +3,7 @@ form no circle. Every import counts (a lazy one inside a function too), except t
 which never run. A new module joins a layer here; an import against the arrows fails with the edge named.
 
     entry points   src.main, src.cli.*, src.report.*
-    driver         src.job -> src.plan, src.runner
+    driver         src.job -> src.plan, src.runner, src.shards
     costs, launch  src.costs.*, src.launch
     stages         src.stages.* (none imports another)
     libraries      src.judging, src.classification, src.tracking, src.step (the plan / Runner / stage contract)
@@ -24,7 +24,7 @@ LAYERS = [
     ["src.judging", "src.classification", "src.tracking", "src.step"],
     ["src.stages"],
     ["src.costs", "src.launch"],
-    ["src.plan", "src.runner", "src.job"],
+    ["src.plan", "src.runner", "src.shards", "src.job"],
     ["src.report", "src.cli", "src.main"],
 ]
 
