@@ -13,7 +13,6 @@ from src import launch
 from src.benchmarks import HEADLINE_METRIC
 from src.cache import Partial, StageCache
 from src.config import as_dict
-from src.data import resolve
 from src.models import gpu_memory
 from src.models.base import Generator, ModelSpec
 from src.plan import STAGES
@@ -177,22 +176,11 @@ class Runner:
         if rows is not None:
             self.tracker.artifact(data, f"data/{prefix}")
         self.tracker.table(rows or [], f"tables/{prefix}.json")
-        if rows and step.iteration == 0 and (step.stage == "select" or declared.benchmark):  # the run's inputs
-            self.tracker.dataset(input_rows(rows), step.stage, self._input_source(step), "training" if step.stage == "select" else "evaluation")
+        if rows and step.iteration == 0 and declared.input:  # the run's inputs
+            self.tracker.dataset(input_rows(rows), step.stage, declared.source(step, self.cache, self.data_root), declared.input)
         metrics = {f"time/{step.stage}": 0.0 if cached else meta["seconds"], f"cache_hit/{step.stage}": float(cached)}
         metrics.update({k: v for k, v in declared.logged(meta["stats"]).items() if isinstance(v, (int, float))})
         self.tracker.metrics(metrics, step.iteration)
-
-    def _input_source(self, step: Step) -> str:
-        """Where a logged input slice came from: the pool's files, a benchmark's file (or hub id), the pairs' cache."""
-        if step.stage == "select":
-            return ", ".join(str(resolve(s.path, self.data_root)) if s.path else f"{s.hf_id}@{s.revision or 'main'}"
-                             for s in step.config.sources)
-        if "pairs" in step.inputs:
-            return str(self.cache.path(*step.inputs["pairs"]))  # the held-out pairs' generate output
-        source = getattr(step.config, step.stage).source
-        local = resolve(source, self.data_root)
-        return str(local) if local.exists() else source
 
     def _log_base_weights(self) -> None:
         """Provenance: the base models' weights (directory + hash) as tags of the run."""

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from src.cache import Partial, StageCache
 from src.config import as_dict
 from src.models.base import Generator, ModelSpec
+from src.records import from_dict, to_dict
 
 
 @dataclass
@@ -71,7 +72,9 @@ class Stage:
     scans the pool). `config_part(config)`: what the cache meta records of the step's config. `logged(stats)`: the
     metrics it logs at step = iteration (numbers only are kept). `read(cache, key, reader)`: its output as a later
     step (`reader`) sees it (None: no stage reads it). `benchmark`: an evaluation, whose stats the job returns
-    and whose verdict drift is logged. `weights`: it produces trained weights (logged as provenance)."""
+    and whose verdict drift is logged. `weights`: it produces trained weights (logged as provenance). `input`: the
+    run's inputs are its rows at iteration 0, logged as an MLflow dataset in this context ("training" or
+    "evaluation"), from where `source(step, cache, data_root)` says."""
 
     execute: Callable[[Step, Context], tuple[list[dict] | None, dict]] | None
     config_part: Callable[[Any], dict] = as_dict
@@ -79,18 +82,16 @@ class Stage:
     read: Callable[[StageCache, str, Step], Any] | None = None
     benchmark: bool = False
     weights: bool = False
+    input: str | None = None
+    source: Callable[[Step, StageCache, str], str] | None = None
 
 
 def records(stage: str, record_type: type) -> Callable[[StageCache, str, Step], list]:
     """A reader of `stage`'s rows as `record_type` records."""
-    from src.records import from_dict
-
     return lambda cache, key, reader: [from_dict(record_type, r) for r in cache.rows(stage, key)]
 
 
 def as_rows(result: tuple[list, dict]) -> tuple[list[dict], dict]:
     """(records, stats) -> (rows, stats): what `execute` returns for the cache."""
-    from src.records import to_dict
-
     records_, stats = result
     return [to_dict(r) for r in records_], stats

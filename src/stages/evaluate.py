@@ -29,7 +29,7 @@ from src.models.base import Generator, ModelSpec, SamplingConfig, model_id
 from src.records import ORDERS, EvalItem, Pair, chosen_label, from_dict, to_dict
 from src.rules.verdicts import fastchat_verdict, parse_verdict, rewardbench_verdict
 from src.judging import fit_prompts, is_clipped, judge_prompts, judge_template, orders_for, pair_parts, token_budget, item_seed
-from src.data import benchmark_source, source_fingerprint
+from src.data import benchmark_source, resolve, source_fingerprint
 from src.step import Context, Stage, Step, as_rows
 
 log = logging.getLogger(__name__)
@@ -364,5 +364,15 @@ def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
     return as_rows(run(step.stage, step.config, pairs, ctx.data_root, ctx.model(), ctx.partial, step.chunk))
 
 
+def source(step: Step, cache, data_root: str) -> str:
+    """Where a benchmark's items come from: its file (or hub id); the synthetic one's, the held-out pairs' cache."""
+    if "pairs" in step.inputs:
+        return str(cache.path(*step.inputs["pairs"]))
+    where = getattr(step.config, step.stage).source
+    local = resolve(where, data_root)
+    return str(local) if local.exists() else where
+
+
 # benchmark metrics are named already (rewardbench/...)
-STAGES = {name: Stage(execute, config_part=functools.partial(config_part, name), benchmark=True) for name in BENCHMARKS}
+STAGES = {name: Stage(execute, config_part=functools.partial(config_part, name), benchmark=True, input="evaluation", source=source)
+          for name in BENCHMARKS}

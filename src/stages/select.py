@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from src.cache import StageCache, make_key
 from src.config import as_dict
-from src.data import DataError
+from src.data import DataError, resolve
 from src.rules.decontamination import near_duplicate_groups
 from src.models.base import Generator, ModelSpec, model_id
 from src.prompts import text_fingerprint
@@ -212,5 +212,7 @@ def execute(step: Step, ctx: Context) -> tuple[list[dict], dict]:
 STAGES = {
     # classify's units are computed by select as it scans the pool (select reads them by key, and extends them)
     "classify": Stage(None, read=lambda cache, key, reader: cached_units(cache, key, reader.model)),
-    "select": Stage(execute, logged=prefixed("select/"), read=records("select", Instruction)),
+    "select": Stage(execute, logged=prefixed("select/"), read=records("select", Instruction), input="training",
+                    source=lambda step, cache, data_root: ", ".join(
+                        str(resolve(s.path, data_root)) if s.path else f"{s.hf_id}@{s.revision or 'main'}" for s in step.config.sources)),
 }

