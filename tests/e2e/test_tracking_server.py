@@ -146,12 +146,15 @@ def test_a_tracking_server_that_never_answers_stops_the_job_at_start_with_one_li
         tracking.check_server(uri, timeout=1.0)
 
 
-def test_a_tracking_server_that_dies_mid_run_stops_the_job_with_one_line_and_keeps_every_stage(tmp_path):
-    """Issue 21: a server that died mid-run cost 8 minutes of retries ending in a chain of up to 10 tracebacks.
-    The real CLI on the tiny model logs to a real server on 127.0.0.1, which is SIGKILLed once the first stage is
-    in the cache: the job stops within a bounded time with one line (no traceback), every stage computed before
-    the death is reused by a rerun without tracking, the run is noted in results_dir for the next job, and a job
-    on the server once it is back ends that run (KILLED) and clears the note."""
+@pytest.mark.parametrize("fault", ["dies", "hangs"])
+def test_a_tracking_server_lost_mid_run_stops_the_job_with_one_line_and_keeps_every_stage(tmp_path, fault):
+    """A server that died mid-run cost 8 minutes of retries ending in a chain of up to 10 tracebacks; one that hung
+    (accepting connections, never answering) 7 minutes and more. The real CLI on the tiny model logs to a real
+    server on 127.0.0.1, which is SIGKILLed (dies) or SIGSTOPped (hangs: its listening socket still accepts, nothing
+    answers) once the first stage is in the cache: the job stops within a bounded time with one line (no
+    traceback) and the run is noted in results_dir for the next job. For the dead server, also: every stage
+    computed before is reused by a rerun without tracking, and a job on the server once it is back ends that run
+    (KILLED) and clears the note."""
     from mlflow.tracking import MlflowClient
 
     from src.tracking import UNFINISHED
@@ -177,7 +180,10 @@ def test_a_tracking_server_that_dies_mid_run_stops_the_job_with_one_line_and_kee
             assert time.time() < deadline, "select never finished"
             time.sleep(0.1)
         before = {(m.parent.parent.name, m.parent.name): m.read_bytes() for m in (results / "cache").glob("*/*/meta.json")}
-        _stop_server(proc, signal.SIGKILL)
+        if fault == "dies":
+            _stop_server(proc, signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGSTOP)
         killed_at = time.time()
         out, err = running.communicate(timeout=400)  # MLflow's own defaults would retry for 8+ minutes per call
         took = time.time() - killed_at
@@ -185,16 +191,21 @@ def test_a_tracking_server_that_dies_mid_run_stops_the_job_with_one_line_and_kee
         if running.poll() is None:
             running.kill()
             running.communicate()
-        _stop_server(proc, signal.SIGKILL)
+        _stop_server(proc, signal.SIGKILL)  # a stopped process group takes SIGKILL too
 
     assert running.returncode != 0, out[-2000:] + err[-2000:]
-    assert took < 300, took  # does not hang: bounded retries (a refused connection fails in seconds)
+    # does not hang: a refused connection fails in seconds; an unanswered call after its bounded retries (30 s x 3
+    # plus back-off) and the 5 s /health probe
+    assert took < 300, took
     assert "Traceback" not in err and "Traceback" not in out, err[-4000:]
     lines = [line for line in (out + err).splitlines() if "stopped answering mid-run" in line]
     assert len(lines) == 1 and url in lines[0] and "rerun with tracking=none" in lines[0], err[-4000:]
     (marker,) = (results / UNFINISHED).glob("*.json")
     note = json.loads(marker.read_text())
     assert note["tracking_uri"] == url and note["run_id"] == marker.stem and note["run_id"] in lines[0]
+    if fault == "hangs":
+        assert "did not answer within" in lines[0], lines[0]
+        return
 
     # The next job, without tracking: every stage committed before the death is a cache hit, and it names the run.
     rerun = subprocess.run([*main, "tracking=none"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
