@@ -112,6 +112,16 @@ def adapter_gguf(adapter_dir: str | Path, base_gguf: str | Path, cache_dir: str 
 
 
 # ------------------------------------------------------------------------------------------- the generator
+def model_params(defaults, extra_bufts: bool = False):
+    """llama.cpp's model parameters (`defaults`: llama_model_default_params()) as the engine loads every model: no
+    extra buffer types (weight repacking, AMX)
+    unless a model's `extra.extra_bufts` asks. A build made where the CPU lists AMX uses AMX tiles (`ldtilecfg`),
+    and in a VM that lists AMX without enabling it every decode segfaults (seen on these machines: the whole process
+    killed at the first decode); plain CPU buffers run on any x86-64 the build runs on."""
+    defaults.use_extra_bufts = extra_bufts
+    return defaults
+
+
 class LlamaCppGenerator:
     """Implements `base.Generator` on llama.cpp. spec.extra: {"slots": sequence slots (default 16: 8 prompts x 2
     samples decode together), "n_threads": threads (default: all cores), "n_batch": tokens per decode call}.
@@ -148,12 +158,7 @@ class LlamaCppGenerator:
 
         _logger.set_verbose(bool(spec.extra.get("verbose", False)))  # llama.cpp's own log: errors only by default
         L.llama_backend_init()
-        mp = L.llama_model_default_params()
-        # No extra buffer types (weight repacking, AMX) unless a model asks: a build made where the CPU lists AMX
-        # uses AMX tiles (`ldtilecfg`), and in a VM that lists AMX without enabling it every decode segfaults
-        # (seen on these machines: llama.cpp built natively elsewhere, the whole process killed). Plain CPU
-        # buffers run on any x86-64 this build runs on.
-        mp.use_extra_bufts = bool(spec.extra.get("extra_bufts", False))
+        mp = model_params(L.llama_model_default_params(), bool(spec.extra.get("extra_bufts", False)))
         self._model = L.llama_model_load_from_file(str(self.gguf_path).encode(), mp)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {self.gguf_path}")

@@ -152,15 +152,24 @@ def test_permutation_table_matches_base_layout(name: str) -> None:
 
 
 def _llama_logits(base_gguf: Path, tokens: list[int], lora: Path | None) -> np.ndarray:
+    """llama.cpp's last-token logits through its high-level API, with the model parameters the engine uses
+    (`llamacpp.model_params`: plain CPU buffers; the defaults segfault where AMX is listed but not enabled)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(
-        model_path=str(base_gguf),
-        lora_path=str(lora) if lora else None,
-        n_ctx=512,
-        n_threads=2,
-        logits_all=True,
-        verbose=False,
-    )
+    import llama_cpp.llama_cpp as low
+
+    from src.models.llamacpp import model_params
+
+    with pytest.MonkeyPatch.context() as mp:
+        defaults = low.llama_model_default_params
+        mp.setattr(low, "llama_model_default_params", lambda: model_params(defaults()))
+        llm = llama_cpp.Llama(
+            model_path=str(base_gguf),
+            lora_path=str(lora) if lora else None,
+            n_ctx=512,
+            n_threads=2,
+            logits_all=True,
+            verbose=False,
+        )
     try:
         llm.eval(tokens)
         return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
