@@ -38,6 +38,23 @@ def judge_prompts(path: Path, pairs: int, response_chars: int = 400, seed: int =
     return out
 
 
+def model_spec(name: str, batch_size: int):
+    """The HF form of conf/model/<name>.yaml (what the stages load), with this benchmark's batch size; the
+    llama.cpp run takes the same spec with backend llamacpp, so its engine settings (extra.*) are the stages' too."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from src.config import typed
+    from src.models.base import ModelSpec
+
+    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--model {name}: no {path}")
+    spec = typed(ModelSpec, OmegaConf.load(path), f"model {name}")
+    return dataclasses.replace(spec, backend="hf", batch_size=batch_size)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -82,13 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from src.models.base import ModelSpec, SamplingConfig
+    from src.models.base import SamplingConfig
     from src.models.hf import HFGenerator
     from src.models.loading import preflight, resolve_model_dir
 
-    source = "tiny_random" if args.model == "tiny_random" else "packaged"
-    spec = ModelSpec(name=args.model, source=source, package=args.model if source == "packaged" else None,
-                     batch_size=args.batch_size)
+    spec = model_spec(args.model, args.batch_size)
     preflight(spec)
     t0 = time.perf_counter()
     model_dir = resolve_model_dir(spec, args.cache_dir)
@@ -144,13 +159,14 @@ def bench_llamacpp(spec, model_dir, prompts: list[str], sampling, args) -> dict:
     import dataclasses
 
     from src.models.base import SamplingConfig
-    from src.models.llamacpp import LlamaCppGenerator, available
-    from src.models.packaged import locate_gguf
+    from src.models.llamacpp import available
+    from src.models.loading import load_generator
 
     if not available():
         print('llama.cpp: llama-cpp-python not installed (pip install -e ".[cpu]")')
         return {}
-    gen = LlamaCppGenerator(dataclasses.replace(spec, backend="llamacpp"), model_dir, locate_gguf(spec.package, args.cache_dir))
+    gen = load_generator(dataclasses.replace(spec, backend="llamacpp"), cache_dir=args.cache_dir)  # as the stages load it
+    print(f"llama.cpp weights: {gen.gguf_path.name}")
     gen.generate(prompts[:1], SamplingConfig(max_new_tokens=4))  # warm-up
     gen.reset_cache()
     gen.decode_seconds, gen.reused_tokens = 0.0, 0

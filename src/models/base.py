@@ -151,7 +151,17 @@ def engine_versions(backend: str) -> dict[str, str]:
     from src.provenance import package_versions
 
     extra = {"vllm": ("vllm",), "llamacpp": ("llama-cpp-python", "gguf")}.get(backend, ())
-    return package_versions(("torch", "transformers", "peft") + extra)
+    out = package_versions(("torch", "transformers", "peft") + extra)
+    if backend == "llamacpp":
+        from src.models.llamacpp import ENGINE_REVISION
+
+        out["llamacpp.engine_revision"] = str(ENGINE_REVISION)
+    return out
+
+
+# spec.extra entries only the llama.cpp engine reads: they key its outputs, never another backend's (an HF run of a
+# model whose config sets the engine's weight format keys exactly as without it).
+LLAMACPP_ONLY_EXTRA = ("gguf_type",)
 
 
 def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
@@ -159,4 +169,7 @@ def model_id(spec: ModelSpec, adapter_key: str | None) -> dict:
     engine versions. Every stage's `key()` builds its model part with this."""
     from src.config import as_dict
 
-    return {"spec": as_dict(spec), "adapter": adapter_key, "engine": engine_versions(spec.backend)}
+    d = as_dict(spec)
+    if spec.backend != "llamacpp" and any(k in d.get("extra", {}) for k in LLAMACPP_ONLY_EXTRA):
+        d["extra"] = {k: v for k, v in d["extra"].items() if k not in LLAMACPP_ONLY_EXTRA}
+    return {"spec": d, "adapter": adapter_key, "engine": engine_versions(spec.backend)}

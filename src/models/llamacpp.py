@@ -12,10 +12,16 @@ What is shared with the HF backend, so the two agree on everything but arithmeti
     engine's logits with one generator per (prompt seed, sample).
 
 Engine use (the low-level bindings; the high-level `Llama` class decodes one sequence at a time):
-  * sequence slots over one unified KV buffer: a slot can take over any prefix another slot holds without
-    recomputing or copying it (a prefix cache, as vLLM's): the judge template's preamble is decoded once, a prompt
-    once for its n samples, and a constrained verdict read after a judgment reuses prompt + judgment;
-  * all sample slots of a group decode together, one token each per step (one llama_decode batch).
+  * sequence slots, each with its own KV stream: a slot takes over any prefix another slot holds by copying its
+    cells (a prefix cache, as vLLM's; a memory copy, not a recomputation): the judge template's preamble is
+    decoded once, a prompt once for its n samples, and a constrained verdict read after a judgment reuses prompt +
+    judgment. Per-slot streams, not one unified buffer: with a unified buffer every token attends over all slots'
+    cells (masked), which halved decoding at 16 slots of 500 tokens (measured: docs/cpu-engine.md);
+  * all sample slots of a group decode together, one token each per step (one llama_decode batch);
+  * flash attention off: on these CPUs it decoded 16 slots at 0.65x the plain kernel (it prefills ~1.2x faster, but
+    a judge stage decodes more than it prefills once the prefix cache has done its part);
+  * `extra.gguf_type` re-encodes the packaged GGUF once (e.g. SmolLM2's Q4_1 as f32: the same values, dequantized
+    exactly as the HF backend holds them, and 2.2x faster to prefill here than ggml's Q4_1 kernels).
 `generate` and `score_options` start from an empty cache, so each call's output is a function of that call alone
 (a resumed chunk recomputes exactly what an uninterrupted run computed); `choose` keeps what the call before it
 left, because it is the read that follows a chunk's `generate` (stages/judge.py: a judgment without a verdict is
@@ -40,6 +46,12 @@ from src.models.prompts import check_prompt_length, plan_choices, plan_scores
 log = logging.getLogger(__name__)
 
 DIST = "llama-cpp-python"  # the distribution whose version keys outputs (base.engine_versions)
+# How this module drives the engine, where that changes the arithmetic of its outputs (KV layout, attention kernel):
+# part of every llama.cpp key (base.engine_versions), raised whenever such a change is made. 2: per-slot KV streams,
+# flash attention off.
+ENGINE_REVISION = 2
+# extra.gguf_type values: llama.cpp's file types a packaged GGUF can be re-encoded to (llama_model_quantize).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def available() -> bool:
@@ -111,6 +123,34 @@ def adapter_gguf(adapter_dir: str | Path, base_gguf: str | Path, cache_dir: str 
     return out
 
 
+def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Path) -> Path:
+    """The GGUF file the engine loads: the packaged one, or (gguf_type set) its re-encoding as that file type, made
+    once with llama.cpp's own quantizer and kept under cache_dir by the packaged file's name. Re-encoding a
+    quantised file as f32 is exact (each weight dequantized to the value the HF backend holds); q8_0 is not."""
+    if gguf_type is None:
+        return Path(packaged)
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"extra.gguf_type={gguf_type!r}: one of {GGUF_TYPES} or null (the packaged file as it is)")
+    out = Path(cache_dir) / "gguf" / f"{Path(packaged).stem}.{gguf_type}.gguf"
+    if out.is_file():
+        return out
+    import llama_cpp as L
+
+    ftype = {"f32": L.LLAMA_FTYPE_ALL_F32, "f16": L.LLAMA_FTYPE_MOSTLY_F16, "bf16": L.LLAMA_FTYPE_MOSTLY_BF16,
+             "q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
+    params = L.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = ftype, True, os.cpu_count() or 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    t0 = time.time()
+    if L.llama_model_quantize(str(packaged).encode(), str(tmp).encode(), params) != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not re-encode {packaged} as {gguf_type}")
+    os.replace(tmp, out)  # whole or absent: a killed conversion leaves no file the next load would trust
+    log.info("re-encoded %s as %s (%s) in %.1f s", packaged, gguf_type, out, time.time() - t0)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the generator
 def model_params(defaults, extra_bufts: bool = False):
     """llama.cpp's model parameters (`defaults`: llama_model_default_params()) as the engine loads every model: no
@@ -173,10 +213,10 @@ class LlamaCppGenerator:
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_seq_max = self.slots
         cp.n_threads = cp.n_threads_batch = threads
-        # unified: one KV buffer whose cells several slots share, so a slot copies any prefix of another by
-        # bookkeeping (no bytes move) and a shared prefix is stored once. Each slot holds <= max_model_len tokens,
-        # so slots x max_model_len cells always suffice.
-        cp.kv_unified = True
+        # One KV stream per slot (n_ctx / n_seq_max = max_model_len cells each): a token attends over its own slot's
+        # cells only. A prefix moves between slots as a stream copy (module docstring).
+        cp.kv_unified = False
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
@@ -242,12 +282,17 @@ class LlamaCppGenerator:
         n = len(tokens)
         return self._decode([(t, start + k, slot, logits == "all" or k == n - 1) for k, t in enumerate(tokens)])
 
-    def _copy(self, src: int, dst: int) -> None:
-        """Slot `dst` becomes a copy of slot `src`: its cells are shared (unified KV), no bytes move."""
+    def _copy(self, src: int, dst: int, n: int | None = None) -> None:
+        """Slot `dst` holds the first `n` (default: all) tokens slot `src` holds. Across KV streams llama.cpp copies
+        whole streams only (the bytes move at the next decode, in call order, so chained copies are right): the
+        whole stream is copied, then the cells from `n` on are dropped."""
         if src != dst:
             self.L.llama_memory_seq_rm(self._mem, dst, -1, -1)
             self.L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
             self._held[dst] = list(self._held[src])
+        if n is not None and n < len(self._held[dst]):
+            self.L.llama_memory_seq_rm(self._mem, dst, n, -1)
+            self._held[dst] = self._held[dst][:n]
 
     def reset_cache(self) -> None:
         """Forget every cached prefix: where each generate / score_options call starts (and a benchmark's cold start)."""
@@ -265,14 +310,9 @@ class LlamaCppGenerator:
             if k > n:
                 best, n = s, k
         n = min(n, len(seq) - 1)  # the last token is decoded here: its logits are the answer
-        L = self.L
-        if best == slot:
-            L.llama_memory_seq_rm(self._mem, slot, n, -1)
-        else:
-            L.llama_memory_seq_rm(self._mem, slot, -1, -1)
-            if n:
-                L.llama_memory_seq_cp(self._mem, best, slot, 0, n)
-        self._held[slot] = list(seq[:n])
+        if n == 0 and best != slot:
+            best = slot
+        self._copy(best, slot, n)
         self.reused_tokens += n
         logits = self._fill(slot, seq[n:], n)[0]
         self._held[slot] = list(seq)

@@ -124,14 +124,18 @@ def judge_prompts(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def engines():
-    """HF (the reference) and llama.cpp on SmolLM2-135M: the HF weights are the same Q4_1 GGUF, dequantised."""
+    """HF (the reference) and llama.cpp on SmolLM2-135M as conf/model/smollm2_135m.yaml runs them: HF on the Q4_1
+    GGUF dequantised, llama.cpp on the same file re-encoded as f32 (extra.gguf_type)."""
+    import dataclasses
+
+    from src.cli.bench_judge import model_spec
     from src.models.loading import load_generator
     from tests.conftest import model_cache
 
-    hf = load_generator(ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="hf",
-                                  max_model_len=2048, batch_size=8), cache_dir=model_cache())
-    lc = load_generator(ModelSpec(name="smollm2_135m", source="packaged", package="smollm2_135m", backend="llamacpp",
-                                  max_model_len=2048), cache_dir=model_cache())
+    spec = dataclasses.replace(model_spec("smollm2_135m", 8), max_model_len=2048)
+    assert spec.extra.get("gguf_type") == "f32"
+    hf = load_generator(spec, cache_dir=model_cache())
+    lc = load_generator(dataclasses.replace(spec, backend="llamacpp"), cache_dir=model_cache())
     yield hf, lc
     hf.close()
     lc.close()
@@ -139,11 +143,83 @@ def engines():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
+def test_f32_re_encoding_holds_exactly_the_packaged_values(tmp_path):
+    """extra.gguf_type=f32 is exact: every tensor of the re-encoded file equals the packaged tensor dequantised by
+    the gguf package (what the HF conversion does), bit for bit; a second call reuses the file."""
+    import gguf
+
+    from src.models.llamacpp import engine_gguf
+    from src.models.packaged import locate_gguf
+    from tests.conftest import model_cache
+
+    packaged = locate_gguf("smollm2_135m", model_cache())
+    out = engine_gguf(packaged, "f32", tmp_path)
+    src = {t.name: t for t in gguf.GGUFReader(packaged).tensors}
+    dst = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert set(src) == set(dst)
+    kinds = set()
+    for name, t in src.items():
+        want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        got = np.asarray(dst[name].data)
+        assert dst[name].tensor_type == gguf.GGMLQuantizationType.F32, name
+        assert np.array_equal(got.reshape(want.shape), want), name
+        kinds.add(t.tensor_type.name)
+    assert "Q4_1" in kinds  # the check covered quantised tensors, not only the f32 norms
+    mtime = out.stat().st_mtime_ns
+    assert engine_gguf(packaged, "f32", tmp_path) == out and out.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="gguf_type='q3'"):
+        engine_gguf(packaged, "q3", tmp_path)
+
+
+def test_engine_settings_key_llamacpp_outputs_only(monkeypatch):
+    """extra.gguf_type enters a llama.cpp key (other weights, other outputs) and never an HF key; the engine's
+    revision is part of every llama.cpp key."""
+    from src.models.base import model_id
+
+    monkeypatch.setattr(base, "resolve_auto_backend", lambda spec: ("llamacpp", "test"))
+    plain = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="hf")
+    typed = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="hf", extra={"gguf_type": "f32"})
+    assert model_id(plain, None) == model_id(typed, None)
+    lc_plain = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="llamacpp")
+    lc_typed = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="llamacpp", extra={"gguf_type": "f32"})
+    assert model_id(lc_plain, None) != model_id(lc_typed, None)
+    if HAS_ENGINE:
+        from src.models.llamacpp import ENGINE_REVISION
+
+        assert model_id(lc_plain, None)["engine"]["llamacpp.engine_revision"] == str(ENGINE_REVISION)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
+def test_prefix_cache_reads_equal_cold_reads(engines):
+    """What the prefix cache serves equals a computation from nothing: a constrained read after `generate` (prompt +
+    judgment reused across KV streams), and scores of prompts sharing the template preamble, match each prompt
+    scored alone in an empty cache. Copies between slots move whole KV streams, then drop the tail: a wrong tail or
+    a copy applied out of order would change these log-probs by far more than 1e-3."""
+    _, lc = engines
+    prompts = judge_prompts(4)
+    judged = lc.generate(prompts, SamplingConfig(max_new_tokens=16, temperature=0.7, top_p=0.9, n=2, seeds=(1, 2, 3, 4)))
+    prefixes = [r[1].text + "\n\nFinal verdict: [[" for r in judged]  # the second sample: its slot is a copy
+    lc.reused_tokens = 0
+    warm = lc._continuation_logprobs(
+        [(lc._encode(lc.chat_text(p) + x), [[lc._encode("A")[0]], [lc._encode("B")[0]]]) for p, x in zip(prompts, prefixes)], "t")
+    assert lc.reused_tokens > sum(lc.count_tokens(prompts))  # prompt and judgment were served from the cache
+    cold = []
+    for p, x in zip(prompts, prefixes):
+        lc.reset_cache()
+        cold += lc._continuation_logprobs([(lc._encode(lc.chat_text(p) + x), [[lc._encode("A")[0]], [lc._encode("B")[0]]])], "t")
+    assert np.allclose(warm, cold, atol=1e-3), (warm, cold)
+    together = lc.score_options(prompts, ["[["] * 4, ["A", "B"])
+    alone = [lc.score_options([p], ["[["], ["A", "B"]) for p in prompts]
+    assert np.allclose(together, [a[0] for a in alone], atol=1e-3), (together, alone)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
 def test_greedy_verdicts_agree_with_the_hf_reference(engines):
     """>= 95 % of greedy verdicts ([[A]] vs [[B]] right after the judge prompt) agree on 30 RewardBench prompts. The
-    engines differ only in arithmetic: llama.cpp multiplies Q4_1 weights by Q8-quantised activations, HF the
-    dequantised weights in fp32; every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is
-    what that noise can flip. `choose` (the evaluation's constrained read) is checked to pick the larger score."""
+    engines hold the same f32 weights and differ only in kernels (ggml's and torch's summation order, f16 KV cells);
+    every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is what that noise can flip. `choose` (the evaluation's constrained read) is checked to pick the larger score."""
     hf, lc = engines
     prompts = judge_prompts(30)
     hs = hf.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
