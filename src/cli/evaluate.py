@@ -28,10 +28,9 @@ def adapter_fingerprint(adapter: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def adapter_key(adapter: Path | None, cache) -> str | None:
-    """What the benchmark keys call the weights an adapter directory holds: the loop's train key when it is an
-    intact adapter output of this cache's train stage (`<cache>/train/<key>/adapter`; then the loop's evaluations
-    of it are reused), otherwise a hash of its bytes."""
+def train_output(adapter: Path | None, cache) -> str | None:
+    """The train key whose output `adapter` is, when it is an intact adapter output of this cache's train stage
+    (`<cache>/train/<key>/adapter`), else None."""
     from src.cache import check
     from src.stages import train
 
@@ -41,7 +40,15 @@ def adapter_key(adapter: Path | None, cache) -> str | None:
     if (out.parent == cache.root / "train" and adapter.name == train.PRODUCED["adapter"] and check(out) is None
             and cache.meta("train", out.name).get("stats", {}).get("produced") == "adapter"):
         return out.name
-    return adapter_fingerprint(adapter)
+    return None
+
+
+def adapter_key(adapter: Path | None, cache) -> str | None:
+    """What the benchmark keys call the weights an adapter directory holds: the loop's train key when it is this
+    cache's own train output (then the loop's evaluations of it are reused), otherwise a hash of its bytes."""
+    if adapter is None:
+        return None
+    return train_output(adapter, cache) or adapter_fingerprint(adapter)
 
 
 def scorer_keys(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_size: int) -> dict[str, str]:
@@ -61,10 +68,9 @@ def scorer_plan(spec, ecfg, data_root: str, adapter: Path | None, cache, chunk_s
     from src.plan import meta_config
     from src.step import Step
 
-    a = adapter_key(adapter, cache)
-    own = adapter is not None and a == adapter.parent.name
+    own = train_output(adapter, cache)
     name = spec.name + (f"+{adapter.name}" if adapter else "")
-    steps = [Step(b, 0, key, name, ecfg, spec, adapter=a if own else None, adapter_dir=None if own or adapter is None else str(adapter),
+    steps = [Step(b, 0, key, name, ecfg, spec, adapter=own, adapter_dir=None if own or adapter is None else str(adapter),
                   chunk=chunk_size)
              for b, key in scorer_keys(spec, ecfg, data_root, adapter, cache, chunk_size).items()]
     for s in steps:

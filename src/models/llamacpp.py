@@ -135,7 +135,9 @@ def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Pa
     if out.is_file():
         return out
     import llama_cpp as L
+    from llama_cpp import _logger
 
+    _logger.set_verbose(False)  # the quantizer logs every tensor otherwise
     ftype = {"f32": L.LLAMA_FTYPE_ALL_F32, "f16": L.LLAMA_FTYPE_MOSTLY_F16, "bf16": L.LLAMA_FTYPE_MOSTLY_BF16,
              "q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0}[gguf_type]
     params = L.llama_model_quantize_default_params()
