@@ -153,10 +153,14 @@ def engine_versions(backend: str) -> dict[str, str]:
     extra = {"vllm": ("vllm",), "llamacpp": ("llama-cpp-python", "gguf")}.get(backend, ())
     out = package_versions(("torch", "transformers", "peft") + extra)
     if backend == "llamacpp":
-        from src.models.llamacpp import ENGINE_REVISION
-
-        out["llamacpp.engine_revision"] = str(ENGINE_REVISION)
+        out["llamacpp.engine_revision"] = str(LLAMACPP_ENGINE_REVISION)
     return out
+
+
+# How src/models/llamacpp.py drives the engine, where that changes the arithmetic of its outputs (KV layout,
+# attention kernel): part of every llama.cpp key, raised with every such change. 2: per-slot KV streams, flash
+# attention off (1: one unified KV buffer, llama.cpp's default attention).
+LLAMACPP_ENGINE_REVISION = 2
 
 
 # spec.extra entries only the llama.cpp engine reads: they key its outputs, never another backend's (an HF run of a

@@ -46,10 +46,6 @@ from src.models.prompts import check_prompt_length, plan_choices, plan_scores
 log = logging.getLogger(__name__)
 
 DIST = "llama-cpp-python"  # the distribution whose version keys outputs (base.engine_versions)
-# How this module drives the engine, where that changes the arithmetic of its outputs (KV layout, attention kernel):
-# part of every llama.cpp key (base.engine_versions), raised whenever such a change is made. 2: per-slot KV streams,
-# flash attention off.
-ENGINE_REVISION = 2
 # extra.gguf_type values: llama.cpp's file types a packaged GGUF can be re-encoded to (llama_model_quantize).
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -217,6 +213,7 @@ class LlamaCppGenerator:
         cp.n_threads = cp.n_threads_batch = threads
         # One KV stream per slot (n_ctx / n_seq_max = max_model_len cells each): a token attends over its own slot's
         # cells only. A prefix moves between slots as a stream copy (module docstring).
+        # (A change to how the engine is driven that moves its arithmetic raises base.LLAMACPP_ENGINE_REVISION.)
         cp.kv_unified = False
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True

@@ -183,10 +183,8 @@ def test_engine_settings_key_llamacpp_outputs_only(monkeypatch):
     lc_plain = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="llamacpp")
     lc_typed = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="llamacpp", extra={"gguf_type": "f32"})
     assert model_id(lc_plain, None) != model_id(lc_typed, None)
-    if HAS_ENGINE:
-        from src.models.llamacpp import ENGINE_REVISION
-
-        assert model_id(lc_plain, None)["engine"]["llamacpp.engine_revision"] == str(ENGINE_REVISION)
+    assert model_id(lc_plain, None)["engine"]["llamacpp.engine_revision"] == str(base.LLAMACPP_ENGINE_REVISION)
+    assert "llamacpp.engine_revision" not in model_id(plain, None)["engine"]
 
 
 @pytest.mark.slow
