@@ -162,8 +162,10 @@ def model_params(defaults, extra_bufts: bool = False):
 
 class LlamaCppGenerator:
     """Implements `base.Generator` on llama.cpp. spec.extra: {"slots": sequence slots (default 16: 8 prompts x 2
-    samples decode together), "n_threads": threads (default: all cores), "n_batch": tokens per decode call}.
-    Each slot holds up to spec.max_model_len tokens."""
+    samples decode together), "n_threads": threads (default: all cores), "n_batch": tokens per decode call,
+    "gguf_type": the packaged file re-encoded (`engine_gguf`; read by loading.load_generator), "extra_bufts":
+    llama.cpp's extra buffer types (`model_params`), "verbose": llama.cpp's own log}. Each slot holds up to
+    spec.max_model_len tokens."""
 
     def __init__(self, spec: ModelSpec, model_dir: str | Path, gguf_path: str | Path, adapter_gguf_path: str | Path | None = None):
         import llama_cpp as L
