@@ -86,7 +86,7 @@ def main() -> None:
 
     from src.cli.bench_judge import model_spec
     from src.models.llamacpp import engine_gguf
-    from src.models.packaged import locate_gguf
+    from src.models.packaged import get_packaged, locate_gguf
     from src.models.store import default_cache_dir
 
     spec = model_spec(args.model, 1)
@@ -95,7 +95,7 @@ def main() -> None:
           f"the stages' setting: per-slot, flash off, {spec.extra.get('gguf_type') or 'packaged'}")
     print(f"{'weights':>9s} {'layout':>9s} {'flash':>6s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for typ, layout, flash in itertools.product(args.types.split(","), args.layouts.split(","), args.flash.split(",")):
-        gguf = packaged if typ == "packaged" else engine_gguf(packaged, typ, default_cache_dir())
+        gguf = packaged if typ == "packaged" else engine_gguf(packaged, typ, default_cache_dir(), get_packaged(spec.package or spec.name).sha256)
         child = {"gguf": str(gguf), "unified": layout == "unified", "flash": flash == "on", "slots": args.slots,
                  "prompt": args.prompt, "new": args.new, "ctx_per_slot": spec.max_model_len}
         out = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)], capture_output=True, text=True)

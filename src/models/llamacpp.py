@@ -119,17 +119,25 @@ def adapter_gguf(adapter_dir: str | Path, base_gguf: str | Path, cache_dir: str 
     return out
 
 
-def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Path) -> Path:
-    """The GGUF file the engine loads: the packaged one, or (gguf_type set) its re-encoding as that file type, made
-    once with llama.cpp's own quantizer and kept under cache_dir by the packaged file's name. Re-encoding a
-    quantised file as f32 is exact (each weight dequantized to the value the HF backend holds); q8_0 is not."""
+def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Path, source_sha256: str) -> Path:
+    """The GGUF file the engine loads: the packaged one (`packaged`, verified by the caller to hash to
+    `source_sha256`), or (gguf_type set) its re-encoding as that file type, made once with llama.cpp's own quantizer
+    and kept under cache_dir by the source's hash. Re-encoding a quantised file as f32 is exact (each weight
+    dequantized to the value the HF backend holds); q8_0 is not. As every file in the shared, writable model cache,
+    the re-encoding is used only when it still hashes to what was written (a sidecar `.sha256`); else it is set
+    aside and made again."""
+    from src.models.store import set_aside, sha256_file
+
     if gguf_type is None:
         return Path(packaged)
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"extra.gguf_type={gguf_type!r}: one of {GGUF_TYPES} or null (the packaged file as it is)")
-    out = Path(cache_dir) / "gguf" / f"{Path(packaged).stem}.{gguf_type}.gguf"
+    out = Path(cache_dir) / "gguf" / f"{source_sha256[:12]}-{Path(packaged).stem}.{gguf_type}.gguf"
+    sidecar = out.with_name(out.name + ".sha256")
     if out.is_file():
-        return out
+        if sidecar.is_file() and sha256_file(out) == sidecar.read_text().strip():
+            return out
+        log.warning("%s: not the re-encoding that was written; set aside as %s, re-encoding", out, set_aside(out))
     import llama_cpp as L
     from llama_cpp import _logger
 
@@ -144,6 +152,7 @@ def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Pa
     if L.llama_model_quantize(str(packaged).encode(), str(tmp).encode(), params) != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp could not re-encode {packaged} as {gguf_type}")
+    sidecar.write_text(sha256_file(tmp) + "\n")
     os.replace(tmp, out)  # whole or absent: a killed conversion leaves no file the next load would trust
     log.info("re-encoded %s as %s (%s) in %.1f s", packaged, gguf_type, out, time.time() - t0)
     return out

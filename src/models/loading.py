@@ -196,11 +196,12 @@ def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir
         return VLLMGenerator(spec, model_dir, adapter=adapter)
     if spec.backend == "llamacpp":
         from src.models.llamacpp import LlamaCppGenerator, adapter_gguf, engine_gguf
-        from src.models.packaged import locate_gguf
+        from src.models.packaged import get_packaged, locate_gguf
         from src.models.store import default_cache_dir
 
-        gguf = engine_gguf(locate_gguf(spec.package or spec.name, cache_dir), spec.extra.get("gguf_type"),
-                           cache_dir or default_cache_dir())
+        package = spec.package or spec.name
+        gguf = engine_gguf(locate_gguf(package, cache_dir), spec.extra.get("gguf_type"), cache_dir or default_cache_dir(),
+                           get_packaged(package).sha256)
         lora = adapter_gguf(adapter, gguf, cache_dir or default_cache_dir()) if adapter is not None else None
         return LlamaCppGenerator(spec, model_dir, gguf, lora)
     from src.models.hf import HFGenerator

@@ -145,30 +145,42 @@ def engines():
 @pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
 def test_f32_re_encoding_holds_exactly_the_packaged_values(tmp_path):
     """extra.gguf_type=f32 is exact: every tensor of the re-encoded file equals the packaged tensor dequantised by
-    the gguf package (what the HF conversion does), bit for bit; a second call reuses the file."""
+    the gguf package (what the HF conversion does), bit for bit; a second call reuses the file, and a damaged one is
+    set aside and made again."""
     import gguf
 
     from src.models.llamacpp import engine_gguf
-    from src.models.packaged import locate_gguf
+    from src.models.packaged import get_packaged, locate_gguf
     from tests.conftest import model_cache
 
     packaged = locate_gguf("smollm2_135m", model_cache())
-    out = engine_gguf(packaged, "f32", tmp_path)
+    sha = get_packaged("smollm2_135m").sha256
     src = {t.name: t for t in gguf.GGUFReader(packaged).tensors}
-    dst = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    assert set(src) == set(dst)
-    kinds = set()
-    for name, t in src.items():
-        want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        got = np.asarray(dst[name].data)
-        assert dst[name].tensor_type == gguf.GGMLQuantizationType.F32, name
-        assert np.array_equal(got.reshape(want.shape), want), name
-        kinds.add(t.tensor_type.name)
-    assert "Q4_1" in kinds  # the check covered quantised tensors, not only the f32 norms
+    assert "Q4_1" in {t.tensor_type.name for t in src.values()}  # the check covers quantised tensors, not only norms
+
+    def assert_exact(path):
+        dst = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        assert set(src) == set(dst)
+        for name, t in src.items():
+            want = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            assert dst[name].tensor_type == gguf.GGMLQuantizationType.F32, name
+            assert np.array_equal(np.asarray(dst[name].data).reshape(want.shape), want), name
+
+    out = engine_gguf(packaged, "f32", tmp_path, sha)
+    assert out.name.startswith(sha[:12])
+    assert_exact(out)
     mtime = out.stat().st_mtime_ns
-    assert engine_gguf(packaged, "f32", tmp_path) == out and out.stat().st_mtime_ns == mtime
+    assert engine_gguf(packaged, "f32", tmp_path, sha) == out and out.stat().st_mtime_ns == mtime
+    with open(out, "r+b") as f:  # one flipped byte in the tensor data
+        f.seek(out.stat().st_size - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert engine_gguf(packaged, "f32", tmp_path, sha) == out
+    assert_exact(out)
+    assert len(list((tmp_path / "gguf").glob("*.f32.gguf*"))) == 3  # the file, its .sha256, the set-aside copy
     with pytest.raises(ValueError, match="gguf_type='q3'"):
-        engine_gguf(packaged, "q3", tmp_path)
+        engine_gguf(packaged, "q3", tmp_path, sha)
 
 
 def test_engine_settings_key_llamacpp_outputs_only(monkeypatch):
