@@ -241,9 +241,11 @@ def test_greedy_verdicts_agree_with_the_hf_reference(engines):
             assert abs(hs[i][0] - hs[i][1]) < 0.5, (i, hs[i], ls[i])
     agree = sum(x == y for x, y in zip(a, b)) / len(a)
     assert agree >= 0.95, (agree, a, b)
-    # the scores themselves are close (log-probs of the verdict letter), not just their argmax
+    # the scores themselves are close (log-probs of the verdict letter), not just their argmax: the same f32 weights
+    # measured a median |difference| of 0.0007 (max 0.004); the packaged Q4_1 file on llama.cpp 0.062 (max 0.31),
+    # so this bound also fails if the engine stops running the re-encoded weights
     diff = np.abs(np.array(hs) - np.array(ls))
-    assert float(np.median(diff)) < 0.15, diff
+    assert float(np.median(diff)) < 0.01, diff
     assert lc.choose(prompts[:8], ["[["] * 8, ["A]]", "B]]"]) == [x + "]]" for x in b[:8]]
 
 
