@@ -183,12 +183,11 @@ def test_f32_re_encoding_holds_exactly_the_packaged_values(tmp_path):
         engine_gguf(packaged, "q3", tmp_path, sha)
 
 
-def test_engine_settings_key_llamacpp_outputs_only(monkeypatch):
+def test_engine_settings_key_llamacpp_outputs_only():
     """extra.gguf_type enters a llama.cpp key (other weights, other outputs) and never an HF key; the engine's
     revision is part of every llama.cpp key."""
     from src.models.base import model_id
 
-    monkeypatch.setattr(base, "resolve_auto_backend", lambda spec: ("llamacpp", "test"))
     plain = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="hf")
     typed = ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="hf", extra={"gguf_type": "f32"})
     assert model_id(plain, None) == model_id(typed, None)
@@ -229,7 +228,8 @@ def test_prefix_cache_reads_equal_cold_reads(engines):
 def test_greedy_verdicts_agree_with_the_hf_reference(engines):
     """>= 95 % of greedy verdicts ([[A]] vs [[B]] right after the judge prompt) agree on 30 RewardBench prompts. The
     engines hold the same f32 weights and differ only in kernels (ggml's and torch's summation order, f16 KV cells);
-    every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is what that noise can flip. `choose` (the evaluation's constrained read) is checked to pick the larger score."""
+    every disagreement must be a near-tie for HF (|log-prob margin| < 0.5), which is what that noise can flip.
+    `choose` (the evaluation's constrained read) is checked to pick the larger score."""
     hf, lc = engines
     prompts = judge_prompts(30)
     hs = hf.score_options(prompts, ["[["] * len(prompts), ["A", "B"])
