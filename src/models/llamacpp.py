@@ -21,7 +21,7 @@ Engine use (the low-level bindings; the high-level `Llama` class decodes one seq
   * flash attention off: on these CPUs it decoded 16 slots at 0.65x the plain kernel (it prefills ~1.2x faster, but
     a judge stage decodes more than it prefills once the prefix cache has done its part);
   * `extra.gguf_type` re-encodes the packaged GGUF once (e.g. SmolLM2's Q4_1 as f32: the same values, dequantized
-    exactly as the HF backend holds them, and 2.2x faster to prefill here than ggml's Q4_1 kernels).
+    exactly as the HF backend holds them, and 2.1x faster to prefill here than ggml's Q4_1 kernels).
 `generate` and `score_options` start from an empty cache, so each call's output is a function of that call alone
 (a resumed chunk recomputes exactly what an uninterrupted run computed); `choose` keeps what the call before it
 left, because it is the read that follows a chunk's `generate` (stages/judge.py: a judgment without a verdict is
