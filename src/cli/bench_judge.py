@@ -45,10 +45,10 @@ def model_spec(name: str, batch_size: int):
 
     from omegaconf import OmegaConf
 
-    from src.config import typed
+    from src.config import CONF_DIR, typed
     from src.models.base import ModelSpec
 
-    path = Path(__file__).resolve().parents[2] / "conf" / "model" / f"{name}.yaml"
+    path = Path(CONF_DIR) / "model" / f"{name}.yaml"
     if not path.is_file():
         raise SystemExit(f"--model {name}: no {path}")
     spec = typed(ModelSpec, OmegaConf.load(path), f"model {name}")

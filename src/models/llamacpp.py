@@ -119,6 +119,14 @@ def adapter_gguf(adapter_dir: str | Path, base_gguf: str | Path, cache_dir: str 
     return out
 
 
+def gguf_type_problem(gguf_type) -> str | None:
+    """Why `extra.gguf_type` is not a file type the engine can re-encode to, or None (loading.preflight asks before
+    anything runs; engine_gguf again before it writes)."""
+    if gguf_type is None or gguf_type in GGUF_TYPES:
+        return None
+    return f"extra.gguf_type={gguf_type!r}: one of {GGUF_TYPES} or null (the packaged file as it is)"
+
+
 def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Path, source_sha256: str) -> Path:
     """The GGUF file the engine loads: the packaged one (`packaged`, verified by the caller to hash to
     `source_sha256`), or (gguf_type set) its re-encoding as that file type, made once with llama.cpp's own quantizer
@@ -130,8 +138,9 @@ def engine_gguf(packaged: str | Path, gguf_type: str | None, cache_dir: str | Pa
 
     if gguf_type is None:
         return Path(packaged)
-    if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"extra.gguf_type={gguf_type!r}: one of {GGUF_TYPES} or null (the packaged file as it is)")
+    why = gguf_type_problem(gguf_type)
+    if why:
+        raise ValueError(why)
     out = Path(cache_dir) / "gguf" / f"{source_sha256[:12]}-{Path(packaged).stem}.{gguf_type}.gguf"
     sidecar = out.with_name(out.name + ".sha256")
     if out.is_file():
@@ -296,6 +305,10 @@ class LlamaCppGenerator:
         """Slot `dst` holds the first `n` (default: all) tokens slot `src` holds. Across KV streams llama.cpp copies
         whole streams only (the bytes move at the next decode, in call order, so chained copies are right): the
         whole stream is copied, then the cells from `n` on are dropped."""
+        if n == 0:  # nothing to take over: an empty slot, no copy
+            self.L.llama_memory_seq_rm(self._mem, dst, -1, -1)
+            self._held[dst] = []
+            return
         if src != dst:
             self.L.llama_memory_seq_rm(self._mem, dst, -1, -1)
             self.L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
@@ -320,8 +333,6 @@ class LlamaCppGenerator:
             if k > n:
                 best, n = s, k
         n = min(n, len(seq) - 1)  # the last token is decoded here: its logits are the answer
-        if n == 0 and best != slot:
-            best = slot
         self._copy(best, slot, n)
         self.reused_tokens += n
         logits = self._fill(slot, seq[n:], n)[0]

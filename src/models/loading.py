@@ -68,6 +68,11 @@ def preflight(spec: ModelSpec) -> None:
         if spec.source != "packaged":
             raise RuntimeError(f"model {spec.name!r}: backend llamacpp runs the packaged GGUF files (source packaged); "
                                f"source {spec.source!r} runs on backend hf or vllm")
+        from src.models.llamacpp import gguf_type_problem
+
+        why = gguf_type_problem(spec.extra.get("gguf_type"))
+        if why:
+            raise RuntimeError(f"model {spec.name!r}: {why}")
     if spec.source == "packaged":
         from src.models.packaged import PACKAGED_MODELS, part_paths
 
@@ -199,10 +204,9 @@ def load_generator(spec: ModelSpec, adapter: str | Path | None = None, cache_dir
         from src.models.packaged import get_packaged, locate_gguf
         from src.models.store import default_cache_dir
 
-        package = spec.package or spec.name
-        gguf = engine_gguf(locate_gguf(package, cache_dir), spec.extra.get("gguf_type"), cache_dir or default_cache_dir(),
-                           get_packaged(package).sha256)
-        lora = adapter_gguf(adapter, gguf, cache_dir or default_cache_dir()) if adapter is not None else None
+        package, store = spec.package or spec.name, cache_dir or default_cache_dir()
+        gguf = engine_gguf(locate_gguf(package, cache_dir), spec.extra.get("gguf_type"), store, get_packaged(package).sha256)
+        lora = adapter_gguf(adapter, gguf, store) if adapter is not None else None
         return LlamaCppGenerator(spec, model_dir, gguf, lora)
     from src.models.hf import HFGenerator
 

@@ -198,6 +198,14 @@ def test_engine_settings_key_llamacpp_outputs_only():
     assert "llamacpp.engine_revision" not in model_id(plain, None)["engine"]
 
 
+def test_preflight_names_a_bad_gguf_type_before_anything_runs():
+    from src.models import loading
+
+    with pytest.raises(RuntimeError, match=r"model 'm': extra\.gguf_type='q3': one of"):
+        loading.preflight(ModelSpec(name="m", source="packaged", package="smollm2_135m", backend="llamacpp",
+                                    extra={"gguf_type": "q3"}))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_ENGINE, reason="llama-cpp-python not installed (pip install -e '.[cpu]')")
 def test_prefix_cache_reads_equal_cold_reads(engines):
